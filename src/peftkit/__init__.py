@@ -1,0 +1,29 @@
+"""peftkit: parameter-efficient fine-tuning with one frozen base, many named deltas, routed per row."""
+from .api import (
+    activate,
+    active_adapters,
+    adapter_parameters,
+    adapters,
+    attach,
+    disabled,
+    merge,
+    remove,
+    routed,
+    set_trainable,
+    summary,
+    unload,
+    unmerge,
+)
+from .core.config import AdapterConfig, config_from_dict
+from .core.io import AdapterFileError, load, read_adapter, save
+from .core.registry import UnknownAdapterError
+from .core.targets import TargetError
+from .methods import LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "AdapterFileError", "LoRA", "TargetError", "UnknownAdapterError",
+    "activate", "active_adapters", "adapter_parameters", "adapters", "attach", "config_from_dict", "disabled",
+    "load", "merge", "read_adapter", "remove", "routed", "save", "set_trainable", "summary", "unload", "unmerge",
+]

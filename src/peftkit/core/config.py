@@ -1,0 +1,77 @@
+"""The base of every method's config, and the registry that maps a method name to its config.
+
+Configs are pydantic models: a wrong value or an unknown key is rejected with the field's
+name, and `to_dict` / `config_from_dict` give the JSON stored next to saved weights.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from torch import nn
+
+from .delta import Delta
+
+TargetSpec = str | list[str]
+
+
+class AdapterConfig(BaseModel):
+    """Fields every method shares: where it goes and which whole modules it trains as copies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: ClassVar[str]
+    targets: TargetSpec
+    exclude: TargetSpec | None = None
+    modules_to_save: list[str] = []
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_not_empty(cls, value: TargetSpec) -> TargetSpec:
+        if not value:
+            raise ValueError("targets must name at least one module (a name, a suffix, a regex or 'all-linear')")
+        return value
+
+    def host_types(self) -> tuple[type[nn.Module], ...]:
+        """Module types this method can sit on."""
+        raise NotImplementedError
+
+    def build(self, host: nn.Module) -> Delta:
+        """Create this method's delta for one host module."""
+        raise NotImplementedError
+
+    @property
+    def rewrites_base(self) -> bool:
+        """True when attaching changes the base weights themselves (PiSSA's residual)."""
+        return False
+
+    def saved_config(self) -> "AdapterConfig":
+        """The config written beside saved weights (a method may save an equivalent plain form)."""
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.model_dump(mode="json")}
+
+
+METHODS: dict[str, type[AdapterConfig]] = {}
+
+
+def register_method(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config loadable by its `method` name."""
+    METHODS[cls.method] = cls
+    return cls
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Rebuild a config from `to_dict` output; an unknown method or field is a named error."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown PEFT method {method!r}{hint}; known methods: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[method](**data)
+    except ValidationError as err:
+        raise ValueError(f"invalid {method} config: {err}") from None

@@ -1,0 +1,93 @@
+"""The one protocol every method's layer follows: a named delta sitting on a host module.
+
+A delta is either *additive* (it returns an increment added to the host's output, e.g.
+LoRA's s·BAx) or *replacing* (it returns the whole output, e.g. a trainable copy of a
+classification head). The host slot (`core.slot`) calls one of the two for the rows routed
+to the delta and never needs to know which method it is running.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .hosts import to_host_layout
+
+
+class Delta(nn.Module):
+    """Base class of a method's layer. Subclasses implement `increment` or `replace`."""
+
+    additive: bool = True
+    merged: bool = False
+    rewrites_base: bool = False  # True when attaching changed the host weight (PiSSA's residual)
+
+    def increment(self, x: torch.Tensor) -> torch.Tensor:
+        """The additive contribution to the host output for input rows `x`."""
+        raise NotImplementedError
+
+    def replace(self, x: torch.Tensor) -> torch.Tensor:
+        """The full output for input rows `x` (replacing deltas only)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in (out, in[, k...]) layout; methods that cannot merge leave this unimplemented."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors written to an adapter file (a method may save an equivalent plain form)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def restore_base(self, host: nn.Module) -> None:
+        """Undo what attaching did to the host weight (only for `rewrites_base` deltas)."""
+
+    def merge_into(self, host: nn.Module) -> None:
+        """Add ΔW to the host weight. One formula (`delta_weight`) serves merge and unmerge."""
+        weight = host.weight
+        weight.data += to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
+
+    def unmerge_from(self, host: nn.Module) -> None:
+        weight = host.weight
+        weight.data -= to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
+
+
+class ModuleCopy(Delta):
+    """A trainable per-adapter copy of a whole module (a task head): h = copy(x).
+
+    Merging swaps the copy's tensors into the host (and back), so unmerge is exact.
+    """
+
+    additive = False
+
+    def __init__(self, host: nn.Module):
+        super().__init__()
+        self.module = copy.deepcopy(host)
+        _strip_peft_state(self.module)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+
+    def replace(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def merge_into(self, host: nn.Module) -> None:
+        self._swap(host)
+
+    def unmerge_from(self, host: nn.Module) -> None:
+        self._swap(host)
+
+    def _swap(self, host: nn.Module) -> None:
+        own = dict(self.module.named_parameters())
+        for name, param in host.named_parameters():
+            if name in own:
+                tmp = param.data
+                param.data = own[name].data
+                own[name].data = tmp
+
+
+def _strip_peft_state(module: nn.Module) -> None:
+    """Remove any delta slots a deep copy carried over from the original module."""
+    from .slot import SLOT_ATTR, detach_slot
+
+    for sub in list(module.modules()):
+        if hasattr(sub, SLOT_ATTR):
+            detach_slot(sub)

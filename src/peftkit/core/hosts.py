@@ -1,0 +1,55 @@
+"""The base module types a weight delta can sit on, and how their weights are laid out.
+
+Every weight-delta method (LoRA and its variants) speaks in one layout: ΔW has shape
+(out_features, in_features[, kh, kw]). This module is the one place that knows GPT-2's
+`Conv1D` stores its weight transposed and that an Embedding's "input" is its vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:  # transformers is a dependency, but keep core importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+WEIGHT_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding)
+
+
+@dataclass(frozen=True)
+class HostShape:
+    """Sizes of a host module in ΔW's (out, in) convention."""
+
+    kind: str  # "linear" | "conv1d" | "conv2d" | "embedding"
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, ...] = ()
+
+
+def host_shape(module: nn.Module) -> HostShape:
+    """Describe `module` as a weight-delta host, or raise TypeError naming its type."""
+    if isinstance(module, nn.Linear):
+        return HostShape("linear", module.in_features, module.out_features)
+    if Conv1D is not None and isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape  # Conv1D keeps W as (in, out)
+        return HostShape("conv1d", in_features, out_features)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise TypeError(f"Conv2d with groups={module.groups} is not supported as a weight-delta host (groups must be 1)")
+        return HostShape("conv2d", module.in_channels, module.out_channels, tuple(module.kernel_size))
+    if isinstance(module, nn.Embedding):
+        return HostShape("embedding", module.num_embeddings, module.embedding_dim)
+    supported = ", ".join(t.__name__ for t in WEIGHT_HOST_TYPES)
+    raise TypeError(f"{type(module).__name__} is not a supported weight-delta host (supported: {supported})")
+
+
+def to_host_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """Turn ΔW from (out, in[, k...]) into the layout of `module.weight`."""
+    kind = host_shape(module).kind
+    if kind in ("conv1d", "embedding"):  # both store (in, out)
+        return delta.T
+    return delta

@@ -1,0 +1,71 @@
+"""Per-row adapter routing: the one mechanism behind mixed batches, concurrent training and serving.
+
+A batch names, for every row, the adapter it uses (or None for the bare base). The plan
+sorts rows by adapter once per forward pass; every host layer then runs one small
+computation per adapter group on a contiguous segment and adds the result back with
+`index_add_` (mLoRA's BatchLoRA layout), instead of a Python loop per row.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Segment = tuple[str, int, int]  # (adapter name, start, end) in sorted row order
+
+
+class RoutingPlan:
+    """Row grouping for one batch, shared by every host layer of a model."""
+
+    def __init__(self, row_adapters: Sequence[str | None]):
+        self.row_adapters = list(row_adapters)
+        self.batch_size = len(self.row_adapters)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(self.row_adapters):
+            if name is not None:
+                groups.setdefault(name, []).append(row)
+        self.groups = groups
+        self.names = tuple(groups)
+        self._layouts: dict[tuple[str, ...], tuple[torch.Tensor | None, list[Segment]]] = {}
+        self._gathered: tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor] | None = None
+
+    def layout(self, present: tuple[str, ...]) -> tuple[torch.Tensor | None, list[Segment]]:
+        """Row permutation and segments for the adapters present on one layer.
+
+        The permutation is None when the selected rows are already 0..n-1 in order, so the
+        layer can use slices and skip the gather. Cached: computed once per distinct set.
+        """
+        cached = self._layouts.get(present)
+        if cached is not None:
+            return cached
+        rows: list[int] = []
+        segments: list[Segment] = []
+        for name in present:
+            start = len(rows)
+            rows.extend(self.groups[name])
+            segments.append((name, start, len(rows)))
+        perm = None if rows == list(range(len(rows))) else torch.tensor(rows, dtype=torch.long)
+        self._layouts[present] = (perm, segments)
+        return perm, segments
+
+    def gather(self, x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        """`x` with rows in plan order. Sibling layers fed the same tensor (q, k, v) share one gather."""
+        if perm is None:
+            return x
+        last = self._gathered
+        if last is not None and last[0] is x and last[1] == x._version and last[2] is perm:
+            return last[3]
+        gathered = x.index_select(0, perm.to(x.device))
+        self._gathered = (x, x._version, perm, gathered)
+        return gathered
+
+    def check_rows(self, x: torch.Tensor, module_name: str) -> None:
+        if x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"per-row routing names {self.batch_size} rows but module '{module_name}' got an input "
+                f"with {x.shape[0]} rows along dim 0; routing needs the batch dimension first"
+            )
+
+    def release(self) -> None:
+        """Drop cached tensors so a finished batch's activations are not kept alive."""
+        self._gathered = None

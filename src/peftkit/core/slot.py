@@ -1,0 +1,88 @@
+"""The slot on a host module that holds its named deltas and applies them in a forward hook.
+
+Deltas live *beside* the host (`<module>.peftkit.<adapter>.<param>`) instead of wrapping it, so
+the base model's parameter names never change and a base checkpoint loads as it is.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .delta import Delta
+    from .registry import AdapterRegistry
+
+SLOT_ATTR = "peftkit"
+
+
+class DeltaSlot(nn.ModuleDict):
+    """Named deltas of one host module; `apply` runs the active or row-routed ones."""
+
+    def __init__(self, registry: AdapterRegistry, module_name: str):
+        super().__init__()
+        self.registry = registry  # plain attribute: shared model-level state, not a submodule
+        self.module_name = module_name
+
+    def apply_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        registry = self.registry
+        if registry.disabled:
+            return out
+        if registry.plan is not None:
+            return self._apply_routed(x, out)
+        for name in registry.active:
+            delta = self._modules.get(name)
+            if delta is None or delta.merged:
+                continue
+            out = out.add_(delta.increment(x)) if delta.additive else delta.replace(x)
+        return out
+
+    def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        plan = self.registry.plan
+        present = tuple(name for name in plan.names if name in self._modules)
+        if not present:
+            return out
+        plan.check_rows(x, self.module_name)
+        perm, segments = plan.layout(present)
+        rows_in = plan.gather(x, perm)  # [n_routed, ...], grouped by adapter
+        for name, start, end in segments:
+            delta: Delta = self._modules[name]
+            seg = rows_in[start:end]
+            if perm is None:  # rows already in order: write through slices, no scatter
+                if delta.additive:
+                    out[start:end].add_(delta.increment(seg))
+                else:
+                    out[start:end] = delta.replace(seg)
+            else:
+                index = perm[start:end].to(out.device)
+                if delta.additive:
+                    out.index_add_(0, index, delta.increment(seg).to(out.dtype))
+                else:
+                    out.index_copy_(0, index, delta.replace(seg).to(out.dtype))
+        return out
+
+
+def _slot_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, SLOT_ATTR).apply_deltas(args[0], output)
+
+
+def get_or_create_slot(module: nn.Module, registry: AdapterRegistry, module_name: str) -> DeltaSlot:
+    slot = getattr(module, SLOT_ATTR, None)
+    if slot is None:
+        slot = DeltaSlot(registry, module_name)
+        setattr(module, SLOT_ATTR, slot)
+        module.register_forward_hook(_slot_hook)
+    return slot
+
+
+def detach_slot(module: nn.Module) -> None:
+    """Remove the slot and its hook, leaving the bare module.
+
+    The hook is found by identity rather than through a handle, because a deep copy of the
+    module (a task-head copy) shares the function but not a usable handle.
+    """
+    for key, hook in list(module._forward_hooks.items()):
+        if hook is _slot_hook:
+            del module._forward_hooks[key]
+    delattr(module, SLOT_ATTR)

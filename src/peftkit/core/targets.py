@@ -1,0 +1,87 @@
+"""Which modules an adapter goes on: one pure function over module names and types.
+
+- a string is a regex that must match the *whole* module name (`.*\\.(query|value)`),
+  except the special value "all-linear" (every linear layer but the output head);
+- a list holds exact names or dotted suffixes (`"query"` matches `...attention.self.query`),
+  and each entry must match something, so a typo is caught instead of silently ignored;
+- `exclude` uses the same syntax and removes matches.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from .hosts import LINEAR_TYPES
+
+ALL_LINEAR = "all-linear"
+
+
+class TargetError(ValueError):
+    """A target specification that matches nothing, or matches a module of the wrong type."""
+
+
+def _matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output layer (an LM head), which 'all-linear' leaves alone."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def _close_names(names: list[str], wanted: str) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names} | set(names))
+    close = difflib.get_close_matches(wanted, leaves, n=5, cutoff=0.5)
+    return ", ".join(close) if close else ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})[:12])
+
+
+def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str) -> set[str]:
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            heads = _output_head_names(model)
+            modules = dict(model.named_modules())
+            return {n for n in names if isinstance(modules[n], LINEAR_TYPES) and n not in heads}
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise TargetError(f"{what} regex {spec!r} is invalid: {err}") from None
+        found = {n for n in names if pattern.fullmatch(n)}
+        if not found:
+            raise TargetError(f"{what} regex {spec!r} matches no module; close module names: {_close_names(names, spec)}")
+        return found
+    found: set[str] = set()
+    for entry in spec:
+        hits = {n for n in names if _matches(n, entry)}
+        if not hits:
+            raise TargetError(f"{what} {entry!r} matches no module; close module names: {_close_names(names, entry)}")
+        found |= hits
+    return found
+
+
+def match_targets(
+    model: nn.Module,
+    targets: str | list[str],
+    exclude: str | list[str] | None = None,
+    host_types: tuple[type[nn.Module], ...] = (nn.Module,),
+) -> list[str]:
+    """Names of the modules selected by `targets` minus `exclude`, in model order.
+
+    Raises TargetError when nothing matches or a matched module is not one of `host_types`.
+    """
+    names = [n for n, _ in model.named_modules() if n and ".peftkit." not in f".{n}."]
+    chosen = _select(names, targets, model, "target")
+    if exclude:
+        chosen -= _select(names, exclude, model, "exclude")
+    if not chosen:
+        raise TargetError(f"targets {targets!r} minus exclude {exclude!r} leave no module to adapt")
+    modules = dict(model.named_modules())
+    wrong = [n for n in chosen if not isinstance(modules[n], host_types)]
+    if wrong:
+        allowed = ", ".join(t.__name__ for t in host_types)
+        details = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in sorted(wrong)[:5])
+        raise TargetError(f"targets match modules this method cannot adapt: {details}; supported types: {allowed}")
+    return [n for n in names if n in chosen]
