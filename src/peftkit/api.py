@@ -20,12 +20,13 @@ from .core.shared_input import SharedInputGroup
 from .core.slot import SLOT_ATTR, DeltaSlot, detach_slot, get_or_create_slot
 from .core.targets import match_targets
 
-_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+_RESERVED = frozenset(dir(DeltaSlot)) | frozenset(vars(nn.Module()))  # names a slot already uses
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or hasattr(DeltaSlot, name):
-        raise ValueError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' (no dots)")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
+        raise ValueError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-', starting with a letter or digit, and not a torch Module attribute")
 
 
 def _deltas(model: nn.Module, name: str) -> Iterator[tuple[nn.Module, Delta]]:
@@ -96,7 +97,8 @@ def _remove_deltas(model: nn.Module, name: str, host_names: list[str]) -> None:
         delta = slot[name]
         if delta.merged:
             delta.unmerge_from(host)
-        delta.restore_base(host)
+        if delta.rewrites_base:
+            delta.restore_base(host)
         del slot[name]
         if len(slot) == 0:
             detach_slot(host)

@@ -22,11 +22,12 @@ class DeltaSlot(nn.ModuleDict):
 
     def __init__(self, registry: AdapterRegistry, module_name: str):
         super().__init__()
-        self.registry = registry  # plain attribute: shared model-level state, not a submodule
-        self.module_name = module_name
+        # underscored so no adapter name (which may not start with "_") can shadow them
+        self._registry = registry  # plain attribute: shared model-level state, not a submodule
+        self._module_name = module_name
 
     def apply_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        registry = self.registry
+        registry = self._registry
         if registry.disabled:
             return out
         if registry.plan is not None:
@@ -39,11 +40,11 @@ class DeltaSlot(nn.ModuleDict):
         return out
 
     def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        plan = self.registry.plan
+        plan = self._registry.plan
         present = tuple(name for name in plan.names if name in self._modules)
         if not present:
             return out
-        plan.check_rows(x, self.module_name)
+        plan.check_rows(x, self._module_name)
         perm, segments = plan.layout(present)
         rows_in = plan.gather(x, perm)  # [n_routed, ...], grouped by adapter
         for name, start, end in segments:
