@@ -5,20 +5,30 @@ end in `.weight` (an Embedding's LoRA factors are `lora_embedding_A/B`), and tra
 module copies (`modules_to_save`) are saved under the module's own parameter names. Each
 method's config translates its own fields and tensor names (`to_peft`, `from_peft`,
 `peft_tensor_name`, `split_peft_key`); this module does the shared key handling.
+
+PEFT may also save base weights beside the adapter (`save_embedding_layers`: the embedding
+layers when they are targeted or resized, as `<module>.base_layer.weight` or `<module>.weight`).
+We never replace base weights; they come back under `BASE_MARK` and loading checks that they
+equal the model's own.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import METHODS, AdapterConfig
+from .hosts import Conv1D
+from .targets import ALL_LINEAR
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 COPY_KEY = ".module."  # a ModuleCopy keeps the copied module's parameters under `module.`
+BASE_MARK = "base:"  # a base-model tensor PEFT saved; ':' cannot clash with our dotted keys in practice
+_BASE_LAYER = re.compile(r"\.base_layer\.(?=[^.]+$)")  # PEFT's wrapper segment before the base's own parameter
 
 
 def _split_copy_key(key: str, copied: list[str]) -> tuple[str, str] | None:
@@ -44,12 +54,17 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
             host_name, _, tensor_name = key.rpartition(".")
             out[f"{PREFIX}{host_name}.{config.peft_tensor_name(tensor_name, model.get_submodule(host_name))}"] = value
     peft_config = config.to_peft()
+    hosts = list(dict.fromkeys(key.rpartition(".")[0] for key in tensors if COPY_KEY not in key))
+    if peft_config.get("target_modules") == ALL_LINEAR:  # PEFT expands it by its own rules: pin ours, as PEFT pins its
+        peft_config["target_modules"] = hosts
+    if "fan_in_fan_out" in peft_config:  # PEFT wants it True on GPT-2's Conv1D (else it warns and patches the config)
+        peft_config["fan_in_fan_out"] = Conv1D is not None and any(isinstance(model.get_submodule(h), Conv1D) for h in hosts)
     peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return peft_config, out
 
 
 def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Our config and `<module>.<tensor>` tensors from a PEFT adapter directory's contents."""
+    """Our config and `<module>.<tensor>` tensors (base weights under `BASE_MARK`) from a PEFT adapter's files."""
     by_type = {getattr(cls, "peft_type", None): cls for cls in METHODS.values()}
     peft_type = peft_config.get("peft_type")
     if peft_type not in by_type:
@@ -65,14 +80,21 @@ def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tupl
     # PEFT lists task-type defaults ("classifier", "score") in modules_to_save even when absent: keep the saved ones.
     listed = list(dict.fromkeys(peft_config.get("modules_to_save") or []))
     copied = [m for m in listed if any(_split_copy_key(k, [m]) for k in stripped.keys() - method_keys)]
+    # Target exactly the modules the file holds tensors for: PEFT's matching is laxer than ours (a list entry
+    # may match nothing) and has its own heuristics, so re-matching its spec here could pick other modules.
+    hosts = list(dict.fromkeys(cls.split_peft_key(k)[0] for k in stripped if k in method_keys))
+    # The config first: an unsupported option (DoRA) also brings tensors we don't know, and the option is the reason.
+    try:
+        config = cls.from_peft({**peft_config, "target_modules": hosts, "exclude_modules": None}, modules_to_save=copied)
+    except KeyError as err:
+        raise ValueError(f"the PEFT config lacks the required field {err.args[0]!r}") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, value in stripped.items():
         if key in method_keys:
             host_name, tensor_name = cls.split_peft_key(key)
             tensors[f"{host_name}.{tensor_name}"] = value
-            continue
-        split = _split_copy_key(key, copied)
-        if split is None:
-            raise ValueError(f"tensor {PREFIX}{key} is neither a {peft_type} tensor nor part of modules_to_save")
-        tensors[f"{split[0]}{COPY_KEY}{split[1]}"] = value
-    return cls.from_peft(peft_config, modules_to_save=copied), tensors
+        elif split := _split_copy_key(key, copied):
+            tensors[f"{split[0]}{COPY_KEY}{split[1]}"] = value
+        else:
+            tensors[BASE_MARK + _BASE_LAYER.sub(".", key)] = value
+    return config, tensors

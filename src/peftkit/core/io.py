@@ -5,14 +5,15 @@ Two layouts share one code path:
 - Hugging Face PEFT's: `adapter_config.json` + `adapter_model.safetensors`, keys
   `base_model.model.<module>.lora_A.weight` (see `hf_peft.py` for the translation).
 A directory is written in a temporary sibling and renamed into place, so a crash leaves
-either the old adapter or the new one, never half of one.
+either the old adapter or the new one, never half of one (between the two renames that
+replace an existing directory, the old one waits in a `.<name>.<token>.old` sibling).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,13 @@ def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def _write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
     """Write {filename: json-able dict | tensor dict} into `path`, replacing it as a whole."""
-    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not an adapter directory; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # mkdir, not mkdtemp: the directory keeps the user's umask (mkdtemp's 0700 would lock out other readers).
+    token = uuid.uuid4().hex
+    tmp, old = path.parent / f".{path.name}.{token}.tmp", path.parent / f".{path.name}.{token}.old"
+    tmp.mkdir()
     try:
         for filename, content in files.items():
             target = tmp / filename
@@ -57,10 +62,13 @@ def _write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
                 target.write_text(json.dumps(content, indent=2, sort_keys=True))
             else:
                 save_file(content, str(target), metadata={"format": "pt"})
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "adapter")
-            os.replace(tmp, path)
+        if path.exists():  # a directory cannot be renamed onto a non-empty one: move the old one aside first
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
@@ -97,9 +105,12 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _read_json(file: Path) -> dict[str, Any]:
     try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        content = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"adapter config {file} is not valid JSON: {err}") from None
+    if not isinstance(content, dict):
+        raise AdapterFileError(f"adapter config {file} must hold a JSON object, not {type(content).__name__}")
+    return content
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
@@ -109,8 +120,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
         meta = _read_json(path / PEFTKIT_CONFIG)
         try:
             config = config_from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError:
+            raise AdapterFileError(f"{path / PEFTKIT_CONFIG} lacks the 'config' field") from None
+        except (TypeError, ValueError) as err:
             raise AdapterFileError(f"{path / PEFTKIT_CONFIG}: {err}") from None
+        if config.rewrites_base:  # saved adapters are plain (`saved_config`); attaching this would rewrite the base
+            raise AdapterFileError(f"{path / PEFTKIT_CONFIG} asks for an init that rewrites the base weights (PiSSA); "
+                                   "saved adapters never do: was the file edited by hand?")
         return config, _read_tensors(path / PEFTKIT_WEIGHTS), meta.get("name")
     if (path / hf_peft.CONFIG_FILE).is_file():
         raw = _read_tensors(path / hf_peft.WEIGHTS_FILE)
@@ -123,22 +139,53 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, activate: bool = True) -> str:
-    """Attach the adapter saved at `path` under `name` (default: its saved name or "default")."""
+    """Attach the adapter saved at `path` under `name` (default: its saved name or "default").
+
+    On any error the model is left as it was: no half-loaded adapter, the same active ones.
+    """
     from ..api import attach, remove
 
     config, tensors, saved_name = read_adapter(path)
     name = name or saved_name or "default"
-    attach(model, config, name=name, activate=activate)
+    attach(model, config, name=name, activate=False)
     try:
         _copy_into(model, name, tensors, Path(path))
     except Exception:
         remove(model, name)
         raise
+    if activate:
+        get_registry(model).active = [name]
     return name
+
+
+def _shape_error(path: Path, key: str, saved: torch.Tensor, current: torch.Tensor) -> AdapterFileError:
+    return AdapterFileError(
+        f"{path}: tensor {key} has shape {tuple(saved.shape)} in the file but {tuple(current.shape)} "
+        f"in the model (was it saved from a different base model?)"
+    )
+
+
+def _check_base_tensors(model: nn.Module, base: dict[str, torch.Tensor], path: Path) -> None:
+    """Base weights PEFT saved beside an adapter must be this model's: we never overwrite the base."""
+    state = model.state_dict() if base else {}
+    for key, saved in base.items():
+        current = state.get(key)
+        if current is None:
+            raise AdapterFileError(f"{path}: tensor {key} is neither part of the adapter nor a weight of this model")
+        if saved.shape != current.shape:
+            raise _shape_error(path, key, saved, current)
+        if not torch.equal(saved, current.detach().to("cpu", saved.dtype)):  # compare at the file's precision
+            raise AdapterFileError(
+                f"{path} carries base weight {key} (PEFT saves embedding layers that are targeted or resized) and it "
+                f"differs from this model's; peftkit never replaces base weights: load the base it was trained on"
+            )
 
 
 @torch.no_grad()
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Check every tensor first, then copy: a bad file must not leave a half-written adapter."""
+    base = {k[len(hf_peft.BASE_MARK):]: v for k, v in tensors.items() if k.startswith(hf_peft.BASE_MARK)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(hf_peft.BASE_MARK)}
     expected: dict[str, torch.Tensor] = {}
     for host_name in get_registry(model).hosts[name]:
         delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
@@ -151,10 +198,11 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], pa
             f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
     for key, param in expected.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise AdapterFileError(
-                f"{path}: tensor {key} has shape {tuple(tensors[key].shape)} in the file but "
-                f"{tuple(param.shape)} in the model (was it saved from a different base model?)"
-            )
+        saved = tensors[key]
+        if saved.shape != param.shape:
+            raise _shape_error(path, key, saved, param)
+        if param.is_floating_point() and not saved.is_floating_point():  # copy_ would silently cast garbage
+            raise AdapterFileError(f"{path}: tensor {key} has dtype {saved.dtype}; a floating-point tensor is needed")
+    _check_base_tensors(model, base, path)
     for key, param in expected.items():
         param.copy_(tensors[key])

@@ -14,6 +14,11 @@ import torch
 Segment = tuple[str, int, int]  # (adapter name, start, end) in sorted row order
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference-mode tensors keep none (and are read-only outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
 class RoutingPlan:
     """Row grouping for one batch, shared by every host layer of a model."""
 
@@ -53,10 +58,10 @@ class RoutingPlan:
         if perm is None:
             return x
         last = self._gathered
-        if last is not None and last[0] is x and last[1] == x._version and last[2] is perm:
+        if last is not None and last[0] is x and last[1] == tensor_version(x) and last[2] is perm:
             return last[3]
         gathered = x.index_select(0, perm.to(x.device))
-        self._gathered = (x, x._version, perm, gathered)
+        self._gathered = (x, tensor_version(x), perm, gathered)
         return gathered
 
     def check_rows(self, x: torch.Tensor, module_name: str) -> None:

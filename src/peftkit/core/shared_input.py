@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .routing import tensor_version
+
 
 class DownProjecting(Protocol):
     def down_weight(self) -> torch.Tensor: ...
@@ -30,7 +32,7 @@ class SharedInputGroup:
 
     def project(self, member: DownProjecting, x: torch.Tensor) -> torch.Tensor:
         weights = [m.down_weight() for m in self.members]
-        key = (x.data_ptr(), x.shape, x.stride(), x._version, x.device, tuple(w._version for w in weights))
+        key = (x.data_ptr(), x.shape, x.stride(), tensor_version(x), x.device, tuple(tensor_version(w) for w in weights))
         if key != self._key or self._pending == 0:
             self._key, self._input = key, x
             sizes = [w.shape[0] for w in weights]
