@@ -138,3 +138,12 @@ def test_module_copy_trains_head_and_merges_exactly(tiny, ids) -> None:
     torch.testing.assert_close(tiny(ids), trained, rtol=1e-5, atol=1e-5)
     peftkit.unmerge(tiny)
     assert torch.equal(tiny.head.weight, head_w)
+
+
+def test_host_called_with_keyword_input(tiny) -> None:
+    peftkit.attach(tiny, LoRA(targets=["q"]))
+    randomize(tiny)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(tiny.attn.q(input=x), tiny.attn.q(x))
+    peftkit.remove(tiny, "default")
+    assert not tiny.attn.q._forward_hooks and not tiny.attn.q._forward_hooks_with_kwargs

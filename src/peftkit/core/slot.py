@@ -64,8 +64,9 @@ class DeltaSlot(nn.ModuleDict):
         return out
 
 
-def _slot_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    return getattr(module, SLOT_ATTR).apply_deltas(args[0], output)
+def _slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+    x = args[0] if args else next(iter(kwargs.values()))  # the host's input, however it was passed
+    return getattr(module, SLOT_ATTR).apply_deltas(x, output)
 
 
 def get_or_create_slot(module: nn.Module, registry: AdapterRegistry, module_name: str) -> DeltaSlot:
@@ -73,7 +74,7 @@ def get_or_create_slot(module: nn.Module, registry: AdapterRegistry, module_name
     if slot is None:
         slot = DeltaSlot(registry, module_name)
         setattr(module, SLOT_ATTR, slot)
-        module.register_forward_hook(_slot_hook)
+        module.register_forward_hook(_slot_hook, with_kwargs=True)
     return slot
 
 
@@ -86,4 +87,5 @@ def detach_slot(module: nn.Module) -> None:
     for key, hook in list(module._forward_hooks.items()):
         if hook is _slot_hook:
             del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
     delattr(module, SLOT_ATTR)
