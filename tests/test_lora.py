@@ -185,3 +185,21 @@ def test_config_dict_round_trip_and_unknown_method() -> None:
         peftkit.config_from_dict({"method": "lorra", "targets": ["q"]})
     with pytest.raises(ValueError, match="rank"):
         peftkit.config_from_dict({"method": "lora", "targets": ["q"], "rank": 3})
+
+
+def test_deepcopy_of_adapted_model_runs_and_matches(tiny, ids) -> None:
+    peftkit.attach(tiny, LoRA(r=3, targets=["q", "k", "v"]))
+    randomize(tiny)
+    clone = copy.deepcopy(tiny)
+    torch.testing.assert_close(clone(ids), tiny(ids))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_conv2d_padding_modes_match_merged(mode: str) -> None:
+    model = _wrap(nn.Conv2d(2, 4, kernel_size=3, padding=1, padding_mode=mode))
+    peftkit.attach(model, LoRA(r=2, targets=["0"]))
+    randomize(model)
+    x = torch.randn(1, 2, 6, 6)
+    unmerged = model(x)
+    peftkit.merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)

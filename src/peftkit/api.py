@@ -14,7 +14,7 @@ from torch import nn
 
 from .core.config import AdapterConfig
 from .core.delta import Delta, ModuleCopy
-from .core.registry import AdapterRegistry, get_registry
+from .core.registry import REGISTRY_ATTR, AdapterRegistry, get_registry
 from .core.routing import RoutingPlan
 from .core.shared_input import SharedInputGroup
 from .core.slot import SLOT_ATTR, DeltaSlot, detach_slot, get_or_create_slot
@@ -130,8 +130,9 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
-    """Attached adapters and their configs, in attach order."""
-    return dict(get_registry(model).configs)
+    """Attached adapters and their configs, in attach order (empty for a bare model)."""
+    registry = model.__dict__.get(REGISTRY_ATTR)
+    return dict(registry.configs) if registry is not None else {}
 
 
 def _check_base_owner(registry: AdapterRegistry, using: Sequence[str | None], what: str) -> None:
@@ -219,7 +220,7 @@ def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
                 delta.rewrites_base = False
             registry.merged.discard(name)
         remove(model, name)
-    del model.__dict__["_peftkit_registry"]
+    del model.__dict__[REGISTRY_ATTR]
     return model
 
 

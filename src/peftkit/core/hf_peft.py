@@ -67,7 +67,7 @@ def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tupl
     """Our config and `<module>.<tensor>` tensors (base weights under `BASE_MARK`) from a PEFT adapter's files."""
     by_type = {getattr(cls, "peft_type", None): cls for cls in METHODS.values()}
     peft_type = peft_config.get("peft_type")
-    if peft_type not in by_type:
+    if not isinstance(peft_type, str) or peft_type not in by_type:
         known = ", ".join(sorted(t for t in by_type if t))
         raise ValueError(f"PEFT adapter type {peft_type!r} is not supported here (supported: {known})")
     cls = by_type[peft_type]

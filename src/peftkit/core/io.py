@@ -96,7 +96,9 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default", forma
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
-        raise AdapterFileError(f"adapter weights file {file} does not exist")
+        pickled = file.with_suffix(".bin")
+        hint = f"; {pickled.name} is a pickle, which peftkit never loads: re-save it as safetensors" if pickled.is_file() else ""
+        raise AdapterFileError(f"adapter weights file {file} does not exist{hint}")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -132,7 +134,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
         raw = _read_tensors(path / hf_peft.WEIGHTS_FILE)
         try:
             config, tensors = hf_peft.from_peft(_read_json(path / hf_peft.CONFIG_FILE), raw)
-        except ValueError as err:
+        except (TypeError, ValueError) as err:  # TypeError: a field of the wrong JSON type
             raise AdapterFileError(f"{path / hf_peft.CONFIG_FILE}: {err}") from None
         return config, tensors, None
     raise AdapterFileError(f"{path} holds no adapter: expected {PEFTKIT_CONFIG} or {hf_peft.CONFIG_FILE}")
@@ -150,7 +152,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, act
     attach(model, config, name=name, activate=False)
     try:
         _copy_into(model, name, tensors, Path(path))
-    except Exception:
+    except BaseException:  # even on Ctrl-C: no half-loaded adapter
         remove(model, name)
         raise
     if activate:

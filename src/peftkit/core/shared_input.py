@@ -24,7 +24,6 @@ class SharedInputGroup:
     def __init__(self, members: list[DownProjecting]):
         assert len(members) > 1, "a group needs at least two members"
         self.members = members
-        self._slot = {id(m): i for i, m in enumerate(members)}
         self._key: tuple | None = None
         self._input: torch.Tensor | None = None
         self._parts: tuple[torch.Tensor, ...] = ()
@@ -38,7 +37,8 @@ class SharedInputGroup:
             sizes = [w.shape[0] for w in weights]
             self._parts = F.linear(x, torch.cat(weights)).split(sizes, dim=-1)  # [..., sum r_i]
             self._pending = len(self.members)
-        part = self._parts[self._slot[id(member)]]
+        # found by identity, not id(): ids change when the model is deep-copied
+        part = self._parts[next(i for i, m in enumerate(self.members) if m is member)]
         self._pending -= 1
         if self._pending == 0:  # every member served: let the activation go
             self._key, self._input, self._parts = None, None, ()

@@ -61,6 +61,9 @@ class LoRA(AdapterConfig):
         "alora_invocation_tokens",
     )
 
+    # Inits that leave W0 untouched; the others (pissa*, olora, corda, loftq, lora_ga) save factors for a rewritten base.
+    _PEFT_BASE_PRESERVING_INITS: ClassVar[frozenset[str]] = frozenset({"gaussian", "orthogonal", "eva", "mica"})
+
     def to_peft(self) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type, "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
@@ -78,7 +81,7 @@ class LoRA(AdapterConfig):
         if peft.get("bias", "none") != "none":
             raise ValueError(f"PEFT LoRA option bias={peft['bias']!r} is not supported (only 'none')")
         init = peft.get("init_lora_weights", True)
-        if isinstance(init, str) and init != "gaussian":  # pissa/olora/loftq/eva files expect a rewritten base
+        if isinstance(init, str) and init not in cls._PEFT_BASE_PRESERVING_INITS:
             raise ValueError(f"PEFT LoRA saved with init_lora_weights={init!r} needs its residual base model; "
                              "convert it to plain LoRA in PEFT first")
         return cls(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
@@ -127,6 +130,10 @@ class LoRADelta(Delta):
         self.shared: SharedInputGroup | None = None  # set by attach for siblings that share an input
         if self.kind == "conv2d":
             self._conv_args = {k: getattr(host, k) for k in ("stride", "padding", "dilation")}
+            # non-zero padding modes pad explicitly (as Conv2d does), so the branch matches the merged weight
+            self._pad = None if host.padding_mode == "zeros" else (host._reversed_padding_repeated_twice, host.padding_mode)
+            if self._pad is not None:
+                self._conv_args["padding"] = 0
         if self.kind == "embedding":
             self._embedding_args = {k: getattr(host, k) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")}
         self._initialise(host, config.init)
@@ -179,6 +186,8 @@ class LoRADelta(Delta):
             return F.embedding(x, self.lora_A.T, **self._embedding_args)
         x = x.to(self.lora_A.dtype)
         if self.kind == "conv2d":
+            if self._pad is not None:
+                x = F.pad(x, self._pad[0], mode=self._pad[1])
             return F.conv2d(self.dropout(x), self.lora_A, **self._conv_args)
         fuse = self.shared is not None and not (self.training and isinstance(self.dropout, nn.Dropout))
         if fuse:
