@@ -1,8 +1,8 @@
 """The one protocol every method's layer follows: a named delta sitting on a host module.
 
 A delta is either *additive* (it returns an increment added to the host's output, e.g.
-LoRA's s·BAx) or *replacing* (it returns the whole output, e.g. a trainable copy of a
-classification head). The host slot (`core.slot`) calls one of the two for the rows routed
+LoRA's s·BAx) or *transforming* (it maps the input and the host's output to a new output,
+e.g. DoRA's rescaling, or a trainable copy of a classification head that ignores the base). The host slot (`core.slot`) calls one of the two for the rows routed
 to the delta and never needs to know which method it is running.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .hosts import to_host_layout
 
 
 class Delta(nn.Module):
-    """Base class of a method's layer. Subclasses implement `increment` or `replace`."""
+    """Base class of a method's layer. Subclasses implement `increment` or, if not additive, `transform`."""
 
     additive: bool = True
     merged: bool = False
@@ -26,8 +26,8 @@ class Delta(nn.Module):
         """The additive contribution to the host output for input rows `x`."""
         raise NotImplementedError
 
-    def replace(self, x: torch.Tensor) -> torch.Tensor:
-        """The full output for input rows `x` (replacing deltas only)."""
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The new output for input rows `x` whose base output is `out` (non-additive deltas only)."""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
@@ -66,7 +66,7 @@ class ModuleCopy(Delta):
         for p in self.module.parameters():
             p.requires_grad_(True)
 
-    def replace(self, x: torch.Tensor) -> torch.Tensor:
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
     def merge_into(self, host: nn.Module) -> None:

@@ -36,7 +36,7 @@ class DeltaSlot(nn.ModuleDict):
             delta = self._modules.get(name)
             if delta is None or delta.merged:
                 continue
-            out = out.add_(delta.increment(x)) if delta.additive else delta.replace(x)
+            out = out.add_(delta.increment(x)) if delta.additive else delta.transform(x, out)
         return out
 
     def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -54,13 +54,13 @@ class DeltaSlot(nn.ModuleDict):
                 if delta.additive:
                     out[start:end].add_(delta.increment(seg))
                 else:
-                    out[start:end] = delta.replace(seg)
+                    out[start:end] = delta.transform(seg, out[start:end])
             else:
                 index = perm[start:end].to(out.device)
                 if delta.additive:
                     out.index_add_(0, index, delta.increment(seg).to(out.dtype))
                 else:
-                    out.index_copy_(0, index, delta.replace(seg).to(out.dtype))
+                    out.index_copy_(0, index, delta.transform(seg, out.index_select(0, index)).to(out.dtype))
         return out
 
 
