@@ -1,0 +1,38 @@
+"""Shared learning check: fine-tune MiniLM-L6 with one adapter config on a BBC News subset."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+from torch import nn
+
+import peftkit
+from peftkit.train.classify import ClassifyConfig, ClassifyResult, train_classifier
+
+TRAIN_ROWS, TEST_ROWS = 320, 200
+
+
+@lru_cache(maxsize=1)
+def bbc_subset():
+    data = pytest.importorskip("peftkit.data").load_bbc_news(seed=0)
+    return data["train"].shuffle(seed=0).select(range(TRAIN_ROWS)), data["test"].shuffle(seed=0).select(range(TEST_ROWS))
+
+
+def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
+            optimizer_groups=None) -> tuple[ClassifyResult, nn.Module, object]:
+    """Attach `config` (plus a trainable classifier head) to a fresh MiniLM and train briefly.
+
+    Returns (result, model, tokenizer); the result holds accuracy before/after and the losses.
+    """
+    from peftkit.models import load_minilm
+
+    train, test = bbc_subset()
+    model, tokenizer = load_minilm(num_labels=5)
+    if "classifier" not in config.modules_to_save:
+        config = config.model_copy(update={"modules_to_save": [*config.modules_to_save, "classifier"]})
+    peftkit.attach(model, config)
+    result = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
+                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=64), progress=False)
+    print(f"{config.method}: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
+          f"in {result.train_seconds:.1f}s")
+    return result, model, tokenizer
