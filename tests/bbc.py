@@ -1,7 +1,9 @@
 """Shared learning check: fine-tune MiniLM-L6 with one adapter config on a BBC News subset."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import pytest
 from torch import nn
@@ -19,8 +21,11 @@ def bbc_subset():
 
 
 def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
-            optimizer_groups=None) -> tuple[ClassifyResult, nn.Module, object]:
+            optimizer_groups=None, on_attach: Callable[[nn.Module], dict[str, Any]] | None = None,
+            ) -> tuple[ClassifyResult, nn.Module, object]:
     """Attach `config` (plus a trainable classifier head) to a fresh MiniLM and train briefly.
+
+    `on_attach(model)` may return extra `train_classifier` arguments (`on_step`, `regularizer`).
 
     Returns (result, model, tokenizer); the result holds accuracy before/after and the losses.
     """
@@ -31,8 +36,9 @@ def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
     if "classifier" not in config.modules_to_save:
         config = config.model_copy(update={"modules_to_save": [*config.modules_to_save, "classifier"]})
     peftkit.attach(model, config)
+    hooks = on_attach(model) if on_attach is not None else {}
     result = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=64), progress=False)
+                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=64), progress=False, **hooks)
     print(f"{config.method}: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
           f"in {result.train_seconds:.1f}s")
     return result, model, tokenizer

@@ -309,7 +309,6 @@ def test_own_format_conv_and_several_adapters(tmp_path: Path) -> None:
 # --- 4. PEFT options we cannot honour ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "option"), [
-    ({"use_dora": True}, "use_dora"),
     ({"rank_pattern": {"query": 2}}, "rank_pattern"),
     ({"alpha_pattern": {"value": 3}}, "alpha_pattern"),
     ({"lora_bias": True}, "lora_bias"),

@@ -55,10 +55,15 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if overlap:
         raise ValueError(f"modules both targeted and in modules_to_save: {sorted(overlap)}")
     placed: list[str] = []
+    built = config.build_all({host_name: model.get_submodule(host_name) for host_name in host_names})
     try:
         for host_name in host_names + copy_names:
             host = model.get_submodule(host_name)
-            delta = config.build(host) if host_name in host_names else ModuleCopy(host)
+            try:
+                delta = next(built) if host_name in host_names else ModuleCopy(host)
+            except ValueError as err:  # a delta checks its host's shape without knowing the module's name
+                raise ValueError(f"{config.method} cannot adapt module {host_name!r}: {err}") from err
+            delta.train(host.training)  # a new module starts in training mode: follow the model's (dropout, DyLoRA's rank)
             get_or_create_slot(host, registry, host_name)[name] = delta
             placed.append(host_name)
     except Exception:

@@ -6,6 +6,7 @@ name, and `to_dict` / `config_from_dict` give the JSON stored next to saved weig
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -40,6 +41,17 @@ class AdapterConfig(BaseModel):
     def build(self, host: nn.Module) -> Delta:
         """Create this method's delta for one host module."""
         raise NotImplementedError
+
+    def build_all(self, hosts: dict[str, nn.Module]) -> Iterator[Delta]:
+        """The deltas of one adapter, one per host (name -> module), in order.
+
+        Lazy: attach places each delta before the next is built, so a failure can undo the ones
+        placed. A method whose deltas share state across hosts (Compacter's rule matrices, VeRA's
+        random bases) overrides this to create it once; one delta should register it and the
+        others only reference it, so it is saved, loaded, counted and optimised once.
+        """
+        for host in hosts.values():
+            yield self.build(host)
 
     @property
     def rewrites_base(self) -> bool:

@@ -38,6 +38,12 @@ class Delta(nn.Module):
         """The tensors written to an adapter file (a method may save an equivalent plain form)."""
         return {k: v.detach() for k, v in self.state_dict().items()}
 
+    def prepare_load(self, saved: dict[str, torch.Tensor]) -> None:
+        """Fit this delta to its tensors in an adapter file before they are checked and copied.
+
+        Only a delta whose shapes change in training overrides it (SoRA saves a pruned rank).
+        """
+
     def restore_base(self, host: nn.Module) -> None:
         """Undo what attaching did to the host weight (only for `rewrites_base` deltas)."""
 

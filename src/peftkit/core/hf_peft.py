@@ -4,7 +4,10 @@ PEFT wraps the model, so its keys carry a `base_model.model.` prefix; weight-del
 end in `.weight` (an Embedding's LoRA factors are `lora_embedding_A/B`), and trainable
 module copies (`modules_to_save`) are saved under the module's own parameter names. Each
 method's config translates its own fields and tensor names (`to_peft`, `from_peft`,
-`peft_tensor_name`, `split_peft_key`); this module does the shared key handling.
+`peft_tensor_name`, `split_peft_key`, and where the layouts differ beyond names, `pack_peft` /
+`unpack_peft`; tensors shared by all layers: `peft_shared_tensors` / `check_peft_shared`); this
+module does the shared key handling. A PEFT type may map to several configs told apart by flags
+(`peft_flags`: LORA with use_dora is DoRA).
 
 PEFT may also save base weights beside the adapter (`save_embedding_layers`: the embedding
 layers when they are targeted or resized, as `<module>.base_layer.weight` or `<module>.weight`).
@@ -26,6 +29,7 @@ from .targets import ALL_LINEAR
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # tensors on PEFT's tuner itself, shared by all layers (VeRA's vera_A, vera_B)
 COPY_KEY = ".module."  # a ModuleCopy keeps the copied module's parameters under `module.`
 BASE_MARK = "base:"  # a base-model tensor PEFT saved; ':' cannot clash with our dotted keys in practice
 _BASE_LAYER = re.compile(r"\.base_layer\.(?=[^.]+$)")  # PEFT's wrapper segment before the base's own parameter
@@ -45,6 +49,9 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
     """(adapter_config.json dict, adapter_model.safetensors dict) for one adapter's saved tensors."""
     if not hasattr(config, "to_peft"):
         raise ValueError(f"method {config.method!r} has no Hugging Face PEFT equivalent; save it in peftkit format")
+    extra: dict[str, Any] = {}
+    if hasattr(config, "pack_peft"):  # a layout that differs beyond names (AdaLoRA: kept triplets + rank_pattern)
+        extra, tensors = config.pack_peft(tensors)
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if COPY_KEY in key:
@@ -53,9 +60,13 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
         else:
             host_name, _, tensor_name = key.rpartition(".")
             out[f"{PREFIX}{host_name}.{config.peft_tensor_name(tensor_name, model.get_submodule(host_name))}"] = value
-    peft_config = config.to_peft()
+    peft_config = {**config.to_peft(), **extra}
     hosts = list(dict.fromkeys(key.rpartition(".")[0] for key in tensors if COPY_KEY not in key))
-    if peft_config.get("target_modules") == ALL_LINEAR:  # PEFT expands it by its own rules: pin ours, as PEFT pins its
+    if hasattr(config, "peft_shared_tensors"):
+        shared = config.peft_shared_tensors([model.get_submodule(h) for h in hosts])
+        out.update({SHARED_PREFIX + key: value for key, value in shared.items()})
+    # PEFT expands all-linear by its own rules, and some PEFT methods lack exclude_modules: pin ours, as PEFT pins its
+    if peft_config.get("target_modules") == ALL_LINEAR or (config.exclude and "exclude_modules" not in peft_config):
         peft_config["target_modules"] = hosts
     if "fan_in_fan_out" in peft_config:  # PEFT wants it True on GPT-2's Conv1D (else it warns and patches the config)
         peft_config["fan_in_fan_out"] = Conv1D is not None and any(isinstance(model.get_submodule(h), Conv1D) for h in hosts)
@@ -63,19 +74,30 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
     return peft_config, out
 
 
+def _peft_class(peft_config: dict[str, Any]) -> type[AdapterConfig]:
+    """The config class for a PEFT adapter: same peft_type, all its `peft_flags` set; the most specific wins."""
+    peft_type = peft_config.get("peft_type")
+    matches = [cls for cls in METHODS.values()
+               if isinstance(peft_type, str) and getattr(cls, "peft_type", None) == peft_type
+               and all(peft_config.get(flag) for flag in getattr(cls, "peft_flags", ()))]
+    if not matches:
+        known = ", ".join(sorted({getattr(cls, "peft_type", None) for cls in METHODS.values()} - {None}))
+        raise ValueError(f"PEFT adapter type {peft_type!r} is not supported here (supported: {known})")
+    return max(matches, key=lambda cls: len(getattr(cls, "peft_flags", ())))
+
+
 def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Our config and `<module>.<tensor>` tensors (base weights under `BASE_MARK`) from a PEFT adapter's files."""
-    by_type = {getattr(cls, "peft_type", None): cls for cls in METHODS.values()}
-    peft_type = peft_config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in by_type:
-        known = ", ".join(sorted(t for t in by_type if t))
-        raise ValueError(f"PEFT adapter type {peft_type!r} is not supported here (supported: {known})")
-    cls = by_type[peft_type]
+    cls = _peft_class(peft_config)
     stripped: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
-        if not key.startswith(PREFIX):
+        if key.startswith(PREFIX):
+            stripped[key[len(PREFIX):]] = value
+        elif key.startswith(SHARED_PREFIX) and hasattr(cls, "check_peft_shared"):
+            shared[key[len(SHARED_PREFIX):]] = value
+        else:
             raise ValueError(f"tensor {key!r} lacks PEFT's '{PREFIX}' prefix")
-        stripped[key[len(PREFIX):]] = value
     method_keys = {k for k in stripped if cls.is_peft_tensor(k)}
     # PEFT lists task-type defaults ("classifier", "score") in modules_to_save even when absent: keep the saved ones.
     listed = list(dict.fromkeys(peft_config.get("modules_to_save") or []))
@@ -88,6 +110,8 @@ def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tupl
         config = cls.from_peft({**peft_config, "target_modules": hosts, "exclude_modules": None}, modules_to_save=copied)
     except KeyError as err:
         raise ValueError(f"the PEFT config lacks the required field {err.args[0]!r}") from None
+    if shared:
+        config.check_peft_shared(shared)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in stripped.items():
         if key in method_keys:
@@ -97,4 +121,6 @@ def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tupl
             tensors[f"{split[0]}{COPY_KEY}{split[1]}"] = value
         else:
             tensors[BASE_MARK + _BASE_LAYER.sub(".", key)] = value
+    if hasattr(config, "unpack_peft"):  # the inverse of `pack_peft`
+        tensors = config.unpack_peft(peft_config, tensors)
     return config, tensors

@@ -191,6 +191,8 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], pa
     expected: dict[str, torch.Tensor] = {}
     for host_name in get_registry(model).hosts[name]:
         delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
+        own = {key: tensors[f"{host_name}.{key}"] for key in delta.state_dict() if f"{host_name}.{key}" in tensors}
+        delta.prepare_load(own)  # a delta whose shapes change in training (a pruned rank) takes the file's
         for key, param in delta.state_dict(keep_vars=True).items():
             expected[f"{host_name}.{key}"] = param
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +76,14 @@ def train_classifier(
     test_labels: Sequence[int],
     config: ClassifyConfig = ClassifyConfig(),
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> ClassifyResult:
-    """Train the model's trainable parameters (the attached adapters) and report test accuracy."""
+    """Train the model's trainable parameters (the attached adapters) and report test accuracy.
+
+    `on_step(step)` runs after each optimizer step, while the gradients are still there (AdaLoRA's
+    rank allocation); `regularizer()` is added to the loss (AdaLoRA's orthogonality penalty).
+    """
     if not train_texts or not test_texts:
         raise ValueError("train and test sets must not be empty")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,8 +104,10 @@ def train_classifier(
         for _ in range(config.epochs):
             for batch, y in _batches(x_train, y_train, config.batch_size, generator):
                 loss = nn.functional.cross_entropy(model(**batch).logits, y)
-                loss.backward()
+                (loss + regularizer() if regularizer is not None else loss).backward()
                 optimizer.step()
+                if on_step is not None:
+                    on_step(len(losses))  # the 0-based index of this step
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())

@@ -1,0 +1,131 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., 2024, arXiv:2402.09353).
+
+    W' = m · (W0 + s·B A) / ‖W0 + s·B A‖_c,   m ∈ R^{out} initialised to ‖W0‖_c
+
+‖·‖_c is the norm of each output row of the weight in (out, in) layout (over in and the
+kernel on Conv2d), as HF PEFT computes it. Only m, A and B train; with B = 0 at start, m/‖W0‖_c = 1
+and the model is unchanged. As in the paper's §4.3 (and PEFT), the norm is treated as a constant:
+no gradient flows through it. Applied to the host's output without rebuilding W', so rows routed
+to DoRA mix freely with other adapters' rows in one batch:
+
+    h = (m/n) ⊙ (W0 x) + (m/n) ⊙ s·B A x + bias,   n = ‖W0 + s·B A‖_c
+
+Hosts: Linear (and GPT-2's Conv1D), Conv2d. Merging stores n, so unmerge can invert it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ...core.config import register_method
+from ...core.hosts import LINEAR_TYPES, to_host_layout
+from .lora import LoRA, LoRADelta
+
+
+@register_method
+class DoRA(LoRA):
+    """DoRA config: LoRA's fields (rank, scaling, dropout, init) for the direction; m is per output row."""
+
+    method: ClassVar[str] = "dora"
+    init: Literal["zero", "gaussian"] = Field("zero", description="zero-B with Kaiming A (default) or gaussian A")
+
+    def host_types(self) -> tuple[type[nn.Module], ...]:
+        return LINEAR_TYPES + (nn.Conv2d,)
+
+    def build(self, host: nn.Module) -> "DoRADelta":
+        return DoRADelta(host, self)
+
+    # --- Hugging Face PEFT interop: a LORA adapter with use_dora=True --------------------------
+    peft_flags: ClassVar[tuple[str, ...]] = ("use_dora",)
+    _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = tuple(o for o in LoRA._PEFT_UNSUPPORTED if o != "use_dora")
+    _PEFT_MAGNITUDE: ClassVar[re.Pattern] = re.compile(r"(.*)\.lora_magnitude_vector")
+
+    def to_peft(self) -> dict[str, Any]:
+        return {**super().to_peft(), "use_dora": True}
+
+    @staticmethod
+    def peft_tensor_name(tensor_name: str, host: nn.Module) -> str:
+        return "lora_magnitude_vector" if tensor_name == "magnitude" else LoRA.peft_tensor_name(tensor_name, host)
+
+    @classmethod
+    def is_peft_tensor(cls, key: str) -> bool:
+        return cls._PEFT_MAGNITUDE.fullmatch(key) is not None or super().is_peft_tensor(key)
+
+    @classmethod
+    def split_peft_key(cls, key: str) -> tuple[str, str]:
+        match = cls._PEFT_MAGNITUDE.fullmatch(key)
+        return (match[1], "magnitude") if match else super().split_peft_key(key)
+
+
+class DoRADelta(LoRADelta):
+    """LoRA's A, B for the direction plus the magnitude m; transforms the host output (not additive)."""
+
+    additive = False
+
+    def __init__(self, host: nn.Module, config: DoRA):
+        super().__init__(host, config)
+        self._host = (host,)  # a tuple, not an attribute torch would register: W0 belongs to the base model
+        out = self.lora_B.shape[0]
+        # PEFT's layout (a row per output channel on Conv2d), so files interchange as they are
+        self._scale_shape = (1, out, 1, 1) if self.kind == "conv2d" else (out,)
+        self.magnitude = nn.Parameter(self.weight_norm())  # m = ‖W0 + s·BA‖_c = ‖W0‖_c: a no-op start
+        self.register_buffer("merged_norm", None, persistent=False)  # n while merged: unmerge cannot recompute it
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 in (out, in[, kh, kw]) layout, float32."""
+        host = self._host[0]
+        return to_host_layout(host, host.weight).float()
+
+    def lora_weight(self) -> torch.Tensor:
+        """s·BA: the update of the direction, (out, in[, kh, kw])."""
+        return super().delta_weight()
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """n = ‖W0 + s·BA‖_c, one per output row; a constant to autograd (the paper's §4.3)."""
+        return (self.base_weight() + self.lora_weight()).flatten(1).norm(dim=1).view(self._scale_shape)
+
+    def _rows(self, scale: torch.Tensor) -> torch.Tensor:
+        """A per-output-row factor shaped to multiply a weight: [out, 1(, 1, 1)]."""
+        return scale.reshape(-1, *(1,) * (self.lora_A.dim() - 1))
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x through a weight of the host's kind, without bias."""
+        if self.kind != "conv2d":
+            return F.linear(x, weight)
+        if self._pad is not None:
+            x = F.pad(x, self._pad[0], mode=self._pad[1])
+        return F.conv2d(x, weight, **self._conv_args)
+
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        scale = self.magnitude / self.weight_norm()  # m/n: [out] (Conv2d: [1, out, 1, 1])
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # as PEFT: the rescaled base term sees the dropped-out input too, so W0 x is recomputed
+            x = self.dropout(x.to(self.lora_A.dtype))
+            base, lora = self._apply_weight(x, self.base_weight()), self._apply_weight(x, self.lora_weight())
+        else:
+            bias = self._host[0].bias
+            base = out if bias is None else out - bias.view(self._scale_shape)  # W0 x
+            lora = self.increment(x)  # s·BA x
+        return (out + (scale - 1) * base + scale * lora).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = W' − W0 = (m/n)·(W0 + s·BA) − W0, against the unmerged host weight."""
+        weight = self.base_weight()
+        return self._rows(self.magnitude / self.weight_norm()) * (weight + self.lora_weight()) - weight
+
+    def merge_into(self, host: nn.Module) -> None:
+        self.merged_norm = self.weight_norm()
+        super().merge_into(host)
+
+    def unmerge_from(self, host: nn.Module) -> None:
+        """W0 = W'·(n/m) − s·BA, with the n stored at merge time."""
+        weight = self.base_weight() / self._rows(self.magnitude / self.merged_norm) - self.lora_weight()
+        host.weight.data.copy_(to_host_layout(host, weight))
+        self.merged_norm = None
+
