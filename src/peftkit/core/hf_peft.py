@@ -17,7 +17,7 @@ equal the model's own.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +33,37 @@ SHARED_PREFIX = "base_model."  # tensors on PEFT's tuner itself, shared by all l
 COPY_KEY = ".module."  # a ModuleCopy keeps the copied module's parameters under `module.`
 BASE_MARK = "base:"  # a base-model tensor PEFT saved; ':' cannot clash with our dotted keys in practice
 _BASE_LAYER = re.compile(r"\.base_layer\.(?=[^.]+$)")  # PEFT's wrapper segment before the base's own parameter
+
+
+class PeftKeys:
+    """Mixin for a config with a PEFT equivalent: its tensor keys and the PEFT options it refuses.
+
+    `_PEFT_KEY` fully matches a PEFT tensor key (prefix stripped) with groups (module, tensor);
+    our tensor name is `_PEFT_TENSOR_PREFIX` + the tensor group.
+    """
+
+    peft_type: ClassVar[str]
+    _PEFT_KEY: ClassVar[re.Pattern]
+    _PEFT_TENSOR_PREFIX: ClassVar[str] = ""
+    _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = ()  # options that change the math: refuse, never ignore
+
+    @classmethod
+    def is_peft_tensor(cls, key: str) -> bool:
+        return cls._PEFT_KEY.fullmatch(key) is not None
+
+    @classmethod
+    def split_peft_key(cls, key: str) -> tuple[str, str]:
+        match = cls._PEFT_KEY.fullmatch(key)
+        return match[1], cls._PEFT_TENSOR_PREFIX + match[2]
+
+    @classmethod
+    def check_peft_options(cls, peft: dict[str, Any]) -> None:
+        """Raise for a PEFT option this method does not implement (so no output is quietly wrong)."""
+        for option in cls._PEFT_UNSUPPORTED:
+            if peft.get(option):
+                raise ValueError(f"PEFT {cls.peft_type} option {option}={peft[option]!r} is not supported by peftkit")
+        if peft.get("bias", "none") != "none":
+            raise ValueError(f"PEFT {cls.peft_type} option bias={peft['bias']!r} is not supported (only 'none')")
 
 
 def _split_copy_key(key: str, copied: list[str]) -> tuple[str, str] | None:

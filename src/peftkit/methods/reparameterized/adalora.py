@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
+from ...core.hf_peft import PeftKeys
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
 from ...core.slot import SLOT_ATTR
@@ -28,7 +29,7 @@ _RANK_DIM = {"lora_A": 0, "lora_B": 1, "lora_E": 0}  # Q [r, in], P [out, r], Λ
 
 
 @register_method
-class AdaLoRA(AdapterConfig):
+class AdaLoRA(PeftKeys, AdapterConfig):
     """AdaLoRA config: starting and target rank per layer, the pruning schedule, the score EMAs."""
 
     method: ClassVar[str] = "adalora"
@@ -78,8 +79,7 @@ class AdaLoRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft: dict[str, Any], modules_to_save: list[str]) -> "AdaLoRA":
-        if peft.get("bias", "none") != "none":
-            raise ValueError(f"PEFT AdaLoRA option bias={peft['bias']!r} is not supported (only 'none')")
+        cls.check_peft_options(peft)
         schedule = {k: peft[k] for k in cls._SCHEDULE if peft.get(k) is not None}
         return cls(alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
                    targets=peft["target_modules"], modules_to_save=modules_to_save, **schedule)
@@ -88,14 +88,6 @@ class AdaLoRA(AdapterConfig):
     def peft_tensor_name(tensor_name: str, host: nn.Module) -> str:
         return tensor_name  # PEFT keeps AdaLoRA's factors as bare parameters: no ".weight"
 
-    @classmethod
-    def is_peft_tensor(cls, key: str) -> bool:
-        return cls._PEFT_KEY.fullmatch(key) is not None
-
-    @classmethod
-    def split_peft_key(cls, key: str) -> tuple[str, str]:
-        match = cls._PEFT_KEY.fullmatch(key)
-        return match[1], match[2]
 
     def pack_peft(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Drop the pruned triplets and list the kept ones; a pruned λ that grew back since is kept (exact output)."""

@@ -21,13 +21,14 @@ from pydantic import Field
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
+from ...core.hf_peft import PeftKeys
 from ...core.delta import Delta
 from ...core.hosts import WEIGHT_HOST_TYPES, host_shape, to_host_layout
 from ...core.shared_input import SharedInputGroup
 
 
 @register_method
-class LoRA(AdapterConfig):
+class LoRA(PeftKeys, AdapterConfig):
     """LoRA config: rank, scaling, dropout on the input of A, and the initialisation of A and B."""
 
     method: ClassVar[str] = "lora"
@@ -54,6 +55,7 @@ class LoRA(AdapterConfig):
     # --- Hugging Face PEFT interop -------------------------------------------------------
     peft_type: ClassVar[str] = "LORA"
     _PEFT_KEY: ClassVar[re.Pattern] = re.compile(r"(.*)\.lora_(?:embedding_)?([AB])(?:\.weight)?")
+    _PEFT_TENSOR_PREFIX: ClassVar[str] = "lora_"
     # PEFT options that change the math; loading them as plain LoRA would give wrong outputs.
     _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = (
         "use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layers_to_transform", "layers_pattern",
@@ -75,11 +77,7 @@ class LoRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft: dict[str, Any], modules_to_save: list[str]) -> "LoRA":
-        for option in cls._PEFT_UNSUPPORTED:
-            if peft.get(option):
-                raise ValueError(f"PEFT LoRA option {option}={peft[option]!r} is not supported by peftkit's LoRA")
-        if peft.get("bias", "none") != "none":
-            raise ValueError(f"PEFT LoRA option bias={peft['bias']!r} is not supported (only 'none')")
+        cls.check_peft_options(peft)
         init = peft.get("init_lora_weights", True)
         if isinstance(init, str) and init not in cls._PEFT_BASE_PRESERVING_INITS:
             raise ValueError(f"PEFT LoRA saved with init_lora_weights={init!r} needs its residual base model; "
@@ -94,14 +92,6 @@ class LoRA(AdapterConfig):
             return tensor_name.replace("lora_", "lora_embedding_")
         return f"{tensor_name}.weight"
 
-    @classmethod
-    def is_peft_tensor(cls, key: str) -> bool:
-        return cls._PEFT_KEY.fullmatch(key) is not None
-
-    @classmethod
-    def split_peft_key(cls, key: str) -> tuple[str, str]:
-        match = cls._PEFT_KEY.fullmatch(key)
-        return match[1], f"lora_{match[2]}"
 
     def saved_config(self) -> "LoRA":
         """PiSSA is saved as a plain rank-2r LoRA on the *original* W0 (see `LoRADelta.saved_tensors`)."""

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
+from ...core.hf_peft import PeftKeys
 from ...core.delta import Delta
 from ...core.hosts import LINEAR_TYPES, host_shape
 
@@ -45,7 +46,7 @@ def _largest(hosts: Iterable[nn.Module]) -> tuple[int, int]:
 
 
 @register_method
-class VeRA(AdapterConfig):
+class VeRA(PeftKeys, AdapterConfig):
     """VeRA config: the rank of the shared projections, their seed, and d's initial value."""
 
     method: ClassVar[str] = "vera"
@@ -78,6 +79,7 @@ class VeRA(AdapterConfig):
     # --- Hugging Face PEFT interop -------------------------------------------------------
     peft_type: ClassVar[str] = "VERA"
     _PEFT_KEY: ClassVar[re.Pattern] = re.compile(r"(.*)\.(vera_lambda_[bd])")
+    _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")  # change which modules
 
     def to_peft(self) -> dict[str, Any]:
         return {
@@ -90,11 +92,7 @@ class VeRA(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft: dict[str, Any], modules_to_save: list[str]) -> "VeRA":
-        for option in ("layers_to_transform", "layers_pattern"):  # they change which modules get the adapter
-            if peft.get(option):
-                raise ValueError(f"PEFT VeRA option {option}={peft[option]!r} is not supported by peftkit's VeRA")
-        if peft.get("bias", "none") != "none":
-            raise ValueError(f"PEFT VeRA option bias={peft['bias']!r} is not supported (only 'none')")
+        cls.check_peft_options(peft)
         return cls(r=peft["r"], targets=peft["target_modules"], d_initial=peft.get("d_initial", 0.1),
                    dropout=peft.get("vera_dropout", 0.0), projection_prng_key=peft.get("projection_prng_key", 0),
                    modules_to_save=modules_to_save)
@@ -103,14 +101,6 @@ class VeRA(AdapterConfig):
     def peft_tensor_name(tensor_name: str, host: nn.Module) -> str:
         return tensor_name
 
-    @classmethod
-    def is_peft_tensor(cls, key: str) -> bool:
-        return cls._PEFT_KEY.fullmatch(key) is not None
-
-    @classmethod
-    def split_peft_key(cls, key: str) -> tuple[str, str]:
-        match = cls._PEFT_KEY.fullmatch(key)
-        return match[1], match[2]
 
     def peft_shared_tensors(self, hosts: list[nn.Module]) -> dict[str, torch.Tensor]:
         """PEFT's model-level `vera_A`, `vera_B` (written with save_projection=True, PEFT's default)."""
