@@ -18,6 +18,7 @@ from peftkit import AdaLoRA, AdaLoRAController, LoRA
 
 from .bbc import fit_bbc
 from .conftest import randomize
+from .routing_checks import assert_routed_matches_rows
 
 TINY_TARGETS = ["q", "k", "v", "ffn.0", "ffn.2"]
 pytestmark = [  # PEFT's own noise, raised for the files PEFT itself writes too
@@ -91,18 +92,7 @@ def test_mixed_routed_batch_equals_rows_alone(tiny, ids) -> None:
     peftkit.attach(tiny, LoRA(r=2, targets=["q", "v", "ffn.2"]), "lora")
     randomize(tiny)
     tiny.eval()
-    rows = ["ada", "lora", None, "ada", None, "lora"]
-    with peftkit.routed(tiny, rows):
-        mixed = tiny(ids)
-    alone = {}
-    for name in ("ada", "lora"):
-        peftkit.activate(tiny, name)
-        alone[name] = tiny(ids)
-    with peftkit.disabled(tiny):
-        alone[None] = tiny(ids)
-    assert not torch.allclose(alone["ada"], alone["lora"], atol=1e-4) and not torch.allclose(alone["ada"], alone[None], atol=1e-4)
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+    assert_routed_matches_rows(tiny, ids, ["ada", "lora", None, "ada", None, "lora"])
 
 
 # --- the schedule and the regularizer -----------------------------------------------------------------------------

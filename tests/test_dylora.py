@@ -13,7 +13,7 @@ from peftkit.train.classify import accuracy, encode
 
 from .bbc import bbc_subset, fit_bbc
 from .conftest import randomize
-from .test_routing import _row_alone
+from .routing_checks import assert_routed_matches_rows
 
 
 def _linear_with_dylora(**kwargs) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -109,11 +109,7 @@ def test_mixed_batch_with_lora_and_base_rows_equals_rows_alone(tiny, ids, traini
     set_rank(tiny, "dy", 3)
     dylora_sample_rank(tiny, "dy", torch.Generator().manual_seed(0))
     rows = ["dy", "lora", None, "dy", None, "lora"]
-    with peftkit.routed(tiny, rows):
-        mixed = tiny(ids)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], _row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_row_alone(tiny, ids, 0, "dy"), _row_alone(tiny, ids, 0, None), atol=1e-4)
+    assert_routed_matches_rows(tiny, ids, rows)
 
 
 def test_save_load_round_trip_and_truncated_save(tiny, ids, tmp_path) -> None:

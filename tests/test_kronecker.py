@@ -14,6 +14,7 @@ from peftkit import Compacter, KronA, LoRA
 
 from .bbc import fit_bbc
 from .conftest import randomize
+from .routing_checks import assert_routed_grads_match_rows, assert_routed_matches_rows
 
 TARGETS = ["q", "k", "v", "ffn.0", "ffn.2"]  # TinyNet: 16×16, 32×16 and 16×32 weights
 
@@ -97,43 +98,20 @@ def _three_adapters(tiny) -> None:
     randomize(tiny)
 
 
-def _row_alone(tiny, ids: torch.Tensor, row: int, name: str | None) -> torch.Tensor:
-    if name is None:
-        with peftkit.disabled(tiny):
-            return tiny(ids[row:row + 1])[0]
-    peftkit.activate(tiny, name)
-    return tiny(ids[row:row + 1])[0]
-
-
 ROWS = ["kron", "comp", None, "lora", "comp", "kron"]
 
 
 def test_mixed_batch_equals_rows_alone(tiny, ids) -> None:
     _three_adapters(tiny)
     tiny.eval()
-    with peftkit.routed(tiny, ROWS):
-        mixed = tiny(ids)
-    alone = [_row_alone(tiny, ids, row, name) for row, name in enumerate(ROWS)]
-    for row in range(len(ROWS)):
-        torch.testing.assert_close(mixed[row], alone[row], rtol=1e-5, atol=1e-5)
-    outs = [_row_alone(tiny, ids, 0, name) for name in ["kron", "comp", "lora", None]]  # guard: all differ
-    assert all(not torch.allclose(a, b, atol=1e-4) for i, a in enumerate(outs) for b in outs[i + 1:])
+    assert_routed_matches_rows(tiny, ids, ROWS)  # its guard: kron, comp, None and lora all differ
 
 
 def test_routed_gradients_equal_per_row_sum(tiny, ids) -> None:
     """The shared Compacter rule collects gradient from every layer and every row routed to it."""
     _three_adapters(tiny)
-    with peftkit.routed(tiny, ROWS):
-        tiny(ids).square().sum().backward()
-    mixed = {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
-    assert any(n.endswith("phm_rule") for n in mixed)
-    tiny.zero_grad(set_to_none=True)
-    for row, name in enumerate(ROWS):
-        if name is not None:
-            _row_alone(tiny, ids, row, name).square().sum().backward()
-    for n, p in tiny.named_parameters():
-        if n in mixed:
-            torch.testing.assert_close(mixed[n], p.grad, rtol=1e-4, atol=1e-5)
+    grads = assert_routed_grads_match_rows(tiny, ids, ROWS)
+    assert any(n.endswith("phm_rule") for n in grads)
 
 
 def test_shared_rule_is_one_parameter(tiny) -> None:

@@ -12,7 +12,7 @@ from peftkit import LoRA, LoRAFA
 
 from .bbc import fit_bbc
 from .conftest import randomize
-from .test_routing import _row_alone
+from .routing_checks import assert_routed_matches_rows
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -91,11 +91,7 @@ def test_mixed_batch_with_lora_and_base_rows_equals_rows_alone(tiny, ids) -> Non
     peftkit.attach(tiny, LoRA(r=2, targets=["q", "k"]), "lora")
     randomize(tiny)
     rows = ["fa", "lora", None, "fa", None, "lora"]
-    with peftkit.routed(tiny, rows):
-        mixed = tiny(ids)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], _row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_row_alone(tiny, ids, 0, "fa"), _row_alone(tiny, ids, 0, None), atol=1e-4)
+    assert_routed_matches_rows(tiny, ids, rows)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"init": "pissa"}, "init"), ({"r": 0}, "r"), ({"rank": 2}, "rank")])

@@ -8,6 +8,7 @@ import peftkit
 from peftkit import LoRA
 
 from .conftest import randomize
+from .routing_checks import assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
 
 ROWS = ["a", "b", None, "c", "a", "d"]
 
@@ -20,31 +21,11 @@ def _four_adapters(tiny) -> None:
     randomize(tiny)
 
 
-def _row_alone(tiny, ids: torch.Tensor, row: int, name: str | None) -> torch.Tensor:
-    if name is None:
-        with peftkit.disabled(tiny):
-            return tiny(ids[row:row + 1])[0]
-    peftkit.activate(tiny, name)
-    return tiny(ids[row:row + 1])[0]
-
-
 @pytest.mark.parametrize("rows", [ROWS, ["a", "a", "b", "b", "c", "d"], [None] * 6, ["d"] * 6])
 def test_mixed_batch_equals_rows_alone(tiny, ids, rows) -> None:
     _four_adapters(tiny)
     tiny.eval()
-    with peftkit.routed(tiny, rows):
-        mixed = tiny(ids)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], _row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
-
-
-def test_adapters_really_differ(tiny, ids) -> None:
-    """Guards the test above: each adapter gives a different output for the same row."""
-    _four_adapters(tiny)
-    outs = [_row_alone(tiny, ids, 0, name) for name in ["a", "b", None, "c", "d"]]
-    for i in range(len(outs)):
-        for j in range(i + 1, len(outs)):
-            assert not torch.allclose(outs[i], outs[j], atol=1e-4)
+    assert_routed_matches_rows(tiny, ids, rows)  # for ROWS its guard covers a, b, None, c and d pairwise
 
 
 def test_routed_gradients_reach_only_used_adapters(tiny, ids) -> None:
@@ -64,16 +45,7 @@ def test_routed_gradients_reach_only_used_adapters(tiny, ids) -> None:
 
 def test_routed_gradients_equal_per_row_sum(tiny, ids) -> None:
     _four_adapters(tiny)
-    with peftkit.routed(tiny, ROWS):
-        tiny(ids).square().sum().backward()
-    mixed = {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
-    tiny.zero_grad(set_to_none=True)
-    for row, name in enumerate(ROWS):
-        if name is not None:  # the bare base row has no trainable path
-            _row_alone(tiny, ids, row, name).square().sum().backward()
-    for n, p in tiny.named_parameters():
-        if n in mixed:
-            torch.testing.assert_close(mixed[n], p.grad, rtol=1e-4, atol=1e-5)
+    assert_routed_grads_match_rows(tiny, ids, ROWS)
 
 
 def test_presorted_rows_take_the_slice_path(tiny, ids) -> None:
@@ -84,7 +56,7 @@ def test_presorted_rows_take_the_slice_path(tiny, ids) -> None:
         perm, _ = plan.layout(("a", "b", "c"))
         assert perm is None
     for row, name in enumerate(rows):
-        torch.testing.assert_close(out[row], _row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[row], row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
 
 
 def test_routing_errors(tiny, ids) -> None:

@@ -14,7 +14,7 @@ from peftkit.methods.reparameterized.sora import SoRADelta
 
 from .bbc import bbc_subset, fit_bbc
 from .conftest import randomize
-from .test_routing import _row_alone
+from .routing_checks import assert_routed_matches_rows
 
 
 def _gates(model: nn.Module, name: str = "default") -> dict[str, nn.Parameter]:
@@ -119,11 +119,7 @@ def test_mixed_batch_with_lora_and_base_rows_equals_rows_alone(tiny, ids) -> Non
         tiny.attn["q"].peftkit["sora"].gate[0] = 0.0
     sora_prune(tiny, "sora")  # layers of different ranks
     rows = ["sora", "lora", None, "sora", None, "lora"]
-    with peftkit.routed(tiny, rows):
-        mixed = tiny(ids)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], _row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_row_alone(tiny, ids, 0, "sora"), _row_alone(tiny, ids, 0, None), atol=1e-4)
+    assert_routed_matches_rows(tiny, ids, rows)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"r": 0}, "r"), ({"alpha": -1}, "alpha"),
