@@ -84,3 +84,20 @@ def test_routing_is_restored_after_block(tiny, ids) -> None:
         with peftkit.routed(tiny, ROWS):
             raise RuntimeError("boom")
     torch.testing.assert_close(tiny(ids), before)
+
+
+@pytest.mark.parametrize("same_shape", [True, False])
+def test_many_adapters_batched_path_equals_rows_alone(tiny, ids, same_shape: bool) -> None:
+    """Five adapter groups on one layer take the stacked bmm path (or its fallback when ranks differ)."""
+    from peftkit.core.slot import BATCHED_MIN_GROUPS
+
+    names = [f"n{i}" for i in range(5)]
+    assert len(names) >= BATCHED_MIN_GROUPS
+    for i, name in enumerate(names):
+        rank = 2 if same_shape else i + 1
+        peftkit.attach(tiny, LoRA(r=rank, alpha=float(i + 1), targets=["q", "v", "ffn.0"]), name)
+    randomize(tiny)
+    rows = ["n3", "n0", None, "n4", "n1", "n2"]
+    assert_routed_matches_rows(tiny, ids, rows)
+    grads = assert_routed_grads_match_rows(tiny, ids, rows)
+    assert all(any(f".peftkit.{n}.lora_A" in g for g in grads) for n in names)

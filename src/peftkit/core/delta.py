@@ -30,6 +30,17 @@ class Delta(nn.Module):
         """The new output for input rows `x` whose base output is `out` (non-additive deltas only)."""
         raise NotImplementedError
 
+    def add_increment_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out += increment(x)` in place (additive deltas); a method may fuse this into one kernel."""
+        return out.add_(self.increment(x))
+
+    @classmethod
+    def add_routed_batch_(cls, deltas: list["Delta"], row_index: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Optional: apply many same-type deltas to a routed batch at once (row i uses
+        `deltas[row_index[i]]`, or none when `row_index[i] == len(deltas)`), in place on `out`.
+        Return False when not applicable; the slot then loops over the adapter groups."""
+        return False
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW in (out, in[, k...]) layout; methods that cannot merge leave this unimplemented."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")

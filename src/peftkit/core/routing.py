@@ -33,6 +33,7 @@ class RoutingPlan:
         self.names = tuple(groups)
         self._layouts: dict[tuple[str, ...], tuple[torch.Tensor | None, list[Segment]]] = {}
         self._gathered: tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor] | None = None
+        self._row_index: dict[tuple[str, ...], torch.Tensor] = {}
 
     def layout(self, present: tuple[str, ...]) -> tuple[torch.Tensor | None, list[Segment]]:
         """Row permutation and segments for the adapters present on one layer.
@@ -52,6 +53,15 @@ class RoutingPlan:
         perm = None if rows == list(range(len(rows))) else torch.tensor(rows, dtype=torch.long)
         self._layouts[present] = (perm, segments)
         return perm, segments
+
+    def row_index(self, present: tuple[str, ...]) -> torch.Tensor:
+        """For every row, its adapter's position in `present` (len(present): no adapter here). Cached."""
+        cached = self._row_index.get(present)
+        if cached is None:
+            position = {name: i for i, name in enumerate(present)}
+            cached = torch.tensor([position.get(name, len(present)) for name in self.row_adapters], dtype=torch.long)
+            self._row_index[present] = cached
+        return cached
 
     def gather(self, x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         """`x` with rows in plan order. Sibling layers fed the same tensor (q, k, v) share one gather."""

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from .registry import AdapterRegistry
 
 SLOT_ATTR = "peftkit"
+# From this many adapter groups in one routed layer on, try the delta type's batched path.
+BATCHED_MIN_GROUPS = 4
 
 
 class DeltaSlot(nn.ModuleDict):
@@ -36,7 +38,7 @@ class DeltaSlot(nn.ModuleDict):
             delta = self._modules.get(name)
             if delta is None or delta.merged:
                 continue
-            out = out.add_(delta.increment(x)) if delta.additive else delta.transform(x, out)
+            out = delta.add_increment_(x, out) if delta.additive else delta.transform(x, out)
         return out
 
     def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -45,6 +47,11 @@ class DeltaSlot(nn.ModuleDict):
         if not present:
             return out
         plan.check_rows(x, self._module_name)
+        if len(present) >= BATCHED_MIN_GROUPS:  # many small groups: one batched kernel beats a Python loop
+            deltas = [self._modules[name] for name in present]
+            kind = type(deltas[0])
+            if all(type(d) is kind for d in deltas) and kind.add_routed_batch_(deltas, plan.row_index(present), x, out):
+                return out
         perm, segments = plan.layout(present)
         rows_in = plan.gather(x, perm)  # [n_routed, ...], grouped by adapter
         for name, start, end in segments:
@@ -52,7 +59,7 @@ class DeltaSlot(nn.ModuleDict):
             seg = rows_in[start:end]
             if perm is None:  # rows already in order: write through slices, no scatter
                 if delta.additive:
-                    out[start:end].add_(delta.increment(seg))
+                    delta.add_increment_(seg, out[start:end])
                 else:
                     out[start:end] = delta.transform(seg, out[start:end])
             else:
