@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -147,3 +148,18 @@ def test_host_called_with_keyword_input(tiny) -> None:
     torch.testing.assert_close(tiny.attn.q(input=x), tiny.attn.q(x))
     peftkit.remove(tiny, "default")
     assert not tiny.attn.q._forward_hooks and not tiny.attn.q._forward_hooks_with_kwargs
+
+
+def test_module_types_as_targets(tiny, tmp_path) -> None:
+    assert match_targets(tiny, ["type:Linear"], exclude=["head"]) == ["attn.q", "attn.k", "attn.v", "ffn.0", "ffn.2"]
+    assert match_targets(tiny, ["type:Module"], exclude=["type:Linear", "type:Sequential", "type:ModuleDict",
+                                                         "type:GELU"]) == ["embed"]
+    config = LoRA(targets=[nn.Embedding, "q"])  # classes become JSON-friendly names
+    assert config.targets == ["type:Embedding", "q"]
+    assert peftkit.config_from_dict(config.to_dict()) == config
+    with pytest.raises(TargetError, match="'type:Conv2d' matches no module"):
+        match_targets(tiny, ["type:Conv2d"])
+    peftkit.attach(tiny, LoRA(targets=["type:Linear"], exclude=["head"]))
+    peftkit.save(tiny, tmp_path / "peft", format="peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["attn.k", "attn.q", "attn.v", "ffn.0", "ffn.2"]

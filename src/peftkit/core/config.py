@@ -27,6 +27,14 @@ class AdapterConfig(BaseModel):
     exclude: TargetSpec | None = None
     modules_to_save: list[str] = []
 
+    @field_validator("targets", "exclude", "modules_to_save", mode="before")
+    @classmethod
+    def _types_by_name(cls, value: Any) -> Any:
+        """Module classes in a list become "type:<ClassName>", so configs stay JSON."""
+        if isinstance(value, (list, tuple)):
+            return [f"type:{v.__name__}" if isinstance(v, type) else v for v in value]
+        return value
+
     @field_validator("targets")
     @classmethod
     def _targets_not_empty(cls, value: TargetSpec) -> TargetSpec:

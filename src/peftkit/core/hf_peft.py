@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import METHODS, AdapterConfig
 from .hosts import Conv1D
-from .targets import ALL_LINEAR
+from .targets import ALL_LINEAR, uses_types
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -96,9 +96,13 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
     if hasattr(config, "peft_shared_tensors"):
         shared = config.peft_shared_tensors([model.get_submodule(h) for h in hosts])
         out.update({SHARED_PREFIX + key: value for key, value in shared.items()})
-    # PEFT expands all-linear by its own rules, and some PEFT methods lack exclude_modules: pin ours, as PEFT pins its
-    if peft_config.get("target_modules") == ALL_LINEAR or (config.exclude and "exclude_modules" not in peft_config):
+    # PEFT expands all-linear by its own rules, knows no "type:" entries, and some PEFT methods lack exclude_modules:
+    # pin the modules we chose, as PEFT pins its own
+    if (peft_config.get("target_modules") == ALL_LINEAR or uses_types(config.targets) or uses_types(config.exclude)
+            or (config.exclude and "exclude_modules" not in peft_config)):
         peft_config["target_modules"] = hosts
+        if "exclude_modules" in peft_config:  # already applied to `hosts`
+            peft_config["exclude_modules"] = None
     if "fan_in_fan_out" in peft_config:  # PEFT wants it True on GPT-2's Conv1D (else it warns and patches the config)
         peft_config["fan_in_fan_out"] = Conv1D is not None and any(isinstance(model.get_submodule(h), Conv1D) for h in hosts)
     peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None

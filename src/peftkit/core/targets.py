@@ -3,7 +3,8 @@
 - a string is a regex that must match the *whole* module name (`.*\\.(query|value)`),
   except the special value "all-linear" (every linear layer but the output head);
 - a list holds exact names or dotted suffixes (`"query"` matches `...attention.self.query`),
-  and each entry must match something, so a typo is caught instead of silently ignored;
+  or module types as `"type:Linear"` (the class or any base class by name), and each entry
+  must match something, so a typo is caught instead of silently ignored;
 - `exclude` uses the same syntax and removes matches.
 """
 from __future__ import annotations
@@ -16,14 +17,22 @@ from torch import nn
 from .hosts import LINEAR_TYPES
 
 ALL_LINEAR = "all-linear"
+TYPE_PREFIX = "type:"
 
 
 class TargetError(ValueError):
     """A target specification that matches nothing, or matches a module of the wrong type."""
 
 
-def _matches(name: str, entry: str) -> bool:
+def _matches(name: str, module: nn.Module, entry: str) -> bool:
+    if entry.startswith(TYPE_PREFIX):
+        return any(cls.__name__ == entry[len(TYPE_PREFIX):] for cls in type(module).__mro__)
     return name == entry or name.endswith("." + entry)
+
+
+def uses_types(spec: str | list[str] | None) -> bool:
+    """True when a list spec names module types (which other tools, e.g. HF PEFT, cannot read)."""
+    return isinstance(spec, list) and any(entry.startswith(TYPE_PREFIX) for entry in spec)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -54,8 +63,9 @@ def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str
             raise TargetError(f"{what} regex {spec!r} matches no module; close module names: {_close_names(names, spec)}")
         return found
     found: set[str] = set()
+    modules = dict(model.named_modules())
     for entry in spec:
-        hits = {n for n in names if _matches(n, entry)}
+        hits = {n for n in names if _matches(n, modules[n], entry)}
         if not hits:
             raise TargetError(f"{what} {entry!r} matches no module; close module names: {_close_names(names, entry)}")
         found |= hits
