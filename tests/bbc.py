@@ -21,7 +21,7 @@ def bbc_subset():
 
 
 def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
-            optimizer_groups=None, on_attach: Callable[[nn.Module], dict[str, Any]] | None = None,
+            on_attach: Callable[[nn.Module], dict[str, Any]] | None = None,
             ) -> tuple[ClassifyResult, nn.Module, object]:
     """Attach `config` (plus a trainable classifier head) to a fresh MiniLM and train briefly.
 
