@@ -365,6 +365,22 @@ TARGETS = {"infer": 1.10, "mixed": 1.05}
 # ----------------------------------------------------------------------------- report
 
 
+def setup_environment() -> dict:
+    """Pin the thread count, quieten transformers and peft, and describe what the numbers depend on."""
+    torch.set_num_threads(THREADS)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notes from peft
+    env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()}
+    for mod in ("transformers", "peft"):
+        env[mod] = __import__(mod).__version__
+    env["peftkit"] = peftkit.__version__
+    env["loadavg_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return env
+
+
 def table(results: list[dict]) -> str:
     lines = ["| # | scenario | contender | median ms | min ms | IQR ms | n | ratio | target |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
@@ -399,17 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 11)
 
-    torch.set_num_threads(THREADS)
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notes from peft
-    env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()}
-    for mod in ("transformers", "peft"):
-        env[mod] = __import__(mod).__version__
-    env["peftkit"] = peftkit.__version__
-    env["loadavg_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env = setup_environment()
     print(f"env: {env}; warmup={args.warmup} repeats={args.repeats}", flush=True)
 
     start = time.perf_counter()
