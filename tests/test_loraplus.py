@@ -48,3 +48,15 @@ def test_lorafa_has_only_b_and_errors_name_the_argument(tiny) -> None:
     peftkit.set_trainable(tiny, "default", False)
     with pytest.raises(ValueError, match="no trainable lora_B"):
         loraplus_param_groups(tiny, "default", lr=1e-3)
+
+
+def test_loraplus_learns_bbc() -> None:
+    from .bbc import fit_bbc
+
+    def groups(model):
+        return {"param_groups": loraplus_param_groups(model, "default", lr=1e-3, ratio=16)}
+
+    result, model, _ = fit_bbc(LoRA(r=8, alpha=16, targets=["query", "value"]), on_attach=groups)
+    assert result.accuracy_after > 0.6
+    head = model.classifier.peftkit["default"].module.weight
+    assert not torch.equal(head, model.classifier.weight)  # the head copy is in the slow group and trains too

@@ -78,11 +78,13 @@ def train_classifier(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    param_groups: list[dict] | None = None,
 ) -> ClassifyResult:
     """Train the model's trainable parameters (the attached adapters) and report test accuracy.
 
     `on_step(step)` runs after each optimizer step, while the gradients are still there (AdaLoRA's
-    rank allocation); `regularizer()` is added to the loss (AdaLoRA's orthogonality penalty).
+    rank allocation); `regularizer()` is added to the loss (AdaLoRA's orthogonality penalty);
+    `param_groups` replaces the single AdamW group (LoRA+'s faster B; groups keep their own lr).
     """
     if not train_texts or not test_texts:
         raise ValueError("train and test sets must not be empty")
@@ -93,7 +95,7 @@ def train_classifier(
     x_train, y_train = encode(tokenizer, train_texts, config.max_length), torch.tensor(list(train_labels))
     x_test, y_test = encode(tokenizer, test_texts, config.max_length), torch.tensor(list(test_labels))
     before = accuracy(model, x_test, y_test)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups or params, lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(train_texts) / config.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     generator = torch.Generator().manual_seed(config.seed)
