@@ -17,8 +17,8 @@ import peftkit
 from peftkit import AdaLoRA, AdaLoRAController, LoRA
 
 from .bbc import fit_bbc
+from .checks import assert_merge_roundtrip, assert_routed_matches_rows
 from .conftest import randomize
-from .routing_checks import assert_routed_matches_rows
 
 TINY_TARGETS = ["q", "k", "v", "ffn.0", "ffn.2"]
 pytestmark = [  # PEFT's own noise, raised for the files PEFT itself writes too
@@ -74,17 +74,9 @@ def test_init_follows_peft_and_is_an_exact_noop(tiny, ids) -> None:
 
 
 def test_merge_unmerge_roundtrip(tiny, ids) -> None:
-    w0 = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     peftkit.attach(tiny, _config())
     randomize(tiny)
-    unmerged = tiny(ids)
-    peftkit.merge(tiny)
-    torch.testing.assert_close(tiny(ids), unmerged, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(tiny.ffn[0].weight, w0["ffn.0.weight"])
-    peftkit.unmerge(tiny)
-    for n, p in tiny.named_parameters():
-        if n in w0:
-            torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)
+    assert_merge_roundtrip(tiny, ids, "ffn.0.weight")
 
 
 def test_mixed_routed_batch_equals_rows_alone(tiny, ids) -> None:

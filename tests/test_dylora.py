@@ -13,7 +13,7 @@ from peftkit.train.classify import accuracy, encode
 
 from .bbc import bbc_subset, fit_bbc
 from .conftest import randomize
-from .routing_checks import assert_routed_matches_rows
+from .checks import assert_routed_matches_rows
 
 
 def _linear_with_dylora(**kwargs) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ import peftkit
 from peftkit import Compacter, KronA, LoRA
 
 from .bbc import fit_bbc
+from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows
 from .conftest import randomize
-from .routing_checks import assert_routed_grads_match_rows, assert_routed_matches_rows
 
 TARGETS = ["q", "k", "v", "ffn.0", "ffn.2"]  # TinyNet: 16×16, 32×16 and 16×32 weights
 
@@ -57,17 +57,9 @@ def test_compacter_forward_matches_formula_and_shares_the_rule() -> None:
 @pytest.mark.parametrize("config", [KronA(a_shape=(4, 2), scale=2.0, targets=TARGETS),
                                     Compacter(phm_dim=4, phm_rank=2, targets=TARGETS)])
 def test_merge_equals_unmerged_and_unmerge_restores(tiny, ids, config) -> None:
-    w0 = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     peftkit.attach(tiny, config)
     randomize(tiny)
-    unmerged = tiny(ids)
-    peftkit.merge(tiny)
-    torch.testing.assert_close(tiny(ids), unmerged, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(tiny.attn["q"].weight, w0["attn.q.weight"])
-    peftkit.unmerge(tiny)
-    for n, p in tiny.named_parameters():
-        if n in w0:
-            torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)
+    assert_merge_roundtrip(tiny, ids, "attn.q.weight")
 
 
 @pytest.mark.parametrize(("config", "formula"), [(KronA(a_shape=(3, 2), scale=1.5, targets=["0"]), _krona_delta_weight),

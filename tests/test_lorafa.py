@@ -12,7 +12,7 @@ from peftkit import LoRA, LoRAFA
 
 from .bbc import fit_bbc
 from .conftest import randomize
-from .routing_checks import assert_routed_matches_rows
+from .checks import assert_routed_matches_rows
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:

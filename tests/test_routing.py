@@ -8,7 +8,7 @@ import peftkit
 from peftkit import LoRA
 
 from .conftest import randomize
-from .routing_checks import assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
+from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
 
 ROWS = ["a", "b", None, "c", "a", "d"]
 

@@ -14,7 +14,7 @@ from peftkit.methods.reparameterized.sora import SoRADelta
 
 from .bbc import bbc_subset, fit_bbc
 from .conftest import randomize
-from .routing_checks import assert_routed_matches_rows
+from .checks import assert_routed_matches_rows
 
 
 def _gates(model: nn.Module, name: str = "default") -> dict[str, nn.Parameter]:

@@ -15,8 +15,8 @@ import peftkit
 from peftkit import LoRA, TargetError, VeRA
 
 from .bbc import fit_bbc
+from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
 from .conftest import randomize
-from .routing_checks import assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
 
 peft = pytest.importorskip("peft")
 from peft.tuners.vera.model import _kaiming_init  # noqa: E402  PEFT's own generator of vera_A / vera_B
@@ -78,17 +78,9 @@ def test_both_vectors_learn_from_the_start(tiny, ids) -> None:
 
 
 def test_merge_unmerge_roundtrip(tiny, ids) -> None:
-    w0 = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     peftkit.attach(tiny, VeRA(r=8, targets="all-linear"))
     randomize(tiny)
-    unmerged = tiny(ids)
-    peftkit.merge(tiny)
-    torch.testing.assert_close(tiny(ids), unmerged, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(tiny.ffn[0].weight, w0["ffn.0.weight"])
-    peftkit.unmerge(tiny)
-    for n, p in tiny.named_parameters():
-        if n in w0:
-            torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)
+    assert_merge_roundtrip(tiny, ids, "ffn.0.weight")
 
 
 ROWS = ["vera", "lora", None, "vera", None, "lora"]

@@ -1,4 +1,4 @@
-"""Shared checks for per-row routing: a mixed batch must equal each row run alone."""
+"""Shared checks: a routed mixed batch equals each row run alone; merge/unmerge round trips."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,3 +42,19 @@ def assert_routed_grads_match_rows(model: nn.Module, ids: torch.Tensor,
         if n in mixed:
             torch.testing.assert_close(mixed[n], p.grad, rtol=1e-4, atol=1e-5)
     return mixed
+
+
+def assert_merge_roundtrip(model: nn.Module, ids: torch.Tensor, changed: str) -> None:
+    """Merging keeps outputs and moves weight `changed`; unmerging restores every weight and output.
+
+    Call with the adapter attached, active and randomised.
+    """
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unmerged = model(ids)
+    peftkit.merge(model)
+    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dict(model.named_parameters())[changed], before[changed])
+    peftkit.unmerge(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
