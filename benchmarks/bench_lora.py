@@ -398,46 +398,61 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_parser(doc: str | None, scenarios: dict) -> argparse.ArgumentParser:
+    """The flags every benchmark script shares (rounds, scenario choice, JSON, profiling, noise filter)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 warm-up and 3 repeats instead of 2 and 11")
     p.add_argument("--warmup", type=int, help="warm-up iterations per contender")
     p.add_argument("--repeats", type=int, help="timed repeats per contender (median reported)")
-    p.add_argument("--only", choices=list(SCENARIOS), action="append", help="run only these scenarios (repeatable)")
+    p.add_argument("--only", choices=list(scenarios), action="append", help="run only these scenarios (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write all results (with raw samples) to PATH")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table per contender")
     p.add_argument("--max-foreign", type=float, default=0.10,
                    help="discard a round when other processes used more than this share of the CPUs (default 0.10)")
     p.add_argument("--infer-batch", type=int, default=32)
-    p.add_argument("--mixed-batch", type=int, default=64)
-    p.add_argument("--adapters", type=int, default=64)
+    return p
+
+
+def parse_rounds(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 11)
+    return args
 
+
+def run_scenarios(args: argparse.Namespace, scenarios: dict, render: Callable[[list[dict]], str],
+                  summarize: Callable[[dict], str | None]) -> int:
+    """Run the chosen scenarios, print the table and one check line per result, optionally write JSON."""
     env = setup_environment()
     print(f"env: {env}; warmup={args.warmup} repeats={args.repeats}", flush=True)
-
     start = time.perf_counter()
     results = []
-    for name in args.only or list(SCENARIOS):
+    for name in args.only or list(scenarios):
         t0 = time.perf_counter()
-        results.append(SCENARIOS[name](args))
+        results.append(scenarios[name](args))
         print(f"[{name}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     wall = time.perf_counter() - start
     env["model_loader"] = sorted(LOADED_WITH)
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
-    print(table(results))
-    for r in results:
-        print(f"{r['scenario']}: check {r['check']}; "
-              f"rounds run {r['rounds']['rounds']}, kept {r['rounds']['kept']}")
+    print(render(results))
+    for line in filter(None, map(summarize, results)):
+        print(line)
     print(f"model loaded with {env['model_loader']}")
     print(f"\nwall time {wall:.1f} s (warmup={args.warmup}, repeats={args.repeats}, threads={THREADS})")
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "args": vars(args), "wall_s": wall, "results": results}, indent=2))
         print(f"results written to {args.json}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common_parser(__doc__, SCENARIOS)
+    p.add_argument("--mixed-batch", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=64)
+    args = parse_rounds(p, argv)
+    return run_scenarios(args, SCENARIOS, table, lambda r: (
+        f"{r['scenario']}: check {r['check']}; rounds run {r['rounds']['rounds']}, kept {r['rounds']['kept']}"))
 
 
 if __name__ == "__main__":

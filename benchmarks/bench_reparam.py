@@ -24,22 +24,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import peftkit
 from peftkit.core.delta import ModuleCopy
-from bench_lora import (LOADED_WITH, SEED, THREADS, copy_peftkit_to_peft, interleaved, load_minilm, make_inputs,
-                        peft_lora_layer, profile, randomize_peftkit, setup_environment, trainable)
+from bench_lora import (SEED, common_parser, copy_peftkit_to_peft, interleaved, load_minilm, make_inputs, parse_rounds,
+                        peft_lora_layer, profile, randomize_peftkit, run_scenarios, trainable)
 
 TARGETS = ["query", "value"]
 LABELS = 5
@@ -386,45 +382,19 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 warm-up and 3 repeats instead of 2 and 11")
-    p.add_argument("--warmup", type=int, help="warm-up iterations per contender")
-    p.add_argument("--repeats", type=int, help="timed repeats per contender (median reported)")
-    p.add_argument("--only", choices=list(SCENARIOS), action="append", help="run only these scenarios (repeatable)")
-    p.add_argument("--json", metavar="PATH", help="write all results (with raw samples) to PATH")
-    p.add_argument("--profile", action="store_true", help="also print a torch.profiler table per contender")
-    p.add_argument("--max-foreign", type=float, default=0.10,
-                   help="discard a round when other processes used more than this share of the CPUs (default 0.10)")
-    p.add_argument("--infer-batch", type=int, default=32)
-    args = p.parse_args(argv)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 11)
+    p = common_parser(__doc__, SCENARIOS)
+    args = parse_rounds(p, argv)
     if args.warmup + 3 * args.repeats + 2 >= ADALORA_TOTAL_STEP:  # + the profiled calls
         p.error(f"AdaLoRA's schedule spans {ADALORA_TOTAL_STEP} steps: ask for fewer warm-ups and repeats")
+    return run_scenarios(args, SCENARIOS, table, _summary)
 
-    env = setup_environment()
-    print(f"env: {env}; warmup={args.warmup} repeats={args.repeats}", flush=True)
-    start = time.perf_counter()
-    results = []
-    for name in args.only or list(SCENARIOS):
-        t0 = time.perf_counter()
-        results.append(SCENARIOS[name](args))
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s", flush=True)
-    wall = time.perf_counter() - start
-    env["model_loader"] = sorted(LOADED_WITH)
-    env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print()
-    print(table(results))
-    for r in results:
-        if "rounds" in r:
-            print(f"{r['scenario']}: check {r['check']}; rounds run {r['rounds']['rounds']}, kept {r['rounds']['kept']}; "
-                  f"per-round peftkit/peft ratio quartiles {[round(q, 3) for q in r['paired_ratio_quartiles']]}")
-    print(f"model loaded with {env['model_loader']}")
-    print(f"\nwall time {wall:.1f} s (warmup={args.warmup}, repeats={args.repeats}, threads={THREADS})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "args": vars(args), "wall_s": wall, "results": results}, indent=2))
-        print(f"results written to {args.json}")
-    return 0
+
+def _summary(r: dict) -> str | None:
+    if "rounds" not in r:
+        return None
+    quartiles = [round(q, 3) for q in r["paired_ratio_quartiles"]]
+    return (f"{r['scenario']}: check {r['check']}; rounds run {r['rounds']['rounds']}, kept {r['rounds']['kept']}; "
+            f"per-round peftkit/peft ratio quartiles {quartiles}")
 
 
 if __name__ == "__main__":
