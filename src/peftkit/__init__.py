@@ -20,12 +20,16 @@ from .core.registry import UnknownAdapterError
 from .core.targets import TargetError
 from .methods import AdaLoRA, AdaLoRAController, Compacter, KronA, LoRA
 from .methods import DoRA, VeRA
+from .methods import Bottleneck
+from .methods import IA3, SSF
 from .methods import (DyLoRA, LoRAFA, SoRA, dylora_sample_rank, dylora_truncate, loraplus_param_groups,
                       relora_restart, set_rank, sora_proximal_step, sora_prune)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bottleneck",
+    "IA3", "SSF",
     "AdaLoRA", "AdaLoRAController", "AdapterConfig", "AdapterFileError", "Compacter", "KronA", "LoRA", "TargetError", "UnknownAdapterError",
     "activate", "active_adapters", "adapter_parameters", "adapters", "attach", "config_from_dict", "disabled",
     "load", "merge", "read_adapter", "remove", "routed", "save", "set_trainable", "summary", "unload", "unmerge",

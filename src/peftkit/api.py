@@ -192,9 +192,18 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
         if name in registry.merged:
             raise ValueError(f"adapter {name!r} is already merged")
     for name in names:
+        done: list[tuple[nn.Module, Delta]] = []
         for host, delta in _deltas(model, name):
-            delta.merge_into(host)
+            try:
+                delta.merge_into(host)
+            except NotImplementedError as err:  # a non-linear method: undo this adapter's hosts, name the method
+                for merged_host, merged_delta in done:
+                    merged_delta.unmerge_from(merged_host)
+                    merged_delta.merged = False
+                raise ValueError(f"cannot merge adapter {name!r}: method {registry.configs[name].method!r} has no "
+                                 f"weight delta to fold into the base ({err})") from err
             delta.merged = True
+            done.append((host, delta))
         registry.merged.add(name)
 
 

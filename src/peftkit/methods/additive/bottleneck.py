@@ -1,0 +1,96 @@
+"""Bottleneck adapters: serial (Houlsby et al., 2019, arXiv:1902.00751; Pfeiffer et al., 2020,
+arXiv:2005.00247) and parallel / scaled parallel (He et al., 2022, arXiv:2110.04366).
+
+    serial:   h ← h + s · W_up f(W_down h)      (h: the host's output)
+    parallel: h ← h + s · W_up f(W_down x)      (x: the host's input)
+
+A small down-projection to `bottleneck` units, a non-linearity f and an up-projection, both
+with biases. W_up (and its bias) start at zero, so a fresh adapter is an exact no-op. Because f
+is non-linear, the adapter cannot be folded into the host weight.
+
+Hosts: Linear and GPT-2 Conv1D whose output width is the hidden size (an attention or FFN output
+projection). Houlsby places a serial adapter after both the attention and the FFN output, Pfeiffer
+after the FFN output only; He et al.'s scaled parallel adapter (s = 4) sits beside the FFN. With
+module hosts, `Bottleneck.preset("parallel")` puts it on the FFN's output projection, so its
+increment lands on the FFN output but it reads the FFN's inner activation (the projection's input).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ...core.config import AdapterConfig, register_method
+from ...core.delta import Delta
+from ...core.hosts import LINEAR_TYPES, host_shape
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+
+# Sublayer output projections, by module structure (no model-name list):
+# BERT/RoBERTa `attention.output.dense` and `layer.N.output.dense`, Llama/Mistral `self_attn.o_proj`
+# and `mlp.down_proj`, GPT-2 `attn.c_proj` and `mlp.c_proj`. `layer\.\d+\.` keeps BERT's FFN
+# output apart from `attention.output.dense`, which also ends in "output.dense".
+_ATTENTION_OUT = r"attention\.output\.dense|self_attn\.o_proj|attn\.c_proj"
+_FFN_OUT = r"layer\.\d+\.output\.dense|mlp\.down_proj|mlp\.c_proj"
+PRESETS: dict[str, dict[str, Any]] = {
+    "houlsby": {"placement": "serial", "targets": rf".*\.({_ATTENTION_OUT}|{_FFN_OUT})"},
+    "pfeiffer": {"placement": "serial", "targets": rf".*\.({_FFN_OUT})"},
+    "parallel": {"placement": "parallel", "scale": 4.0, "targets": rf".*\.({_FFN_OUT})"},
+}
+
+
+@register_method
+class Bottleneck(AdapterConfig):
+    """Bottleneck adapter config: width, non-linearity, serial or parallel placement, output scale."""
+
+    method: ClassVar[str] = "bottleneck"
+    bottleneck: int = Field(64, gt=0, description="units between the down- and up-projection")
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field("relu", description="the non-linearity f")
+    placement: Literal["serial", "parallel"] = Field("serial", description="read the host's output (serial) or input (parallel)")
+    scale: float = Field(1.0, gt=0, description="s, the factor on the adapter's output (scaled parallel: 4)")
+
+    @classmethod
+    def preset(cls, style: str, **fields: Any) -> "Bottleneck":
+        """A config placed as in a paper: "houlsby", "pfeiffer" or "parallel" (He et al.'s scaled PA);
+        `fields` override the preset's (e.g. `bottleneck=64`, `targets=...`)."""
+        if style not in PRESETS:
+            raise ValueError(f"unknown bottleneck adapter preset {style!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[style], **fields})
+
+    def host_types(self) -> tuple[type[nn.Module], ...]:
+        return LINEAR_TYPES
+
+    def build(self, host: nn.Module) -> "BottleneckDelta":
+        return BottleneckDelta(host, self)
+
+
+class BottleneckDelta(Delta):
+    """One adapter on one host: serial transform(x, h) = h + s·up(f(down(h))), parallel increment(x) = s·up(f(down(x)))."""
+
+    def __init__(self, host: nn.Module, config: Bottleneck):
+        super().__init__()
+        shape = host_shape(host)
+        self.additive = config.placement == "parallel"  # parallel adds to the output; serial rewrites it
+        width = shape.in_features if self.additive else shape.out_features  # what the down-projection reads
+        if config.bottleneck > shape.out_features:
+            raise ValueError(f"bottleneck {config.bottleneck} is larger than the host's hidden size {shape.out_features} "
+                             f"(in {shape.in_features}, out {shape.out_features})")
+        self.scale, self.act = config.scale, ACTIVATIONS[config.activation]
+        # Adapter weights stay float32 on a half-precision base, as LoRA's do.
+        factory = {"dtype": torch.float32, "device": host.weight.device}
+        self.down = nn.Linear(width, config.bottleneck, **factory)  # default (Kaiming-uniform) init, as LoRA's A
+        self.up = nn.Linear(config.bottleneck, shape.out_features, **factory)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def _adapter(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(h.to(self.down.weight.dtype)))) * self.scale
+
+    def increment(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapter(x)
+
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + self._adapter(out).to(out.dtype)

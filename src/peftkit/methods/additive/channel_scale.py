@@ -1,0 +1,60 @@
+"""Folding per-channel scales (and shifts) into a host's weight and bias: shared by (IA)³ and SSF.
+
+A vector scaling the host's *output* channels folds as W ← diag(s) W, b ← s ⊙ b + t; one scaling
+its *input* channels as W ← W diag(s). Unfolding divides, so a zero scale cannot be undone.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ...core.hosts import Conv1D
+
+Axis = Literal["out", "in"]
+
+
+def _weight_view(host: nn.Module, axis: Axis) -> tuple[int, ...]:
+    """Shape that lays a per-channel vector along `axis` of `host.weight` (in the host's own layout)."""
+    weight = host.weight
+    if isinstance(host, nn.LayerNorm):  # weight is the normalised shape itself
+        return tuple(weight.shape)
+    dim = 0 if axis == "out" else 1
+    if Conv1D is not None and isinstance(host, Conv1D):  # stores W as (in, out)
+        dim = 1 - dim
+    shape = [1] * weight.dim()
+    shape[dim] = -1
+    return tuple(shape)
+
+
+def _check_invertible(scale: torch.Tensor, what: str) -> None:
+    if not bool((scale != 0).all()):
+        raise ValueError(f"{what}: the scale has {int((scale == 0).sum())} zero entries, so folding it into the "
+                         "weights cannot be undone; keep this adapter unmerged")
+
+
+@torch.no_grad()
+def fold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor | None = None) -> None:
+    """W ← diag(s) W, b ← s ⊙ b + t (axis "out"); W ← W diag(s) (axis "in"). In place."""
+    _check_invertible(scale, "cannot merge")
+    weight, bias = host.weight, host.bias
+    if shift is not None and bias is None:
+        raise ValueError(f"cannot merge a shift into a {type(host).__name__} without a bias; keep this adapter unmerged")
+    weight.data.mul_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
+    if axis == "out" and bias is not None:
+        bias.data.mul_(scale.reshape(bias.shape).to(bias.dtype))
+        if shift is not None:
+            bias.data.add_(shift.reshape(bias.shape).to(bias.dtype))
+
+
+@torch.no_grad()
+def unfold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor | None = None) -> None:
+    """The inverse of `fold_`: b ← (b − t) / s, W ← W / s."""
+    _check_invertible(scale, "cannot unmerge")
+    weight, bias = host.weight, host.bias
+    weight.data.div_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
+    if axis == "out" and bias is not None:
+        if shift is not None:
+            bias.data.sub_(shift.reshape(bias.shape).to(bias.dtype))
+        bias.data.div_(scale.reshape(bias.shape).to(bias.dtype))
