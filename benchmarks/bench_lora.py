@@ -160,6 +160,26 @@ def _foreign_share(before, after) -> float:
     return max(0.0, busy - ours) / max(wall * (os.cpu_count() or 1), 1e-9)
 
 
+def hidden_state_runner(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A contender: one inference-mode forward pass returning the encoder's last hidden state."""
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**inputs).last_hidden_state
+    return run
+
+
+def agreement(outs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far peftkit is from peft (should be ~0) and from the base (should not be: the adapters act)."""
+    return {"max_abs_diff_peftkit_vs_peft": (outs["peftkit"] - outs["peft"]).abs().max().item(),
+            "max_abs_diff_peftkit_vs_base": (outs["peftkit"] - outs["base"]).abs().max().item()}
+
+
+def ratios_to_base(timings: dict) -> dict[str, float]:
+    base = timings["base"]["median_ms"]
+    return {"ratio_peftkit_over_base": timings["peftkit"]["median_ms"] / base,
+            "ratio_peft_over_base": timings["peft"]["median_ms"] / base}
+
+
 def interleaved(contenders: dict[str, Callable[[], object]], warmup: int, repeats: int,
                 max_foreign: float = 0.10) -> tuple[dict[str, dict], dict]:
     """Time each contender once per round, in an order that rotates from round to round; seconds per call.
@@ -282,22 +302,12 @@ def bench_infer(args) -> dict:
     ours.eval()
     inputs = make_inputs(args.infer_batch, 128, base.config.vocab_size)
 
-    def fwd(model):
-        def run():
-            with torch.inference_mode():
-                return model(**inputs).last_hidden_state
-        return run
-
-    contenders = {"base": fwd(base), "peftkit": fwd(ours), "peft": fwd(theirs)}
-    outs = {k: f() for k, f in contenders.items()}
-    check = {"max_abs_diff_peftkit_vs_peft": (outs["peftkit"] - outs["peft"]).abs().max().item(),
-             "max_abs_diff_peftkit_vs_base": (outs["peftkit"] - outs["base"]).abs().max().item()}
+    contenders = {who: hidden_state_runner(m, inputs) for who, m in (("base", base), ("peftkit", ours), ("peft", theirs))}
+    check = agreement({k: f() for k, f in contenders.items()})
     print(f"[infer] {len(hosts)} LoRA hosts; check: {check}", flush=True)
     t, rounds = interleaved(contenders, args.warmup, args.repeats, args.max_foreign)
-    b = t["base"]["median_ms"]
     res = {"scenario": "infer", "desc": f"LoRA all-linear ({len(hosts)} modules) r=8, unmerged, inference_mode, batch {args.infer_batch} x seq 128",
-           "check": check, "timings": t, "rounds": rounds,
-           "ratio_peftkit_over_base": t["peftkit"]["median_ms"] / b, "ratio_peft_over_base": t["peft"]["median_ms"] / b}
+           "check": check, "timings": t, "rounds": rounds, **ratios_to_base(t)}
     if args.profile:
         res["profile"] = {k: profile(f, f"infer/{k}") for k, f in contenders.items()}
     return res
@@ -326,10 +336,6 @@ def bench_mixed(args) -> dict:
     rows = [names[i % n] for i in range(batch)]  # row i -> adapter i: every row a different adapter
     inputs = make_inputs(batch, 64, base.config.vocab_size)
 
-    def run_base():
-        with torch.inference_mode():
-            return base(**inputs).last_hidden_state
-
     def run_ours():
         with torch.inference_mode(), peftkit.routed(ours, rows):
             return ours(**inputs).last_hidden_state
@@ -338,21 +344,17 @@ def bench_mixed(args) -> dict:
         with torch.inference_mode():
             return theirs(**inputs, adapter_names=rows).last_hidden_state
 
-    contenders = {"base": run_base, "peftkit": run_ours, "peft": run_theirs}
+    contenders = {"base": hidden_state_runner(base, inputs), "peftkit": run_ours, "peft": run_theirs}
     outs = {k: f() for k, f in contenders.items()}
     # a row run alone with its adapter active, as an independent reference for both
     peftkit.activate(ours, rows[5])
     with torch.inference_mode():
         alone = ours(**{k: v[5:6] for k, v in inputs.items()}).last_hidden_state[0]
-    check = {"max_abs_diff_peftkit_vs_peft": (outs["peftkit"] - outs["peft"]).abs().max().item(),
-             "max_abs_diff_peftkit_vs_base": (outs["peftkit"] - outs["base"]).abs().max().item(),
-             "max_abs_diff_row5_routed_vs_alone": (outs["peftkit"][5] - alone).abs().max().item()}
+    check = {**agreement(outs), "max_abs_diff_row5_routed_vs_alone": (outs["peftkit"][5] - alone).abs().max().item()}
     print(f"[mixed] {n} adapters, {batch} rows; check: {check}", flush=True)
     t, rounds = interleaved(contenders, args.warmup, args.repeats, args.max_foreign)
-    b = t["base"]["median_ms"]
     res = {"scenario": "mixed", "desc": f"{n} LoRA adapters q,v r=8, {'one per row' if batch <= n else 'row i uses adapter i mod ' + str(n)}, inference_mode, batch {batch} x seq 64",
-           "check": check, "timings": t, "rounds": rounds,
-           "ratio_peftkit_over_base": t["peftkit"]["median_ms"] / b, "ratio_peft_over_base": t["peft"]["median_ms"] / b}
+           "check": check, "timings": t, "rounds": rounds, **ratios_to_base(t)}
     if args.profile:
         res["profile"] = {k: profile(f, f"mixed/{k}") for k, f in contenders.items()}
     return res

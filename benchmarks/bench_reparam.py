@@ -34,8 +34,9 @@ from torch import nn
 
 import peftkit
 from peftkit.core.delta import ModuleCopy
-from bench_lora import (SEED, common_parser, copy_peftkit_to_peft, interleaved, load_minilm, make_inputs, parse_rounds,
-                        peft_lora_layer, profile, randomize_peftkit, run_scenarios, trainable)
+from bench_lora import (SEED, agreement, common_parser, copy_peftkit_to_peft, hidden_state_runner, interleaved,
+                        load_minilm, make_inputs, parse_rounds, peft_lora_layer, profile, randomize_peftkit,
+                        ratios_to_base, run_scenarios, trainable)
 
 TARGETS = ["query", "value"]
 LABELS = 5
@@ -149,9 +150,7 @@ def _attach_both(method: str, base: nn.Module, classify: bool) -> tuple[nn.Modul
         with torch.no_grad():
             outs[who] = model(**inputs, output_hidden_states=True)
     hidden = {who: out.hidden_states[-1] for who, out in outs.items()}  # the encoder's output, before any head
-    check = {"hosts": copied,
-             "max_abs_diff_peftkit_vs_peft": (hidden["peftkit"] - hidden["peft"]).abs().max().item(),
-             "max_abs_diff_peftkit_vs_base": (hidden["peftkit"] - hidden["base"]).abs().max().item()}
+    check = {"hosts": copied, **agreement(hidden)}
     if classify:
         check["max_abs_diff_logits_peftkit_vs_peft"] = (outs["peftkit"].logits - outs["peft"].logits).abs().max().item()
     return ours, theirs, check
@@ -214,18 +213,11 @@ def bench_infer(method: str, args) -> dict:
     print(f"[infer-{method}] check: {check}", flush=True)
     inputs = make_inputs(args.infer_batch, 128, base.config.vocab_size)
 
-    def fwd(model):
-        def run():
-            with torch.inference_mode():
-                return model(**inputs).last_hidden_state
-        return run
-
-    contenders = {"base": fwd(base), "peftkit": fwd(ours), "peft": fwd(theirs)}
+    contenders = {who: hidden_state_runner(m, inputs) for who, m in (("base", base), ("peftkit", ours), ("peft", theirs))}
     t, rounds = interleaved(contenders, args.warmup, args.repeats, args.max_foreign)
-    b = t["base"]["median_ms"]
     res = {"scenario": f"infer-{method}", "check": check, "timings": t, "rounds": rounds, "ref": "base",
            "desc": f"infer {method}, q,v unmerged, inference_mode; batch {args.infer_batch} x seq 128",
-           "ratio_peftkit_over_base": t["peftkit"]["median_ms"] / b, "ratio_peft_over_base": t["peft"]["median_ms"] / b,
+           **ratios_to_base(t),
            "ratio_peftkit_over_peft": t["peftkit"]["median_ms"] / t["peft"]["median_ms"],
            "paired_ratio_quartiles": _paired_ratio_quartiles(t["peftkit"], t["peft"])}
     if args.profile:
