@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 import peftkit
+
+
+def model_output(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The model's logits (or plain output) without autograd, for a dict of inputs or one tensor."""
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return getattr(out, "logits", out)
 
 
 def row_alone(model: nn.Module, ids: torch.Tensor, row: int, name: str | None) -> torch.Tensor:

@@ -16,7 +16,8 @@ import peftkit
 from peftkit import DoRA, LoRA, TargetError
 
 from .bbc import fit_bbc
-from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
+from .checks import (assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows,
+                     model_output, row_alone)
 from .conftest import randomize
 
 peft = pytest.importorskip("peft")
@@ -185,12 +186,6 @@ CASES = {  # base, PEFT targets, our targets, inputs
 }
 
 
-def _forward(model: nn.Module, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return getattr(out, "logits", out)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_peft_dora_loads_with_same_outputs(case: str, tmp_path: Path) -> None:
     make, targets, make_inputs = CASES[case]
@@ -202,13 +197,13 @@ def test_peft_dora_loads_with_same_outputs(case: str, tmp_path: Path) -> None:
             if ".lora_" in name:
                 # magnitudes: rows rescaled by up to 2x, so the adapter changes the outputs clearly
                 p.copy_(p * (1 + torch.rand_like(p)) if "magnitude" in name else torch.randn_like(p) * 0.3)
-    expected = _forward(model, inputs)
+    expected = model_output(model, inputs)
     model.save_pretrained(tmp_path)
     peftkit.load(fresh, tmp_path)
     assert isinstance(peftkit.adapters(fresh)["default"], DoRA)
-    torch.testing.assert_close(_forward(fresh, inputs), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(fresh, inputs), expected, atol=1e-5, rtol=1e-5)
     with peftkit.disabled(fresh):
-        assert not torch.allclose(_forward(fresh, inputs), expected, atol=1e-3), "the adapter must change the outputs"
+        assert not torch.allclose(model_output(fresh, inputs), expected, atol=1e-3), "the adapter must change the outputs"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -218,15 +213,15 @@ def test_our_dora_loads_in_peft_with_same_outputs(case: str, tmp_path: Path) -> 
     fresh, inputs = copy.deepcopy(base), make_inputs()
     peftkit.attach(base, DoRA(r=4, alpha=8, targets=targets))
     _randomize(base)
-    expected = _forward(base, inputs)
+    expected = model_output(base, inputs)
     peftkit.save(base, tmp_path, format="peft")
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
     host = "0" if case == "conv" else "bert.encoder.layer.0.attention.self.query"
     assert f"base_model.model.{host}.lora_magnitude_vector" in load_file(str(tmp_path / "adapter_model.safetensors"))
     model = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
-    torch.testing.assert_close(_forward(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(model, inputs), expected, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
-        assert not torch.allclose(_forward(model, inputs), expected, atol=1e-3)
+        assert not torch.allclose(model_output(model, inputs), expected, atol=1e-3)
 
 
 def test_dropout_in_training_matches_peft(tmp_path: Path) -> None:

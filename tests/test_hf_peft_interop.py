@@ -32,6 +32,8 @@ import peftkit  # noqa: E402
 from peftkit import LoRA  # noqa: E402
 from peftkit.core import io  # noqa: E402
 
+from .checks import model_output
+
 from .conftest import randomize  # noqa: E402
 
 ATOL = 1e-5
@@ -102,12 +104,6 @@ CASES: dict[str, Case] = {
 }
 
 
-def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return getattr(out, "logits", out)
-
-
 def _randomize_peft(model: nn.Module) -> None:
     """Non-zero values for every PEFT LoRA factor and trainable head copy."""
     with torch.no_grad():
@@ -147,18 +143,18 @@ def test_peft_adapter_loads_with_same_outputs(case: str, tmp_path: Path) -> None
     base = make().eval()
     fresh = copy.deepcopy(base)
     inputs = make_inputs()
-    bare = _forward(base, inputs)
+    bare = model_output(base, inputs)
     model = get_peft_model(base, _peft_lora(**kwargs)).eval()
     _randomize_peft(model)
-    expected = _forward(model, inputs)
+    expected = model_output(model, inputs)
     assert not torch.allclose(expected, bare, atol=1e-3), "the PEFT adapter must change the outputs"
     model.save_pretrained(tmp_path)
 
     name = peftkit.load(fresh, tmp_path)
     assert name == "default" and peftkit.active_adapters(fresh) == ["default"]
-    torch.testing.assert_close(_forward(fresh, inputs), expected, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(model_output(fresh, inputs), expected, atol=ATOL, rtol=1e-5)
     with peftkit.disabled(fresh):
-        torch.testing.assert_close(_forward(fresh, inputs), bare, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(model_output(fresh, inputs), bare, atol=ATOL, rtol=1e-5)
 
 
 def test_peft_adapter_factors_land_unchanged(tmp_path: Path) -> None:
@@ -186,20 +182,20 @@ def test_two_peft_adapters_route_per_row(tmp_path: Path) -> None:
     pristine = _llama().eval()
     base = copy.deepcopy(pristine)
     inputs = _ids()
-    expected = {None: _forward(pristine, inputs)}
+    expected = {None: model_output(pristine, inputs)}
     for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["up_proj", "down_proj", "embed_tokens"])):
         model = get_peft_model(copy.deepcopy(pristine), _peft_lora(target_modules=targets)).eval()
         _randomize_peft(model)
-        expected[name] = _forward(model, inputs)
+        expected[name] = model_output(model, inputs)
         model.save_pretrained(tmp_path / name)
         peftkit.load(base, tmp_path / name, name=name)
     rows = ["b", None, "a"]
     with peftkit.routed(base, rows):
-        out = _forward(base, inputs)
+        out = model_output(base, inputs)
     for i, name in enumerate(rows):
         torch.testing.assert_close(out[i], expected[name][i], atol=ATOL, rtol=1e-5)
     peftkit.activate(base, ["a", "b"])  # both active add up, as two PEFT adapters would
-    assert not torch.allclose(_forward(base, inputs), expected["a"], atol=1e-3)
+    assert not torch.allclose(model_output(base, inputs), expected["a"], atol=1e-3)
 
 
 # --- 2. peftkit -> PEFT ------------------------------------------------------------------------------------------
@@ -227,16 +223,16 @@ def test_peftkit_adapter_loads_in_peft_with_same_outputs(case: str, tmp_path: Pa
     base = make().eval()
     fresh = copy.deepcopy(base)
     inputs = make_inputs()
-    bare = _forward(base, inputs)
+    bare = model_output(base, inputs)
     peftkit.attach(base, config, name="x")
     randomize(base, "x")
-    expected = _forward(base, inputs)
+    expected = model_output(base, inputs)
     assert not torch.allclose(expected, bare, atol=1e-3), "the adapter must change the outputs"
     peftkit.save(base, tmp_path, "x", format="peft")
 
     model = PeftModel.from_pretrained(fresh, tmp_path).eval()
     atol = 1e-4 if config.init == "pissa" else ATOL  # PiSSA is saved as s·[B, −B0][A; A0]: float rounding differs
-    torch.testing.assert_close(_forward(model, inputs), expected, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(model_output(model, inputs), expected, atol=atol, rtol=1e-5)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["use_rslora"] == config.rslora
 
@@ -268,7 +264,7 @@ def test_peft_round_trip_back_into_peftkit(tmp_path: Path) -> None:
     peftkit.save(base, tmp_path, "x", format="peft")
     peftkit.load(fresh, tmp_path, name="x")
     inputs = make_inputs()
-    assert torch.equal(_forward(fresh, inputs), _forward(base, inputs))
+    assert torch.equal(model_output(fresh, inputs), model_output(base, inputs))
     theirs, ours = base.state_dict(), fresh.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
@@ -286,7 +282,7 @@ def test_own_format_round_trip_is_exact(tmp_path: Path) -> None:
     assert peftkit.load(fresh, path) == "mine"
     assert peftkit.adapters(fresh) == {"mine": config}
     inputs = _bert_inputs()
-    assert torch.equal(_forward(fresh, inputs), _forward(base, inputs))
+    assert torch.equal(model_output(fresh, inputs), model_output(base, inputs))
     theirs, ours = base.state_dict(), fresh.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
@@ -303,7 +299,7 @@ def test_own_format_conv_and_several_adapters(tmp_path: Path) -> None:
     for name in ("a", "b"):
         peftkit.activate(base, name)
         peftkit.activate(fresh, name)
-        assert torch.equal(_forward(fresh, x), _forward(base, x))
+        assert torch.equal(model_output(fresh, x), model_output(base, x))
 
 
 # --- 4. PEFT options we cannot honour ----------------------------------------------------------------------------
@@ -399,7 +395,7 @@ def saved_peft(tmp_path: Path) -> tuple[nn.Module, Path]:
 def _assert_untouched(model: nn.Module, keys: set[str], before: torch.Tensor, inputs: Any) -> None:
     assert list(peftkit.adapters(model)) == ["keep"] and peftkit.active_adapters(model) == ["keep"]
     assert _state_keys(model) == keys
-    assert torch.equal(_forward(model, inputs), before)
+    assert torch.equal(model_output(model, inputs), before)
 
 
 def _truncate(path: Path) -> None:
@@ -469,7 +465,7 @@ def test_bad_adapter_files_are_named_errors_and_leave_model_untouched(
         saved_peft: tuple[nn.Module, Path], corrupt: Callable[[Path], None], message: str) -> None:
     model, path = saved_peft
     inputs = _bert_inputs()
-    keys, before = _state_keys(model), _forward(model, inputs)
+    keys, before = _state_keys(model), model_output(model, inputs)
     corrupt(path)
     with pytest.raises(peftkit.AdapterFileError, match=message):
         peftkit.load(model, path)
@@ -490,7 +486,7 @@ def test_adapter_from_other_shaped_base_names_tensor_and_shapes(fmt: str, tmp_pa
     big = _bert(hidden=48)
     peftkit.attach(big, LoRA(targets=["key"]), name="keep")
     inputs = _bert_inputs()
-    keys, before = _state_keys(big), _forward(big.eval(), inputs)
+    keys, before = _state_keys(big), model_output(big.eval(), inputs)
     with pytest.raises(peftkit.AdapterFileError, match=r"query\.lora_A.*\(4, 32\).*\(4, 48\)"):
         peftkit.load(big, tmp_path)
     _assert_untouched(big, keys, before, inputs)
@@ -499,7 +495,7 @@ def test_adapter_from_other_shaped_base_names_tensor_and_shapes(fmt: str, tmp_pa
 def test_adapter_missing_a_tensor_names_it(saved_peft: tuple[nn.Module, Path]) -> None:
     model, path = saved_peft
     inputs = _bert_inputs()
-    keys, before = _state_keys(model), _forward(model, inputs)
+    keys, before = _state_keys(model), model_output(model, inputs)
     weights = path / "adapter_model.safetensors"
     tensors = _read(weights)
     del tensors["base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"]
@@ -512,7 +508,7 @@ def test_adapter_missing_a_tensor_names_it(saved_peft: tuple[nn.Module, Path]) -
 def test_name_clash_on_load_keeps_existing_adapter(saved_peft: tuple[nn.Module, Path]) -> None:
     model, path = saved_peft
     inputs = _bert_inputs()
-    keys, before = _state_keys(model), _forward(model, inputs)
+    keys, before = _state_keys(model), model_output(model, inputs)
     with pytest.raises(ValueError, match="already attached"):
         peftkit.load(model, path, name="keep")
     _assert_untouched(model, keys, before, inputs)

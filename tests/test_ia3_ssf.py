@@ -15,7 +15,8 @@ import peftkit
 from peftkit import IA3, SSF, LoRA, TargetError
 
 from .bbc import fit_bbc
-from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows
+from .checks import (assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows,
+                     model_output)
 from .conftest import randomize
 
 peft = pytest.importorskip("peft")
@@ -192,11 +193,6 @@ CASES = {  # base, targets, feedforward (PEFT's BERT and GPT-2 defaults)
 }
 
 
-def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_peft_ia3_loads_with_same_outputs(case: str, tmp_path: Path) -> None:
     make, targets, feedforward = CASES[case]
@@ -209,14 +205,14 @@ def test_peft_ia3_loads_with_same_outputs(case: str, tmp_path: Path) -> None:
             if "ia3_l" in name:
                 p.add_(torch.randn_like(p) * 0.5)
     model.save_pretrained(tmp_path)
-    expected = _forward(model, ids)
+    expected = model_output(model, ids)
     peftkit.load(fresh, tmp_path)
     loaded = peftkit.adapters(fresh)["default"]
     peft_feedforward = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if getattr(m, "is_feedforward", False)}
     assert isinstance(loaded, IA3) and peft_feedforward and set(loaded.feedforward) == peft_feedforward
-    torch.testing.assert_close(_forward(fresh, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(fresh, ids), expected, atol=1e-5, rtol=1e-5)
     with peftkit.disabled(fresh):
-        assert not torch.allclose(_forward(fresh, ids), expected, atol=1e-3), "the adapter must change the outputs"
+        assert not torch.allclose(model_output(fresh, ids), expected, atol=1e-3), "the adapter must change the outputs"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -226,14 +222,14 @@ def test_our_ia3_loads_in_peft_with_same_outputs(case: str, tmp_path: Path) -> N
     fresh, ids = copy.deepcopy(base), torch.randint(1, 100, (3, 7))
     peftkit.attach(base, IA3(targets=targets, feedforward=feedforward))
     _perturb(base)
-    expected = _forward(base, ids)
+    expected = model_output(base, ids)
     peftkit.save(base, tmp_path, format="peft")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "IA3" and set(saved["feedforward_modules"]) <= set(saved["target_modules"])
     model = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
-    torch.testing.assert_close(_forward(model, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(model, ids), expected, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
-        assert not torch.allclose(_forward(model, ids), expected, atol=1e-3)
+        assert not torch.allclose(model_output(model, ids), expected, atol=1e-3)
 
 
 # --- learning ----------------------------------------------------------------------------------------------------

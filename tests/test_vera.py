@@ -15,7 +15,8 @@ import peftkit
 from peftkit import LoRA, TargetError, VeRA
 
 from .bbc import fit_bbc
-from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows, row_alone
+from .checks import (assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows,
+                     model_output, row_alone)
 from .conftest import randomize
 
 peft = pytest.importorskip("peft")
@@ -148,11 +149,6 @@ CASES = {  # base, targets (PEFT's and ours): mixed in/out sizes, so slicing mat
 }
 
 
-def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def _save_peft_vera(case: str, path: Path, **kwargs) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """Save a randomised PEFT VeRA adapter; return (fresh base, inputs, PEFT's outputs)."""
     make, targets = CASES[case]
@@ -166,7 +162,7 @@ def _save_peft_vera(case: str, path: Path, **kwargs) -> tuple[nn.Module, torch.T
             if "vera_lambda" in name:
                 p.copy_(torch.randn_like(p))
     model.save_pretrained(path)
-    return fresh, ids, _forward(model, ids)
+    return fresh, ids, model_output(model, ids)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -175,16 +171,16 @@ def test_peft_vera_loads_with_same_outputs(case: str, tmp_path: Path) -> None:
     assert "base_model.vera_A" in load_file(str(tmp_path / "adapter_model.safetensors"))
     peftkit.load(fresh, tmp_path)
     assert isinstance(peftkit.adapters(fresh)["default"], VeRA)
-    torch.testing.assert_close(_forward(fresh, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(fresh, ids), expected, atol=1e-5, rtol=1e-5)
     with peftkit.disabled(fresh):
-        assert not torch.allclose(_forward(fresh, ids), expected, atol=1e-3), "the adapter must change the outputs"
+        assert not torch.allclose(model_output(fresh, ids), expected, atol=1e-3), "the adapter must change the outputs"
 
 
 @pytest.mark.filterwarnings("ignore:Specified to not save vera_A")
 def test_peft_vera_without_saved_projections_loads(tmp_path: Path) -> None:
     fresh, ids, expected = _save_peft_vera("bert", tmp_path, save_projection=False)
     peftkit.load(fresh, tmp_path)
-    torch.testing.assert_close(_forward(fresh, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(fresh, ids), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_vera_with_other_projections_is_a_named_error(tmp_path: Path) -> None:
@@ -205,14 +201,14 @@ def test_our_vera_loads_in_peft_with_same_outputs(case: str, tmp_path: Path) -> 
     fresh, ids = copy.deepcopy(base), torch.randint(1, 100, (3, 7))
     peftkit.attach(base, VeRA(r=8, targets=targets, projection_prng_key=9))
     randomize(base, scale=1.0)
-    expected = _forward(base, ids)
+    expected = model_output(base, ids)
     peftkit.save(base, tmp_path, format="peft")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "VERA" and saved["projection_prng_key"] == 9 and saved["save_projection"] is True
     model = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
-    torch.testing.assert_close(_forward(model, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model_output(model, ids), expected, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
-        assert not torch.allclose(_forward(model, ids), expected, atol=1e-3)
+        assert not torch.allclose(model_output(model, ids), expected, atol=1e-3)
 
 
 def test_exclude_is_saved_as_the_chosen_modules(tmp_path: Path) -> None:
