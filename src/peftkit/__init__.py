@@ -17,11 +17,18 @@ from .api import (
 from .core.config import AdapterConfig, config_from_dict
 from .core.io import AdapterFileError, load, read_adapter, save
 from .core.registry import UnknownAdapterError
+from .core.sequence import SequenceError, SequenceLengthError
 from .core.targets import TargetError
 from .methods import AdaLoRA, AdaLoRAController, Compacter, KronA, LoRA
 from .methods import DoRA, VeRA
 from .methods import Bottleneck
 from .methods import IA3, SSF
+from .methods import PrefixTuning, PromptTuning, PTuning
+from .methods import AdapterFusion, LlamaAdapter
+from .methods import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedule, FishMask, LastK, LayerNormTuning,
+                      Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError, fisher_scores, select)
+from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
+                      ltsft_select, select_units)
 from .methods import (DyLoRA, LoRAFA, SoRA, dylora_sample_rank, dylora_truncate, loraplus_param_groups,
                       relora_restart, set_rank, sora_proximal_step, sora_prune)
 
@@ -30,6 +37,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Bottleneck",
     "IA3", "SSF",
+    "PromptTuning", "PTuning", "PrefixTuning", "SequenceError", "SequenceLengthError",
+    "AdapterFusion", "LlamaAdapter",
+    "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
+    "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",
+    "DiffPruning", "LTSFT", "StructuredMask", "StructureError", "diff_pruning_penalty", "diff_pruning_project",
+    "ltsft_select", "select_units",
     "AdaLoRA", "AdaLoRAController", "AdapterConfig", "AdapterFileError", "Compacter", "KronA", "LoRA", "TargetError", "UnknownAdapterError",
     "activate", "active_adapters", "adapter_parameters", "adapters", "attach", "config_from_dict", "disabled",
     "load", "merge", "read_adapter", "remove", "routed", "save", "set_trainable", "summary", "unload", "unmerge",

@@ -49,7 +49,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
         raise ValueError(f"an adapter named {name!r} is already attached; remove it first or pick another name")
     if config.rewrites_base and any(c.rewrites_base for c in registry.configs.values()):
         raise ValueError("only one adapter that rewrites the base weights (PiSSA) can be attached at a time")
-    host_names = match_targets(model, config.targets, config.exclude, config.host_types())
+    host_names = config.choose_hosts(model)
     copy_names = match_targets(model, config.modules_to_save) if config.modules_to_save else []
     overlap = set(host_names) & set(copy_names)
     if overlap:

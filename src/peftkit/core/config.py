@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
 from .delta import Delta
+from .targets import match_targets
 
 TargetSpec = str | list[str]
 
@@ -45,6 +46,10 @@ class AdapterConfig(BaseModel):
     def host_types(self) -> tuple[type[nn.Module], ...]:
         """Module types this method can sit on."""
         raise NotImplementedError
+
+    def choose_hosts(self, model: nn.Module) -> list[str]:
+        """Names of the modules this adapter goes on, in model order (LLaMA-Adapter keeps only the top layers)."""
+        return match_targets(model, self.targets, self.exclude, self.host_types())
 
     def build(self, host: nn.Module) -> Delta:
         """Create this method's delta for one host module."""

@@ -8,6 +8,7 @@ to the delta and never needs to know which method it is running.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ class Delta(nn.Module):
     additive: bool = True
     merged: bool = False
     rewrites_base: bool = False  # True when attaching changed the host weight (PiSSA's residual)
+    on_sequence: bool = False  # virtual tokens (prompt, prefix): core.sequence applies it at the model input, not the slot
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -29,6 +31,15 @@ class Delta(nn.Module):
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The new output for input rows `x` whose base output is `out` (non-additive deltas only)."""
         raise NotImplementedError
+
+    @staticmethod
+    def read_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The tensor `x` this delta reads from its host's call: by default the host's first input, however passed.
+
+        A delta that needs more of the call (LLaMA-Adapter: the rotary position embeddings) packs it into
+        one tensor whose dim 0 is the batch, so per-row routing can slice it like any input.
+        """
+        return args[0] if args else next(iter(kwargs.values()))
 
     def add_increment_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out += increment(x)` in place (additive deltas); a method may fuse this into one kernel."""

@@ -84,14 +84,18 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
     if hasattr(config, "pack_peft"):  # a layout that differs beyond names (AdaLoRA: kept triplets + rank_pattern)
         extra, tensors = config.pack_peft(tensors)
     out: dict[str, torch.Tensor] = {}
+    prefix = getattr(config, "peft_prefix", PREFIX)  # prompt learning keeps its task heads under `base_model.`
     for key, value in tensors.items():
         if COPY_KEY in key:
             host_name, _, param = key.partition(COPY_KEY)
-            out[f"{PREFIX}{host_name}.{param}"] = value
+            out[f"{prefix}{host_name}.{param}"] = value
         else:
             host_name, _, tensor_name = key.rpartition(".")
-            out[f"{PREFIX}{host_name}.{config.peft_tensor_name(tensor_name, model.get_submodule(host_name))}"] = value
+            peft_name = config.peft_tensor_name(tensor_name, model.get_submodule(host_name))
+            out[f"{prefix}{host_name}.{peft_name}" if host_name else peft_name] = value  # no host: a whole-model tensor
     peft_config = {**config.to_peft(), **extra}
+    if getattr(config, "peft_needs_task_type", False):  # PEFT picks the model class that inserts prompts by task
+        peft_config["task_type"] = peft_task_type(model)
     hosts = list(dict.fromkeys(key.rpartition(".")[0] for key in tensors if COPY_KEY not in key))
     if hasattr(config, "peft_shared_tensors"):
         shared = config.peft_shared_tensors([model.get_submodule(h) for h in hosts])
@@ -107,6 +111,16 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
         peft_config["fan_in_fan_out"] = Conv1D is not None and any(isinstance(model.get_submodule(h), Conv1D) for h in hosts)
     peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return peft_config, out
+
+
+_PEFT_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM",
+               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def peft_task_type(model: nn.Module) -> str:
+    """PEFT's task_type for a transformers model, from its class name (a bare backbone: feature extraction)."""
+    name = type(model).__name__
+    return next((task for suffix, task in _PEFT_TASKS.items() if name.endswith(suffix)), "FEATURE_EXTRACTION")
 
 
 def _peft_class(peft_config: dict[str, Any]) -> type[AdapterConfig]:
@@ -126,13 +140,14 @@ def from_peft(peft_config: dict[str, Any], raw: dict[str, torch.Tensor]) -> tupl
     cls = _peft_class(peft_config)
     stripped: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
+    prefix = getattr(cls, "peft_prefix", PREFIX)
     for key, value in raw.items():
-        if key.startswith(PREFIX):
-            stripped[key[len(PREFIX):]] = value
+        if key.startswith(prefix) or ("." not in key and cls.is_peft_tensor(key)):  # prompt learning: `prompt_embeddings`
+            stripped[key.removeprefix(prefix)] = value
         elif key.startswith(SHARED_PREFIX) and hasattr(cls, "check_peft_shared"):
             shared[key[len(SHARED_PREFIX):]] = value
         else:
-            raise ValueError(f"tensor {key!r} lacks PEFT's '{PREFIX}' prefix")
+            raise ValueError(f"tensor {key!r} lacks PEFT's '{prefix}' prefix")
     method_keys = {k for k in stripped if cls.is_peft_tensor(k)}
     # PEFT lists task-type defaults ("classifier", "score") in modules_to_save even when absent: keep the saved ones.
     listed = list(dict.fromkeys(peft_config.get("modules_to_save") or []))

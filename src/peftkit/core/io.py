@@ -79,6 +79,12 @@ def _write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "peftkit") -> Path:
     """Save one adapter to directory `path` in "peftkit" or "peft" (Hugging Face PEFT) format."""
+    _write_dir_atomically(Path(path), adapter_files(model, name, format))
+    return Path(path)
+
+
+def adapter_files(model: nn.Module, name: str = "default", format: str = "peftkit") -> dict[str, Any]:
+    """{filename: JSON dict | tensor dict} of one saved adapter (the trainer adds its state beside them)."""
     registry = get_registry(model)
     config = registry.require(name).saved_config()
     tensors = _module_tensors(model, name)
@@ -90,8 +96,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default", forma
         files = {hf_peft.CONFIG_FILE: peft_config, hf_peft.WEIGHTS_FILE: peft_tensors}
     else:
         raise ValueError(f"unknown adapter format {format!r}; use 'peftkit' or 'peft'")
-    _write_dir_atomically(Path(path), files)
-    return Path(path)
+    return files
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -191,7 +196,8 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], pa
     expected: dict[str, torch.Tensor] = {}
     for host_name in get_registry(model).hosts[name]:
         delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
-        own = {key: tensors[f"{host_name}.{key}"] for key in delta.state_dict() if f"{host_name}.{key}" in tensors}
+        prefix = f"{host_name}."  # all of them: a file may hold tensors the fresh delta lacks (a selective mask's indices)
+        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         delta.prepare_load(own)  # a delta whose shapes change in training (a pruned rank) takes the file's
         for key, param in delta.state_dict(keep_vars=True).items():
             expected[f"{host_name}.{key}"] = param

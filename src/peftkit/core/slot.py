@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .delta import Delta
+
 if TYPE_CHECKING:
-    from .delta import Delta
     from .registry import AdapterRegistry
 
 SLOT_ATTR = "peftkit"
@@ -27,6 +28,15 @@ class DeltaSlot(nn.ModuleDict):
         # underscored so no adapter name (which may not start with "_") can shadow them
         self._registry = registry  # plain attribute: shared model-level state, not a submodule
         self._module_name = module_name
+        self._read_input = Delta.read_input  # how the hook takes `x` from the host's call, shared by its deltas
+
+    def __setitem__(self, name: str, delta: Delta) -> None:
+        reader = type(delta).read_input
+        if len(self) and reader is not self._read_input:
+            raise ValueError(f"a {type(delta).__name__} reads the call of module '{self._module_name}' differently from "
+                             f"the deltas already on it ({', '.join(self)}); they cannot share the module")
+        self._read_input = reader
+        super().__setitem__(name, delta)
 
     def apply_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         registry = self._registry
@@ -36,14 +46,14 @@ class DeltaSlot(nn.ModuleDict):
             return self._apply_routed(x, out)
         for name in registry.active:
             delta = self._modules.get(name)
-            if delta is None or delta.merged:
+            if delta is None or delta.merged or delta.on_sequence:  # core.sequence applies those at the input
                 continue
             out = delta.add_increment_(x, out) if delta.additive else delta.transform(x, out)
         return out
 
     def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         plan = self._registry.plan
-        present = tuple(name for name in plan.names if name in self._modules)
+        present = tuple(name for name in plan.names if name in self._modules and not self._modules[name].on_sequence)
         if not present:
             return out
         plan.check_rows(x, self._module_name)
@@ -60,8 +70,9 @@ class DeltaSlot(nn.ModuleDict):
             if perm is None:  # rows already in order: write through slices, no scatter
                 if delta.additive:
                     delta.add_increment_(seg, out[start:end])
-                else:
-                    out[start:end] = delta.transform(seg, out[start:end])
+                else:  # training: transform a copy, since writing the slice back would change a view that
+                    base = out[start:end]  # autograd saved (IA3's l ⊙ out keeps `out` for l's gradient)
+                    out[start:end] = delta.transform(seg, base.clone() if torch.is_grad_enabled() else base)
             else:
                 index = perm[start:end].to(out.device)
                 if delta.additive:
@@ -71,9 +82,12 @@ class DeltaSlot(nn.ModuleDict):
         return out
 
 
-def _slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-    x = args[0] if args else next(iter(kwargs.values()))  # the host's input, however it was passed
-    return getattr(module, SLOT_ATTR).apply_deltas(x, output)
+def _slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    slot: DeltaSlot = getattr(module, SLOT_ATTR)
+    x = slot._read_input(args, kwargs)
+    if isinstance(output, tuple):  # an attention module returns (hidden states, attention weights): deltas act on the first
+        return (slot.apply_deltas(x, output[0]), *output[1:])
+    return slot.apply_deltas(x, output)
 
 
 def get_or_create_slot(module: nn.Module, registry: AdapterRegistry, module_name: str) -> DeltaSlot:

@@ -1,6 +1,11 @@
 """PEFT methods by family. Importing this package registers every method's config."""
 from .additive.bottleneck import Bottleneck
+from .additive.fusion import AdapterFusion
 from .additive.ia3 import IA3
+from .additive.prefix import PrefixTuning
+from .additive.prompt_tuning import PromptTuning
+from .additive.ptuning import PTuning
+from .additive.llama_adapter import LlamaAdapter
 from .additive.ssf import SSF
 from .reparameterized.adalora import AdaLoRA, AdaLoRAController
 from .reparameterized.compacter import Compacter
@@ -13,7 +18,16 @@ from .reparameterized.lorafa import LoRAFA
 from .reparameterized.loraplus import loraplus_param_groups
 from .reparameterized.relora import relora_restart
 from .reparameterized.sora import SoRA, sora_proximal_step, sora_prune
+from .selective import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedule, FishMask, LastK, LayerNormTuning,
+                        Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError, fisher_scores, select)
+from .selective import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
+                        ltsft_select, select_units)
 
-__all__ = ["Bottleneck", "IA3", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
+__all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
            "DyLoRA", "dylora_sample_rank", "dylora_truncate", "set_rank", "LoRAFA", "loraplus_param_groups",
-           "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA"]
+           "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA",
+           "PromptTuning", "PTuning", "PrefixTuning",
+           "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
+           "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",
+           "DiffPruning", "LTSFT", "StructuredMask", "StructureError", "diff_pruning_penalty", "diff_pruning_project",
+           "ltsft_select", "select_units"]

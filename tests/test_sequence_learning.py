@@ -1,0 +1,41 @@
+"""Learning on real data: prompt tuning, P-tuning and prefix tuning on MiniLM + BBC News beat chance (0.2).
+
+fit_bbc also trains the classifier head, which alone reaches about 0.85 here, so each test also puts the
+virtual tokens back to their start values after training: accuracy must fall, i.e. the head relies on
+what the tokens learned. A prompt on a small encoder learns slowly, hence the large learning rates
+(Lester et al. used 0.3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.train.classify import accuracy, encode
+
+from .bbc import bbc_subset, fit_bbc
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.mark.parametrize("config, lr", [
+    (peftkit.PromptTuning(num_virtual_tokens=20, init="vocab"), 3e-2),
+    (peftkit.PTuning(num_virtual_tokens=20, encoder_hidden_size=128), 1e-2),
+    (peftkit.PrefixTuning(num_virtual_tokens=10), 3e-2),
+], ids=["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_sequence_adapter_on_minilm_learns_bbc_topics(config: peftkit.AdapterConfig, lr: float) -> None:
+    start: dict[str, torch.Tensor] = {}
+
+    def keep_start(model: torch.nn.Module) -> dict:
+        start.update({k: v.clone() for k, v in model.peftkit["default"].state_dict().items()})
+        return {}
+
+    result, model, tokenizer = fit_bbc(config, lr=lr, on_attach=keep_start)
+    assert result.accuracy_before < 0.45  # a fresh head: near chance (0.2)
+    assert result.accuracy_after > 0.8
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    test = bbc_subset()[1]
+    model.peftkit["default"].load_state_dict(start)
+    reset = accuracy(model, encode(tokenizer, test["text"], 64), torch.tensor(test["label"]))
+    print(f"{config.method}: accuracy with the virtual tokens at their start values {reset:.3f}")
+    # measured drops: prompt 0.955 -> 0.565, P-tuning 0.875 -> 0.720, prefix 0.940 -> 0.875 (tokens that never trained: no drop)
+    assert reset < result.accuracy_after - 0.04
