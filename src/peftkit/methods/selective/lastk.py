@@ -1,0 +1,69 @@
+"""Last-k layers: freeze all but the top k blocks of the network and train those whole
+(the classic partial fine-tuning baseline, e.g. Lee et al., 2019, arXiv:1911.03090).
+
+    W' = W0 + ΔW  for every parameter inside blocks n−k … n−1;  W' = W0 elsewhere
+
+Each host inside the chosen blocks gets a dense ΔW (and Δb): the base is never written, several
+last-k adapters can share one model, rows route per adapter, and merging adds ΔW exactly.
+`blocks` names the ModuleList of blocks (default: the model's longest one, e.g. `bert.encoder.layer`);
+`targets` / `exclude` filter the modules inside the top k blocks (default: all of them).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from torch import nn
+
+from ...core.config import TargetSpec, register_method
+from ...core.targets import TargetError, match_targets
+from .sparse import SPARSE_HOST_TYPES, Mask, SelectiveConfig, whole_masks
+
+
+@register_method
+class LastK(SelectiveConfig):
+    """Last-k config: how many top blocks train, and where the blocks are."""
+
+    method: ClassVar[str] = "lastk"
+    k: int = Field(gt=0, description="number of top blocks to train")
+    blocks: str | None = Field(None, description="name of the ModuleList of blocks (default: the longest one)")
+    targets: TargetSpec = ".*"
+
+    def choose_hosts(self, model: nn.Module) -> list[str]:
+        blocks, count = _block_list(model, self.blocks)
+        if self.k > count:
+            raise TargetError(f"k={self.k} but {blocks!r} holds only {count} blocks")
+        top = tuple(f"{blocks}.{i}." for i in range(count - self.k, count))
+        modules = dict(model.named_modules())
+        hosts = [n for n in match_targets(model, self.targets, self.exclude)
+                 if f"{n}.".startswith(top) and next(modules[n].parameters(recurse=False), None) is not None]
+        if not hosts:
+            raise TargetError(f"targets {self.targets!r} select no module with parameters in the top {self.k} blocks of {blocks!r}")
+        wrong = [f"{n} ({type(modules[n]).__name__})" for n in hosts if not isinstance(modules[n], SPARSE_HOST_TYPES)]
+        if wrong:
+            raise TargetError(f"the top {self.k} blocks hold modules last-k cannot adapt: {', '.join(wrong[:5])}; "
+                              f"supported types: {', '.join(t.__name__ for t in SPARSE_HOST_TYPES)} (exclude the others)")
+        return hosts
+
+    def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask]:
+        return whole_masks(hosts, self.param_names)
+
+
+def _block_list(model: nn.Module, name: str | None) -> tuple[str, int]:
+    """(name, length) of the ModuleList of blocks: the named one, or the model's unique longest one."""
+    if name is not None:
+        try:
+            blocks = model.get_submodule(name)
+        except AttributeError:
+            raise TargetError(f"blocks {name!r} is not a module of this model") from None
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+            raise TargetError(f"blocks {name!r} is a {type(blocks).__name__}, not a non-empty ModuleList of blocks")
+        return name, len(blocks)
+    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) and ".peftkit." not in f".{n}."]
+    if not lists:
+        raise TargetError("this model has no ModuleList of blocks; name the blocks with LastK(blocks=...)")
+    longest = max(size for _, size in lists)
+    names = [n for n, size in lists if size == longest]
+    if len(names) > 1:
+        raise TargetError(f"several block lists of {longest} blocks ({', '.join(names)}); name one with LastK(blocks=...)")
+    return names[0], longest

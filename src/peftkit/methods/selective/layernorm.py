@@ -1,0 +1,29 @@
+"""LayerNorm tuning: train only the normalisation layers' gain and bias
+(as studied in Zhao et al., 2023, "Tuning LayerNorm in Attention", arXiv:2312.11420; a BitFit-like rule).
+
+    h = (γ0 + Δγ) ⊙ (x − μ)/σ + (β0 + Δβ)
+
+Each Δγ, Δβ is a dense block; merges into the LayerNorm exactly. Targets default to every LayerNorm.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from ...core.config import TargetSpec, register_method
+from .sparse import Mask, SelectiveConfig, whole_masks
+
+
+@register_method
+class LayerNormTuning(SelectiveConfig):
+    """LayerNorm-tuning config: which LayerNorms train (default: all)."""
+
+    method: ClassVar[str] = "layernorm"
+    targets: TargetSpec = ["type:LayerNorm"]
+
+    def host_types(self) -> tuple[type[nn.Module], ...]:
+        return (nn.LayerNorm,)
+
+    def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask]:
+        return whole_masks(hosts, self.param_names)

@@ -1,0 +1,346 @@
+"""The layer every selective method shares: the change of a chosen subset of a host's own parameters.
+
+    h = f(x; W0 + ΔW, b0 + Δb) = f(x; W0, b0) + f(x; ΔW, Δb)     (f linear in its parameters)
+
+The base stays frozen and untouched. Each chosen host parameter gets a `ParamDiff` beside it
+holding only the selected entries: fixed `indices` (a buffer) and trainable `values`. An
+optimizer therefore only ever sees selected entries, so nothing outside the mask can move,
+whatever AdamW's weight decay or momentum do (decay pulls the *change* toward zero, i.e. the
+weight toward its pretrained value). Three storage forms, chosen by the mask:
+
+- dense: the whole tensor is selected (BitFit's biases, LayerNorm, last-k blocks), `values` has
+  the parameter's shape and there are no indices;
+- elements: flat indices into the parameter (FishMask, PaFi, Child-Tuning_D), `values` is 1-D;
+- slices: whole slices along one dimension (structured masks: attention heads, FFN rows), the
+  indices pick positions along `dim` and `values` has the parameter's shape with that dim cut.
+
+Indices address the host parameter in its own layout (GPT-2's Conv1D keeps (in, out)), so
+merging is W.flatten()[indices] += values with no layout translation; unmerging restores the
+saved original entries bit for bit. Files hold `indices` (int32) and `values`, so a saved
+adapter costs 8 bytes per selected entry (4 for dense blocks).
+
+The delta is applied as a transform of the host output (`out + f(x; ΔW, Δb)`), which serves
+per-row routing (each routed row group adds its own sparse change) and works for a bias-only
+change whose broadcast shape only the output knows. Hosts: Linear, GPT-2 Conv1D, Conv2d,
+Embedding, LayerNorm.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.config import AdapterConfig
+from ...core.delta import Delta
+from ...core.hosts import LINEAR_TYPES, Conv1D
+
+SPARSE_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding, nn.LayerNorm)
+
+
+class MaskError(ValueError):
+    """A mask that does not fit its parameter: out-of-range or repeated indices, a missing parameter."""
+
+
+class MaskNotSelectedError(RuntimeError):
+    """A data-driven selective adapter used before its mask was chosen (call `peftkit.select` first)."""
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Which entries of one parameter an adapter changes: the whole tensor, flat elements, or slices."""
+
+    indices: torch.Tensor | None = None  # None: the whole tensor
+    dim: int | None = None  # None: flat element indices; d: whole slices along dimension d
+
+    @classmethod
+    def whole(cls) -> "Mask":
+        return cls()
+
+    @classmethod
+    def elements(cls, indices: torch.Tensor) -> "Mask":
+        return cls(indices=indices)
+
+    @classmethod
+    def slices(cls, dim: int, indices: torch.Tensor) -> "Mask":
+        return cls(indices=indices, dim=dim)
+
+    def checked(self, shape: torch.Size, what: str) -> "Mask":
+        """This mask with sorted int64 indices, or a MaskError naming `what`; full coverage becomes `whole`."""
+        if self.indices is None:
+            return self
+        if self.dim is not None and not 0 <= self.dim < len(shape):
+            raise MaskError(f"{what}: slice dimension {self.dim} does not exist in a tensor of shape {tuple(shape)}")
+        size = shape.numel() if self.dim is None else shape[self.dim]
+        indices = torch.as_tensor(self.indices)
+        if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise MaskError(f"{what}: mask indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
+        indices = indices.to(torch.long).sort().values
+        if indices.numel() and (indices[0] < 0 or indices[-1] >= size):
+            raise MaskError(f"{what}: mask indices must lie in [0, {size}), got [{int(indices[0])}, {int(indices[-1])}]")
+        if indices.numel() > 1 and bool((indices[1:] == indices[:-1]).any()):
+            raise MaskError(f"{what}: mask indices repeat")
+        if indices.numel() == size:
+            return Mask.whole()
+        return Mask(indices, self.dim)
+
+
+EMPTY = Mask(torch.zeros(0, dtype=torch.long))  # nothing selected (yet)
+
+
+class ParamDiff(nn.Module):
+    """The change of one host parameter: `values` at `indices` (or the whole tensor), zero elsewhere."""
+
+    def __init__(self, shape: torch.Size, device: torch.device, mask: Mask):
+        super().__init__()
+        self.shape = shape
+        self.dim = mask.dim
+        factory = {"dtype": torch.float32, "device": device}  # float32 changes on a half-precision base
+        if mask.indices is None:
+            self.indices = None
+            self.values = nn.Parameter(torch.zeros(shape, **factory))
+        else:
+            self.register_buffer("indices", mask.indices.to(device))
+            value_shape = (mask.indices.numel(),) if mask.dim is None else self._slice_shape(mask.indices.numel())
+            self.values = nn.Parameter(torch.zeros(value_shape, **factory))
+        if mask.dim is not None:
+            self.register_buffer("slice_dim", torch.tensor(mask.dim))  # saved: tells slices from elements on load
+        # Fish-Dip: entries trained earlier and since dropped from the mask keep their change, frozen.
+        self.register_buffer("frozen_indices", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("frozen_values", torch.zeros(0, **factory), persistent=False)
+
+    def _slice_shape(self, count: int) -> tuple[int, ...]:
+        shape = list(self.shape)
+        shape[self.dim] = count
+        return tuple(shape)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.indices is None
+
+    @property
+    def is_elements(self) -> bool:
+        return self.indices is not None and self.dim is None
+
+    def elements(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat indices, values) of an element mask, frozen Fish-Dip entries included (differentiable in `values`)."""
+        if not self.frozen_indices.numel():
+            return self.indices, self.values
+        return torch.cat([self.indices, self.frozen_indices]), torch.cat([self.values, self.frozen_values])
+
+    def size(self) -> int:
+        """How many entries of the parameter this diff changes (frozen Fish-Dip entries included)."""
+        return self.values.numel() + self.frozen_values.numel()
+
+    def dense(self) -> torch.Tensor:
+        """ΔW as a full tensor of the parameter's shape (differentiable in `values`)."""
+        if self.indices is None:
+            return self.values
+        if self.dim is not None:
+            return self.values.new_zeros(self.shape).index_copy(self.dim, self.indices, self.values)
+        indices, values = self.elements()
+        return self.values.new_zeros(self.shape.numel()).index_copy(0, indices, values).view(self.shape)
+
+    def flat_change(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted flat indices, values) of every entry this diff changes, frozen ones included."""
+        if self.indices is None:
+            return torch.arange(self.shape.numel(), device=self.values.device), self.values.detach().flatten()
+        if self.dim is not None:
+            grid = torch.arange(self.shape.numel(), device=self.values.device).view(self.shape)
+            return grid.index_select(self.dim, self.indices).flatten(), self.values.detach().flatten()
+        indices, values = self.elements()
+        order = indices.argsort()
+        return indices[order], values.detach()[order]
+
+    def saved(self) -> dict[str, torch.Tensor]:
+        """The file form: dense values, or int32 indices + values (frozen Fish-Dip entries folded in)."""
+        if self.indices is None:
+            return {"values": self.values.detach()}
+        index_type = torch.int32 if self.shape.numel() < 2**31 else torch.long  # half the bytes of int64 indices
+        if self.dim is not None:
+            return {"indices": self.indices.to(index_type), "values": self.values.detach(), "slice_dim": self.slice_dim}
+        indices, values = self.flat_change()
+        return {"indices": indices.to(index_type), "values": values}
+
+
+class SparseDelta(Delta):
+    """The selected changes of one host's parameters: transform(x, out) = out + f(x; ΔW, Δb).
+
+    Built unselected (`selected` False) by data-driven methods; `install` sets the masks.
+    """
+
+    additive = False
+
+    def __init__(self, host: nn.Module, param_names: tuple[str, ...], masks: dict[str, Mask] | None = None):
+        super().__init__()
+        present = tuple(n for n in param_names if isinstance(getattr(host, n, None), nn.Parameter))
+        if not present:
+            raise ValueError(f"{type(host).__name__} has none of the parameters {list(param_names)}")
+        if isinstance(host, nn.Embedding) and host.max_norm is not None:
+            raise ValueError("an Embedding with max_norm renormalises its weight in place; a sparse change cannot follow it")
+        self.param_names = present
+        self.kind = _host_kind(host)
+        self._host_args = _host_args(host, self.kind)
+        self._shapes = {n: getattr(host, n).shape for n in present}
+        self._device = getattr(host, present[0]).device
+        self.scoring = False  # set while Fisher scores are computed: the delta must not change outputs
+        self._merged: dict[str, tuple[torch.Tensor, ...]] = {}  # per parameter: (indices, entries before, after)
+        self.install(masks or {})
+        self.selected = masks is not None
+
+    def diffs(self) -> Iterator[tuple[str, ParamDiff]]:
+        for name in self.param_names:
+            yield name, getattr(self, name)
+
+    def install(self, masks: dict[str, Mask]) -> None:
+        """Replace every diff by a zero one on the given masks (parameters not named get an empty mask)."""
+        unknown = sorted(set(masks) - set(self.param_names))
+        if unknown:
+            raise MaskError(f"masks for parameters this delta does not adapt: {unknown} (it adapts {list(self.param_names)})")
+        for name in self.param_names:
+            shape = self._shapes[name]
+            setattr(self, name, ParamDiff(shape, self._device, masks.get(name, EMPTY).checked(shape, name)))
+        self.selected = True
+
+    def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.selected:
+            if self.scoring:  # Fisher scores of an unselected adapter are taken at the base weights
+                return out
+            raise MaskNotSelectedError("this selective adapter has no mask yet: choose one with peftkit.select(model, "
+                                       "name, batches) before running or training it")
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        if weight is not None and weight.size():
+            out = self._add_weight_term(x, weight, out)
+        if bias is not None and bias.size():
+            db = bias.dense()
+            out = out + (db.view(-1, 1, 1) if self.kind == "conv2d" else db).to(out.dtype)
+        return out
+
+    def _add_weight_term(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
+        """out + f(x; ΔW). Few selected entries of a linear weight: out[..., r] += x[..., c]·v per entry (r, c),
+        used when its [rows, entries] product needs less memory than ΔW plus an output; else one dense matmul."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self.kind in ("linear", "conv1d") and diff.is_elements and rows * diff.size() <= diff.shape.numel() + out.numel():
+            indices, values = diff.elements()
+            first, second = indices // diff.shape[1], indices % diff.shape[1]
+            read, write = (second, first) if self.kind == "linear" else (first, second)  # Conv1D keeps W as (in, out)
+            return out.index_add(-1, write, (x.to(values.dtype).index_select(-1, read) * values).to(out.dtype))
+        return out + self._weight_term(x, diff.dense()).to(out.dtype)
+
+    def _weight_term(self, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+        """f(x; ΔW) without bias, in the host's own weight layout."""
+        args = self._host_args
+        if self.kind == "embedding":
+            return F.embedding(x, dw, **args)
+        x = x.to(dw.dtype)
+        if self.kind == "linear":
+            return F.linear(x, dw)
+        if self.kind == "conv1d":
+            return x @ dw
+        if self.kind == "layernorm":
+            return F.layer_norm(x, args["normalized_shape"], dw, None, args["eps"])
+        if args["pad"] is not None:
+            x = F.pad(x, args["pad"][0], mode=args["pad"][1])
+        return F.conv2d(x, dw, None, **args["conv"])
+
+    @torch.no_grad()
+    def merge_into(self, host: nn.Module) -> None:
+        """W.flatten()[indices] += values, remembering the entries before and after for an exact unmerge."""
+        for name, diff in self.diffs():
+            flat = _flat_view(getattr(host, name))
+            indices, values = diff.flat_change()
+            before = flat[indices].clone()
+            flat[indices] += values.to(flat.dtype)
+            self._merged[name] = (indices, before, flat[indices].clone())
+
+    @torch.no_grad()
+    def unmerge_from(self, host: nn.Module) -> None:
+        """Entries nobody touched since the merge get their old bits back; others (another adapter merged on top
+        of the same entries) lose exactly what this merge added."""
+        for name, _ in self.diffs():
+            flat = _flat_view(getattr(host, name))
+            indices, before, after = self._merged.pop(name)
+            current = flat[indices]
+            flat[indices] = torch.where(current == after, before, current - (after - before))
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": value for name, diff in self.diffs() for key, value in diff.saved().items()}
+
+    def prepare_load(self, saved: dict[str, torch.Tensor]) -> None:
+        """Take the file's masks: its indices (and slice dims) decide each diff's storage form and size."""
+        masks = {}
+        for name in self.param_names:
+            dim = saved.get(f"{name}.slice_dim")
+            masks[name] = Mask(saved.get(f"{name}.indices"), None if dim is None else int(dim))
+        self.install(masks)
+
+
+def _flat_view(param: torch.Tensor) -> torch.Tensor:
+    if not param.is_contiguous():
+        raise ValueError("a selective delta can only merge into a contiguous weight")
+    return param.data.view(-1)
+
+
+def _host_kind(host: nn.Module) -> str:
+    if Conv1D is not None and isinstance(host, Conv1D):
+        return "conv1d"
+    for kind, cls in (("linear", nn.Linear), ("conv2d", nn.Conv2d), ("embedding", nn.Embedding), ("layernorm", nn.LayerNorm)):
+        if isinstance(host, cls):
+            return kind
+    supported = ", ".join(t.__name__ for t in SPARSE_HOST_TYPES)
+    raise TypeError(f"{type(host).__name__} is not a supported selective host (supported: {supported})")
+
+
+def _host_args(host: nn.Module, kind: str) -> dict:
+    """What f(x; ΔW) needs from the host besides its weight (conv geometry, norm shape, padding index)."""
+    if kind == "embedding":
+        return {"padding_idx": host.padding_idx}
+    if kind == "layernorm":
+        return {"normalized_shape": tuple(host.normalized_shape), "eps": host.eps}
+    if kind == "conv2d":
+        conv = {k: getattr(host, k) for k in ("stride", "padding", "dilation", "groups")}
+        pad = None if host.padding_mode == "zeros" else (host._reversed_padding_repeated_twice, host.padding_mode)
+        if pad is not None:
+            conv["padding"] = 0
+        return {"conv": conv, "pad": pad}
+    return {}
+
+
+class SelectiveConfig(AdapterConfig):
+    """Base of the selective methods' configs: which host parameters are candidates, and their masks.
+
+    A data-free method (BitFit, PaFi) overrides `masks` to choose at attach; a data-driven one leaves
+    its deltas unselected until its masks are installed (FishMask: `FisherSelected` + `peftkit.select`).
+    """
+
+    param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
+
+    def host_types(self) -> tuple[type[nn.Module], ...]:
+        return SPARSE_HOST_TYPES
+
+    def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask] | None:
+        """Masks keyed `<host>.<param>` chosen from the base alone, or None when data must choose."""
+        return None
+
+    def build_all(self, hosts: dict[str, nn.Module]) -> Iterator[Delta]:
+        masks = self.masks(hosts)
+        for host_name, host in hosts.items():
+            yield self.make_delta(host, None if masks is None else masks_of(host_name, masks))
+
+    def make_delta(self, host: nn.Module, masks: dict[str, Mask] | None) -> SparseDelta:
+        """One host's delta on its masks (keyed by parameter name; None: unselected)."""
+        return SparseDelta(host, self.param_names, masks)
+
+
+def masks_of(host_name: str, masks: dict[str, Mask]) -> dict[str, Mask]:
+    """The masks of one host, keyed by parameter name, from masks keyed `<host>.<param>`."""
+    return {key.rpartition(".")[2]: mask for key, mask in masks.items() if key.rpartition(".")[0] == host_name}
+
+
+def whole_masks(hosts: dict[str, nn.Module], param_names: tuple[str, ...]) -> dict[str, Mask]:
+    """Every listed parameter each host has, whole (dense blocks: BitFit, LayerNorm, last-k)."""
+    return {f"{name}.{param}": Mask.whole() for name, host in hosts.items()
+            for param in param_names if isinstance(getattr(host, param, None), nn.Parameter)}
