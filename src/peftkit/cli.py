@@ -1,64 +1,105 @@
-"""`peftkit` command line. `peftkit train` fine-tunes a bundled model on a bundled dataset."""
+"""`peftkit` command line.
+
+`peftkit train [CONFIG.yaml]` trains an adapter as the config says; without a config it runs the bundled
+default (MiniLM-L6 + LoRA on BBC News). Each subcommand is one `_add_<name>(commands)` function.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+
+
+def _describe(trainer: Any) -> None:
+    """What is about to train, printed before the first step."""
+    import peftkit
+    from peftkit.train.tasks import num_rows
+
+    config, data = trainer.config, trainer.data
+    method = config.method
+    fields = ", ".join(f"{k}={v}" for k, v in method.model_dump().items() if k not in ("exclude", "modules_to_save"))
+    source = config.data.name or config.data.train
+    n_eval = num_rows(data.eval) if data.eval is not None else 0
+    labels = f", {len(data.labels)} labels: {', '.join(data.labels)}" if data.labels else ""
+    print(f"{config.model.name} + {method.method}({fields}) on {source} "
+          f"({num_rows(data.train)} train / {n_eval} eval rows{labels})")
+    stats = peftkit.summary(trainer.model)
+    print(f"trainable parameters: {stats.trainable:,} of {stats.total:,} ({100 * stats.trainable / stats.total:.2f}%)")
 
 
 def _train(args: argparse.Namespace) -> int:
-    import peftkit
-    from peftkit.data import load_bbc_news
-    from peftkit.models import load_minilm
-    from peftkit.train.classify import ClassifyConfig, train_classifier
+    from peftkit.train import Callback, load_config, run_training
 
-    torch.manual_seed(args.seed)
-    data = load_bbc_news(seed=args.seed)
-    train, test = data["train"], data["test"]
-    if args.limit:
-        train = train.shuffle(seed=args.seed).select(range(min(args.limit, len(train))))
-    labels = train.features["label"].names
-    model, tokenizer = load_minilm(num_labels=len(labels))
-    lora = peftkit.LoRA(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets.split(","),
-                        modules_to_save=["classifier"])
-    peftkit.attach(model, lora, name="bbc")
-    stats = peftkit.summary(model)
-    print(f"MiniLM-L6 + LoRA(r={args.r}, alpha={args.alpha}, targets={args.targets}) on BBC News "
-          f"({len(train)} train / {len(test)} test articles, {len(labels)} topics: {', '.join(labels)})")
-    print(f"trainable parameters: {stats.trainable:,} of {stats.total:,} ({100 * stats.trainable / stats.total:.2f}%)")
-    config = ClassifyConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                            seed=args.seed)
-    result = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"], config)
-    print(f"test accuracy before: {result.accuracy_before:.3f}  after: {result.accuracy_after:.3f}  "
-          f"(chance {1 / len(labels):.3f})")
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    for flag, key in _SHORTCUTS.items():
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.no_progress:
+        overrides["progress"] = False
+    config = load_config(args.config, overrides)
+
+    class Describe(Callback):
+        def on_train_begin(self, trainer: Any) -> None:
+            _describe(trainer)
+
+    result = run_training(config, resume=args.resume, callbacks=[Describe()])
+    if result.after is not None:
+        metric = result.best["metric"] if result.best else "loss"
+        before = f"{result.before[metric]:.3f}" if result.before else "-"
+        chance = f"  (chance {1 / len(result.labels):.3f})" if metric == "accuracy" else ""
+        print(f"eval {metric} before: {before}  after: {result.after[metric]:.3f}{chance}")
+    samples = result.steps * config.schedule.batch_size * config.schedule.grad_accum
     print(f"training time: {result.train_seconds:.1f} s for {result.steps} steps "
-          f"({result.steps * args.batch_size / result.train_seconds:.1f} samples/s, {torch.get_num_threads()} threads)")
-    if args.output:
-        path = peftkit.save(model, Path(args.output), name="bbc")
-        print(f"adapter saved to {path}")
+          f"({samples / max(result.train_seconds, 1e-9):.1f} samples/s, {torch.get_num_threads()} threads)"
+          + ("; stopped early" if result.stopped_early else ""))
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}; checkpoints: {result.output_dir / 'checkpoints'}")
+    print(f"adapter saved to {result.adapter_dir}")
     return 0
 
 
+# Flags kept from the first `peftkit train`: each sets one config key.
+_SHORTCUTS = {"epochs": "schedule.epochs", "batch_size": "schedule.batch_size", "lr": "optimizer.lr",
+              "max_length": "data.max_length", "limit": "data.train_limit", "seed": "seed", "output": "output.dir"}
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="train an adapter from a YAML config (default: MiniLM-L6 + LoRA on BBC News)",
+        description="Train an adapter as CONFIG.yaml says (see configs/). Without CONFIG: MiniLM-L6 + LoRA "
+                    "(r=8, alpha=16 on query,value) on BBC News, saved under runs/bbc-lora.")
+    train.add_argument("config", nargs="?", help="training config (YAML); default: the bundled BBC News job")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set method.r=4 --set schedule.grad_accum=2")
+    train.add_argument("--output", help="output directory (metrics, checkpoints, adapter/)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--max-length", type=int)
+    train.add_argument("--limit", type=int, help="use only this many training rows")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peftkit", description=__doc__)
+    from peftkit.bench.cli import add_bench
+
+    parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="fine-tune MiniLM-L6 with LoRA on BBC News (bundled model and data)")
-    train.add_argument("--r", type=int, default=8)
-    train.add_argument("--alpha", type=float, default=16.0)
-    train.add_argument("--dropout", type=float, default=0.0)
-    train.add_argument("--targets", default="query,value", help="comma-separated module names or suffixes")
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--max-length", type=int, default=128)
-    train.add_argument("--limit", type=int, default=0, help="use only this many training articles (0: all)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--output", default="runs/bbc-lora", help="where to save the adapter ('' to skip)")
+    _add_train(commands)
+    add_bench(commands)
     args = parser.parse_args(argv)
     try:
-        return _train(args)
+        return args.run(args)
     except (ValueError, ImportError) as err:
         print(f"peftkit: error: {err}", file=sys.stderr)
         return 2

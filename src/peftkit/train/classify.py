@@ -1,8 +1,8 @@
 """Fine-tune a sequence classifier with any peftkit adapter, and measure accuracy.
 
-A deliberately small loop (AdamW, linear decay, tqdm progress): the `peftkit train`
-main job and the learning tests run on it. Issue-sized extensions (configs, checkpoints,
-resume, concurrent jobs) build on `train_classifier`.
+A deliberately small in-memory loop (AdamW, linear decay, tqdm progress) for the methods'
+learning tests. Training from a config, with checkpoints, resume, evaluation each epoch and
+the other tasks, is `peftkit.train.run_training` (behind `peftkit train`).
 """
 from __future__ import annotations
 
@@ -79,12 +79,14 @@ def train_classifier(
     on_step: Callable[[int], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
     param_groups: list[dict] | None = None,
+    on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> ClassifyResult:
     """Train the model's trainable parameters (the attached adapters) and report test accuracy.
 
     `on_step(step)` runs after each optimizer step, while the gradients are still there (AdaLoRA's
     rank allocation); `regularizer()` is added to the loss (AdaLoRA's orthogonality penalty);
     `param_groups` replaces the single AdamW group (LoRA+'s faster B; groups keep their own lr).
+    `on_optimizer(optimizer)` runs once before training, for callbacks that move optimizer state (Fish-Dip).
     """
     if not train_texts or not test_texts:
         raise ValueError("train and test sets must not be empty")
@@ -96,6 +98,8 @@ def train_classifier(
     x_test, y_test = encode(tokenizer, test_texts, config.max_length), torch.tensor(list(test_labels))
     before = accuracy(model, x_test, y_test)
     optimizer = torch.optim.AdamW(param_groups or params, lr=config.lr, weight_decay=config.weight_decay)
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
     steps = config.epochs * math.ceil(len(train_texts) / config.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     generator = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,226 @@
+"""The training config: model, task, data, method, optimizer, schedule, evaluation, output.
+
+Every section forbids unknown keys and names the closest valid one, so a typo in a YAML file
+is an error before anything loads, never a silently ignored option.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+from ..core.config import METHODS, AdapterConfig, config_from_dict
+
+
+class TrainConfigError(ValueError):
+    """A training config that cannot run: unknown key, task, model or method, or a bad value."""
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}"
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys are errors that suggest the closest valid key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ValueError(_unknown_key_message(str(key), list(cls.model_fields)))
+        return data
+
+
+class ModelSection(_Section):
+    name: str = "minilm"
+    train_head: bool = True  # train a fresh task head whole (added to the method's modules_to_save)
+    gradient_checkpointing: bool = False
+
+
+class DataSection(_Section):
+    name: str | None = None  # a bundled set: bbc-news, chatterbot, fashion-mnist
+    train: Path | None = None  # a local .jsonl/.json/.csv file, or a folder of <label>/*.txt
+    eval: Path | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None  # the declared label set; rows outside it are an error
+    prompt_column: str = "question"
+    response_column: str = "answer"
+    max_length: int = Field(128, ge=1)
+    image_size: int = Field(224, ge=8)
+    train_limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.name is None) == (self.train is None):
+            raise ValueError("give either data.name (a bundled set) or data.train (a local file), not both or neither")
+        if self.name is not None and (self.eval is not None or self.eval_fraction):
+            raise ValueError("bundled data sets bring their own eval split: drop data.eval / data.eval_fraction")
+        if self.eval is not None and self.eval_fraction:
+            raise ValueError("give data.eval or data.eval_fraction, not both")
+        return self
+
+
+class OptimizerSection(_Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0)  # sgd only
+    max_grad_norm: float | None = Field(None, gt=0)
+
+
+class ScheduleSection(_Section):
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (before the epochs end)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class EvalSection(_Section):
+    metric: Literal["accuracy", "loss"] | None = None  # best-checkpoint metric; None: the task's default
+    patience: int | None = Field(None, ge=1)  # stop after this many epochs without improvement
+    restore_best: bool = True  # end with (and export) the best epoch's adapter
+    batch_size: int = Field(64, ge=1)
+    before: bool = True  # evaluate once before training
+
+
+class OutputSection(_Section):
+    dir: Path = Path("runs/bbc-lora")
+    save_every_steps: int | None = Field(None, ge=1)  # also checkpoint mid-epoch
+    plot: bool = True
+
+
+class TrainConfig(_Section):
+    task: str = "classify-text"
+    model: ModelSection = ModelSection()
+    method: AdapterConfig
+    adapter_name: str = "default"
+    data: DataSection
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_from_dict(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        method = value.get("method")
+        if method in METHODS:  # name the closest field of this method, as for the trainer's own keys
+            fields = list(METHODS[method].model_fields)
+            for key in value:
+                if key != "method" and key not in fields:
+                    raise ValueError(f"{method}: " + _unknown_key_message(str(key), fields))
+        return config_from_dict(value)
+
+    @field_serializer("method")
+    def _method_to_dict(self, method: AdapterConfig) -> dict[str, Any]:
+        return method.to_dict()
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from .tasks import TASKS
+
+        return _known_name("task", value, TASKS)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: ModelSection) -> ModelSection:
+        from .tasks import MODELS
+
+        _known_name("model", value.name, MODELS)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _known_name(what: str, name: str, known: dict[str, Any]) -> str:
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint}; known: {', '.join(known)}")
+    return name
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "invalid training config: " + "; ".join(lines)
+
+
+def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise TrainConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Validate a plain dict (as read from YAML), after applying dotted `overrides` ("schedule.epochs": 1)."""
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"a training config must be a mapping, not {type(data).__name__}")
+    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
+    for dotted, value in (overrides or {}).items():
+        _apply_override(data, dotted, value)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as err:
+        raise TrainConfigError(_format(err)) from None
+    except ValueError as err:  # raised outside pydantic's field machinery
+        raise TrainConfigError(f"invalid training config: {err}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML (or JSON) training config; `None` gives the bundled default (MiniLM + LoRA on BBC News)."""
+    if path is None:
+        return config_from_mapping(DEFAULT_CONFIG, overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"training config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise TrainConfigError(f"{path} is not valid YAML: {err}") from None
+    return config_from_mapping(data, overrides)
+
+
+# `peftkit train` with no config: the README's main job. configs/bbc-lora.yaml holds the same (a test checks).
+DEFAULT_CONFIG: dict[str, Any] = {
+    "task": "classify-text",
+    "model": {"name": "minilm"},
+    "method": {"method": "lora", "r": 8, "alpha": 16.0, "targets": ["query", "value"]},
+    "adapter_name": "bbc",
+    "data": {"name": "bbc-news", "max_length": 128},
+    "optimizer": {"name": "adamw", "lr": 2e-3},
+    "schedule": {"epochs": 2, "batch_size": 16},
+    "output": {"dir": "runs/bbc-lora"},
+    "seed": 0,
+}

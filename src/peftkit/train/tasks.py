@@ -1,0 +1,396 @@
+"""Training tasks: how a model, its data, its loss and its metric are obtained for each kind of job.
+
+A task turns a data section into `Rows` (a dict of tensors sharing their first dimension, encoded
+once), forms batches from row indices, and scores a batch *per row* (`RowStats`), so the trainer
+can normalise a loss over a whole accumulation group and multi-adapter training can split it by
+adapter. Models come from the `MODELS` registry, tasks from `TASKS`; both accept new entries.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import data as bundled_sets
+from .. import models as bundled_models
+from .config import DataSection, ModelSection
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+Rows = dict[str, torch.Tensor]  # every tensor has the same first dimension: one entry per example
+
+
+class DataError(ValueError):
+    """Training data that cannot be used: missing file, empty set, unknown column, label outside the declared set."""
+
+
+@dataclass
+class RowStats:
+    """A batch scored per row: summed loss, loss units (1 per row, or answer tokens), correct predictions."""
+
+    loss_sum: torch.Tensor  # [B]
+    units: torch.Tensor  # [B]
+    correct: torch.Tensor | None = None  # [B] bool, classification only
+
+
+@dataclass
+class RawData:
+    """What `Task.read_data` found, checked, before any model is loaded."""
+
+    train: Any  # a datasets.Dataset, or Rows for tasks whose data is already tensors
+    eval: Any | None
+    labels: list[str] | None  # class names (classification)
+
+
+@dataclass
+class TaskData:
+    train: Rows
+    eval: Rows | None
+    labels: list[str] | None
+
+
+def num_rows(rows: Rows) -> int:
+    return next(iter(rows.values())).shape[0]
+
+
+# --- models --------------------------------------------------------------------------------------
+
+ModelBuilder = Callable[[int | None], tuple[nn.Module, Any]]  # num_labels -> (model, tokenizer or None)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: ModelBuilder
+    head: tuple[str, ...] = ()  # modules freshly initialised for the task: trained whole when model.train_head
+
+
+MODELS: dict[str, ModelSpec] = {
+    "minilm": ModelSpec(lambda n: bundled_models.load_minilm(num_labels=n), head=("classifier",)),
+    "smollm2": ModelSpec(lambda _: bundled_models.load_smollm2()),
+    "efficientnet-lite0": ModelSpec(lambda n: (bundled_models.load_efficientnet_lite0(num_classes=n), None), head=("_fc",)),
+}
+
+
+def register_model(name: str, build: ModelBuilder, head: tuple[str, ...] = ()) -> None:
+    """Make `model.name: <name>` loadable: `build(num_labels)` returns (model, tokenizer or None)."""
+    if name in MODELS and MODELS[name].build is not build:  # two builders under one name: one would be lost
+        raise ValueError(f"a model named {name!r} is already registered (by {MODELS[name].build.__module__})")
+    MODELS[name] = ModelSpec(build, tuple(head))
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def _label_folder(path: Path, text_column: str, label_column: str) -> Dataset:
+    """A folder with one subfolder per label holding .txt files (one example per file)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    labels = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not labels:
+        raise DataError(f"data folder {path} has no label subfolders (expected <label>/*.txt)")
+    rows = [(f.read_text(encoding="utf-8").strip(), i) for i, label in enumerate(labels)
+            for f in sorted((path / label).glob("*.txt"))]
+    features = Features({text_column: Value("string"), label_column: ClassLabel(names=labels)})
+    return Dataset.from_dict({text_column: [t for t, _ in rows], label_column: [y for _, y in rows]}, features)
+
+
+def read_local(path: Path, text_column: str = "text", label_column: str = "label") -> Dataset:
+    """A local JSONL / JSON / CSV file, or a folder of <label>/*.txt, as a `datasets.Dataset`."""
+    from datasets import load_dataset
+
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        dataset = _label_folder(path, text_column, label_column)
+    else:
+        builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json, .csv or a folder")
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
+        try:
+            with _quiet_datasets():
+                dataset = load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        except Exception as err:  # datasets raises many types (even StopIteration) for unreadable files
+            raise DataError(f"{path} is not a readable {builder.upper()} file: {type(err).__name__}: {err}") from None
+    if len(dataset) == 0:
+        raise DataError(f"data in {path} is empty: no examples")
+    return dataset
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    return dataset if limit is None else dataset.shuffle(seed=seed).select(range(min(limit, len(dataset))))
+
+
+def _require_columns(dataset: Dataset, columns: list[str], where: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{where} has no column {missing[0]!r}; columns: {', '.join(dataset.column_names)}")
+
+
+def read_splits(data: DataSection, seed: int, bundled: Callable[[int], Any] | None) -> tuple[Dataset, Dataset | None]:
+    """(train, eval) datasets from a bundled loader(seed) (for `data.name`) or local files, subset to the limits."""
+    if data.name is not None:
+        splits = bundled(seed)
+        train, evaluation = splits["train"], splits["test"]
+    else:
+        train = read_local(data.train, data.text_column, data.label_column)
+        evaluation = read_local(data.eval, data.text_column, data.label_column) if data.eval is not None else None
+        if data.eval_fraction:
+            if len(train) < 2:
+                raise DataError(f"{data.train} has {len(train)} example: too few to split off an eval set")
+            parts = train.train_test_split(test_size=data.eval_fraction, seed=seed)
+            train, evaluation = parts["train"], parts["test"]
+    train = _subset(train, data.train_limit, seed)
+    return train, (_subset(evaluation, data.eval_limit, seed) if evaluation is not None else None)
+
+
+def _label_ids(values: list[Any], names: list[str], where: str) -> list[int]:
+    """Map label values (names or integer ids) onto `names`; anything outside the set is an error."""
+    index = {name: i for i, name in enumerate(names)}
+    ids, bad = [], []
+    for row, value in enumerate(values):
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            ids.append(value)
+        elif isinstance(value, str) and value in index:
+            ids.append(index[value])
+        else:
+            bad.append((row, value))
+    if bad:
+        shown = ", ".join(f"row {r}: {v!r}" for r, v in bad[:5])
+        raise DataError(f"{where}: {len(bad)} label(s) outside the declared set {names} ({shown})")
+    return ids
+
+
+def _class_names(train: Dataset, data: DataSection) -> list[str]:
+    feature = train.features[data.label_column]
+    if data.labels is not None:
+        return list(data.labels)
+    if hasattr(feature, "names"):  # a ClassLabel
+        return list(feature.names)
+    values = train[data.label_column]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted({str(v) for v in values})
+
+
+# --- tasks ---------------------------------------------------------------------------------------
+
+
+class Task(ABC):
+    """One kind of training job. Subclasses set `name`, `metric`, `bundled` and the methods below."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the default best-checkpoint metric: "accuracy" (higher is better) or "loss"
+    bundled: ClassVar[dict[str, Callable[[int], Any]]]  # data.name -> loader(seed)
+
+    def check_bundled(self, data: DataSection) -> None:
+        if data.name is not None and data.name not in self.bundled:
+            raise DataError(f"task {self.name} has no bundled data set {data.name!r}; known: {', '.join(self.bundled)}")
+
+    def read_table(self, data: DataSection, seed: int, columns: list[str]) -> tuple[Dataset, Dataset | None]:
+        """Bundled or local (train, eval) datasets that have `columns` and are not empty."""
+        self.check_bundled(data)
+        train, evaluation = read_splits(data, seed, self.bundled.get(data.name))
+        for split, where in ((train, "train data"), (evaluation, "eval data")):
+            if split is not None:
+                _require_columns(split, columns, where)
+                if len(split) == 0:
+                    raise DataError(f"{where} is empty: no examples")
+        return train, evaluation
+
+    @abstractmethod
+    def read_data(self, data: DataSection, seed: int) -> RawData:
+        """Read and check the data (files exist, not empty, columns, labels) without loading a model."""
+
+    def load_model(self, model: ModelSection, raw: RawData) -> tuple[nn.Module, Any]:
+        """(model, tokenizer or None) from the `MODELS` registry, sized for the data's labels."""
+        return MODELS[model.name].build(len(raw.labels) if raw.labels is not None else None)
+
+    def head_modules(self, model: ModelSection) -> list[str]:
+        return list(MODELS[model.name].head)
+
+    @abstractmethod
+    def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
+        """Turn the checked data into `Rows`, once."""
+
+    @staticmethod
+    def encode_splits(raw: RawData, rows: Callable[[Any], Rows]) -> TaskData:
+        """`rows(split)` for the train and (if any) eval split."""
+        return TaskData(rows(raw.train), rows(raw.eval) if raw.eval is not None else None, raw.labels)
+
+    def collate(self, rows: Rows, idx: torch.Tensor) -> Rows:
+        """The batch of rows `idx`, ready for `row_stats` (text tasks cut the shared padding)."""
+        batch = {key: value[idx] for key, value in rows.items()}
+        if "attention_mask" in batch:
+            length = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
+        return batch
+
+    @abstractmethod
+    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
+        """Score a batch per row (loss summed over each row's units)."""
+
+    def units(self, batch: Rows) -> float:
+        """The batch's loss units, known before the forward pass: one per row."""
+        return float(batch["labels"].shape[0])
+
+
+def _classification_stats(logits: torch.Tensor, labels: torch.Tensor) -> RowStats:
+    logits = logits.float()
+    return RowStats(F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels, dtype=torch.float32),
+                    logits.argmax(-1) == labels)
+
+
+class ClassifyText(Task):
+    """Sequence classification with an encoder (cross-entropy on the head's logits; accuracy)."""
+
+    name = "classify-text"
+    metric = "accuracy"
+    bundled = {"bbc-news": lambda seed: bundled_sets.load_bbc_news(seed=seed)}
+
+    def read_data(self, data: DataSection, seed: int) -> RawData:
+        train, evaluation = self.read_table(data, seed, [data.text_column, data.label_column])
+        names = _class_names(train, data)
+        for split, where in ((train, "train data"), (evaluation, "eval data")):
+            if split is not None:
+                _label_ids(split[data.label_column], names, where)
+        return RawData(train, evaluation, names)
+
+    def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
+        def rows(split: Dataset) -> Rows:
+            encoded = processor(list(split[data.text_column]), truncation=True, max_length=data.max_length,
+                                padding="max_length", return_tensors="pt")
+            labels = _label_ids(split[data.label_column], raw.labels, "data")
+            return {**encoded, "labels": torch.tensor(labels)}
+
+        return self.encode_splits(raw, rows)
+
+    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return _classification_stats(model(**inputs).logits, batch["labels"])
+
+
+def chat_rows(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> Rows:
+    """Chat-template each (prompt, response) pair; labels are -100 on the prompt (system and user turns plus
+    the assistant header) and on padding, so the loss covers only the answer and its end-of-turn tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(prompts), max_length), pad, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention = torch.zeros_like(input_ids)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):
+            raise DataError(f"the chat template does not render the prompt as a prefix of the conversation (row {row})")
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        ids = (head_ids + tokenizer(full[len(head):], add_special_tokens=False)["input_ids"])[:max_length]
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+        labels[row, len(head_ids):len(ids)] = input_ids[row, len(head_ids):len(ids)]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class CausalLMChat(Task):
+    """Instruction tuning of a causal LM: next-token cross-entropy on the answer tokens only."""
+
+    name = "causal-lm-chat"
+    metric = "loss"
+    bundled = {"chatterbot": lambda seed: bundled_sets.load_chatterbot_splits(seed=seed)}
+
+    def read_data(self, data: DataSection, seed: int) -> RawData:
+        train, evaluation = self.read_table(data, seed, [data.prompt_column, data.response_column])
+        return RawData(train, evaluation, None)
+
+    def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
+        if not getattr(processor, "chat_template", None):
+            raise DataError("task causal-lm-chat needs a tokenizer with a chat template")
+
+        def rows(split: Dataset) -> Rows:
+            encoded = chat_rows(processor, list(split[data.prompt_column]), list(split[data.response_column]),
+                                data.max_length)
+            no_answer = int((~(encoded["labels"] != -100).any(1)).sum())
+            if no_answer:
+                raise DataError(f"{no_answer} of {len(split)} prompts fill all of data.max_length={data.max_length} "
+                                "tokens, leaving no answer to learn: raise data.max_length")
+            return encoded
+
+        return self.encode_splits(raw, rows)
+
+    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # sequence deltas (prompt, P-tuning) put virtual tokens first: the real tokens are the last positions
+        logits = logits[:, -batch["input_ids"].size(1):]
+        targets = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        return RowStats(losses.sum(1), (targets != -100).sum(1).float())
+
+    def units(self, batch: Rows) -> float:
+        """Answer tokens that are predicted (every labelled token after the first position)."""
+        return float((batch["labels"][:, 1:] != -100).sum())
+
+
+class ClassifyImage(Task):
+    """Image classification (Fashion-MNIST greyscale images resized to the model's input, 3 channels)."""
+
+    name = "classify-image"
+    metric = "accuracy"
+    image_size = 224  # set from data.image_size by `encode`
+    bundled = {"fashion-mnist": lambda seed: None}  # read by `read_data` (tensors, not a Dataset)
+
+    def read_data(self, data: DataSection, seed: int) -> RawData:
+        self.check_bundled(data)
+        if data.name is None:
+            raise DataError("task classify-image reads the bundled data set only: set data.name: fashion-mnist")
+        def split(name: str, limit: int | None) -> Rows:
+            images, labels = bundled_sets.load_fashion_mnist(name)
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:limit]
+            return {"pixels": images[keep], "labels": labels[keep]}
+
+        return RawData(split("train", data.train_limit), split("test", data.eval_limit), list(bundled_sets.FASHION_MNIST_CLASSES))
+
+    def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
+        self.image_size = data.image_size
+        return TaskData(raw.train, raw.eval, raw.labels)
+
+    def collate(self, rows: Rows, idx: torch.Tensor) -> Rows:
+        """uint8 [B, 28, 28] -> normalised float [B, 3, S, S] (bilinear resize), resized per batch to save memory."""
+        pixels = rows["pixels"][idx].float().div(255).unsqueeze(1)
+        pixels = F.interpolate(pixels, size=self.image_size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        mean = torch.tensor(bundled_models.EFFICIENTNET_LITE0_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(bundled_models.EFFICIENTNET_LITE0_STD).view(1, 3, 1, 1)
+        return {"pixels": (pixels - mean) / std, "labels": rows["labels"][idx]}
+
+    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
+        return _classification_stats(model(batch["pixels"]), batch["labels"])
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassifyText, CausalLMChat, ClassifyImage)}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `task: <cls.name>` usable in training configs."""
+    TASKS[cls.name] = cls
+    return cls
