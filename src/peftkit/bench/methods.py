@@ -1,0 +1,244 @@
+"""The benchmark's one table of methods: per model family, each method's default config, its
+learning-rate list, why it does not apply (if so), and its training hooks.
+
+Every method in `peftkit.core.config.METHODS` needs an entry here (a test fails otherwise), and
+every entry either configures a family or says why it is skipped for it: the report shows a
+"skipped: reason" row, never a silent gap. Families: "bert" (MiniLM and other BERT encoders),
+"llama" (SmolLM2 and other Llama decoders), "cnn" (EfficientNet-Lite0).
+
+Two reference rows sit beside the methods: full fine-tuning and the frozen-backbone linear probe.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import METHODS
+from ..methods import (AdaLoRAController, Bottleneck, FishDipSchedule, diff_pruning_penalty, diff_pruning_project,
+                       dylora_sample_rank, ltsft_select, select, select_units, sora_proximal_step)
+
+FAMILIES = ("bert", "llama", "cnn")
+FULL, PROBE = "full-finetune", "linear-probe"
+REFERENCES = (FULL, PROBE)
+REFERENCE = "reference"  # the backend column of the reference rows
+
+# Where the weight deltas go, per family: BERT's and Llama's attention query/value (as LoRA's paper),
+# EfficientNet's 1x1 expand/project convolutions (the bulk of its weights; depthwise convs are tiny).
+QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "cnn": r"_blocks\.\d+\._(expand|project)_conv"}
+LINEAR_ONLY = "its layers are Linear-only, and EfficientNet-Lite0's only Linear is the classifier head (trained anyway)"
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What a method's hooks may need: the model, the adapter's name, the lr, the step budget, and for
+    data-driven selection a few training batches with the task's mean-loss function."""
+
+    model: nn.Module
+    adapter: str
+    lr: float
+    steps: int
+    batches: list[Any] = field(default_factory=list)
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One row kind of the benchmark (a registered method or a reference row)."""
+
+    name: str
+    defaults: dict[str, dict[str, Any]]  # family -> config fields (targets, rank, ...)
+    lrs: tuple[float, ...]  # the learning-rate sweep, best first (`--quick` uses only the first)
+    skips: dict[str, str] = field(default_factory=dict)  # family -> why the method does not apply
+    prepare: Callable[[HookContext], object] | None = None  # after attach, before training (Fisher selection)
+    callbacks: Callable[[HookContext], list] | None = None  # trainer callbacks (rank allocation, gates ...)
+    between: Callable[[HookContext], object] | None = None  # set: train in two halves with this in between
+    finish: Callable[[HookContext], object] | None = None  # after training, before scoring (projection)
+    schedule: Callable[[int], dict[str, Any]] | None = None  # config fields that follow the step budget
+    quick: bool = False  # part of the `--quick` profile
+    peft: bool = False  # Hugging Face PEFT has the same method (`--compare-peft` runs its version too)
+
+    def config_fields(self, family: str, steps: int) -> dict[str, Any]:
+        """The method's config for a family and a step budget (without the task head, added by the protocol)."""
+        return {"method": self.name, **self.defaults[family], **(self.schedule(steps) if self.schedule else {})}
+
+    def skip_reason(self, family: str) -> str | None:
+        if family in self.skips:
+            return self.skips[family]
+        if family not in self.defaults:
+            return f"no bench default for the {family} family (add one in peftkit/bench/methods.py)"
+        return None
+
+
+def _adalora_schedule(steps: int) -> dict[str, Any]:
+    """AdaLoRA prunes over the whole budget: 10% warm-up at full rank, 20% final at the target rank."""
+    return {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)}
+
+
+def _adalora_callbacks(context: HookContext) -> list:
+    from ..train import Callback
+
+    controller = AdaLoRAController(context.model, context.adapter)
+
+    class RankAllocation(Callback):
+        def on_step_end(self, trainer) -> None:
+            controller.update(trainer.step)  # called before the trainer counts this step: its 0-based index
+
+        def extra_loss(self, trainer):
+            return controller.regularizer()
+
+    return [RankAllocation()]
+
+
+def _step_callback(action: Callable[[HookContext, Any], object]) -> Callable[[HookContext], list]:
+    """Callbacks factory running `action(context, trainer)` after every optimizer step."""
+    def build(context: HookContext) -> list:
+        from ..train import Callback
+
+        class AfterStep(Callback):
+            def on_step_end(self, trainer) -> None:
+                action(context, trainer)
+
+        return [AfterStep()]
+    return build
+
+
+def _sora_gate_step(context: HookContext, trainer) -> None:
+    """SoRA's proximal step on the gates at the optimizer's current lr, λ = 1 (the paper's default scale)."""
+    sora_proximal_step(context.model, context.adapter, lr=trainer.optimizer.param_groups[0]["lr"], lam=1.0)
+
+
+def _fisher_select(context: HookContext) -> None:
+    select(context.model, context.adapter, context.batches, context.loss_fn)
+
+
+def _unit_select(context: HookContext) -> None:
+    select_units(context.model, context.adapter, context.batches, context.loss_fn)
+
+
+def _fishdip_callbacks(context: HookContext) -> list:
+    from ..train import Callback
+
+    schedule = FishDipSchedule(context.model, context.adapter, context.batches, context.loss_fn)
+
+    class Reselect(Callback):
+        def on_train_begin(self, trainer) -> None:
+            schedule.bind(trainer.optimizer)
+
+        def on_step_end(self, trainer) -> None:
+            schedule(trainer.step)
+
+    return [Reselect()]
+
+
+def _diff_pruning_callbacks(context: HookContext) -> list:
+    from ..train import Callback
+
+    penalty = diff_pruning_penalty(context.model, context.adapter)
+
+    class L0Penalty(Callback):
+        def extra_loss(self, trainer):
+            return penalty()
+
+    return [L0Penalty()]
+
+
+def _lora_like(**fields: Any) -> dict[str, dict[str, Any]]:
+    return {family: {"targets": targets, **fields} for family, targets in QV.items()}
+
+
+def _linear_only(**fields: Any) -> dict[str, dict[str, Any]]:
+    return {family: {"targets": QV[family], **fields} for family in ("bert", "llama")}
+
+
+# Selective methods: every linear layer (conv on the CNN) is a candidate, the task head is trained whole.
+ALL_WEIGHTS = {"bert": {"targets": "all-linear", "exclude": ["classifier"]}, "llama": {"targets": "all-linear"},
+               "cnn": {"targets": ["type:Conv2d"]}}
+NO_TOKENS = "it adds tokens to a token sequence; a CNN has none"
+NOT_LLAMA_ATTENTION = "LLaMA-Adapter's gated prompts need Llama-style attention (q/k/v/o_proj); BERT's differs"
+
+
+def _selective(**fields: Any) -> dict[str, dict[str, Any]]:
+    return {family: {**targets, **fields} for family, targets in ALL_WEIGHTS.items()}
+
+
+LORA_LRS = (3e-3, 1e-3, 1e-2)
+PROMPT_LRS = (3e-2, 1e-2, 1e-1)  # soft prompts need large steps (Lester et al. use 0.3)
+SPARSE_LRS = (1e-3, 3e-4, 3e-3)  # selective methods change base weights directly: smaller steps
+VECTOR_LRS = (1e-2, 3e-3, 3e-2)  # methods that train only scaling vectors need larger steps
+
+BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
+    BenchMethod("lora", _lora_like(r=8, alpha=16), LORA_LRS, quick=True, peft=True),
+    BenchMethod("dora", _lora_like(r=8, alpha=16), LORA_LRS, quick=True, peft=True),
+    BenchMethod("lorafa", _lora_like(r=8, alpha=16), LORA_LRS),
+    BenchMethod("vera", _linear_only(r=256), VECTOR_LRS, skips={"cnn": f"VeRA: {LINEAR_ONLY}"}, quick=True, peft=True),
+    BenchMethod("adalora", _linear_only(init_r=8, target_r=4, alpha=16), (1e-2, 3e-3),
+                skips={"cnn": f"AdaLoRA: {LINEAR_ONLY}"}, callbacks=_adalora_callbacks, schedule=_adalora_schedule, peft=True),
+    BenchMethod("dylora", _linear_only(r_min=1, r_max=8, alpha=16), LORA_LRS, skips={"cnn": f"DyLoRA: {LINEAR_ONLY}"},
+                callbacks=_step_callback(lambda context, trainer: dylora_sample_rank(context.model, context.adapter))),
+    BenchMethod("sora", _linear_only(r=8, alpha=16), LORA_LRS, skips={"cnn": f"SoRA: {LINEAR_ONLY}"},
+                callbacks=_step_callback(_sora_gate_step)),
+    BenchMethod("krona", _linear_only(a_shape=(16, 16), scale=4.0), LORA_LRS, skips={"cnn": f"KronA: {LINEAR_ONLY}"}),
+    BenchMethod("compacter", _linear_only(phm_dim=4, phm_rank=4), LORA_LRS,
+                skips={"cnn": f"Compacter: {LINEAR_ONLY}"}),
+    BenchMethod("ia3", {"bert": {"targets": ["key", "value", "output.dense"], "feedforward": ["output.dense"]},
+                        "llama": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}},
+                VECTOR_LRS, skips={"cnn": f"(IA)3: {LINEAR_ONLY}"}, quick=True, peft=True),
+    BenchMethod("ssf", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]},
+                        "llama": {"targets": "all-linear"},
+                        "cnn": {"targets": ["type:Conv2d"]}}, VECTOR_LRS),
+    BenchMethod("bottleneck", {family: Bottleneck.preset("parallel").model_dump(mode="json") for family in ("bert", "llama")},
+                LORA_LRS, skips={"cnn": f"bottleneck adapters: {LINEAR_ONLY}"}, quick=True),
+    BenchMethod("prompt_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
+                skips={"cnn": f"prompt tuning: {NO_TOKENS}"}),
+    BenchMethod("prefix_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
+                skips={"cnn": f"prefix tuning: {NO_TOKENS}"}),
+    BenchMethod("p_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
+                skips={"cnn": f"P-tuning: {NO_TOKENS}"}),
+    BenchMethod("llama_adapter", {"llama": {"adapter_len": 10, "adapter_layers": 10}}, PROMPT_LRS,
+                skips={"bert": NOT_LLAMA_ATTENTION, "cnn": f"LLaMA-Adapter: {NO_TOKENS}"}),
+    BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
+        family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
+                "to fuse" for family in FAMILIES}),
+    BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]}},
+                SPARSE_LRS, skips={"llama": "Llama's linear layers and norms have no biases",
+                                   "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
+    BenchMethod("layernorm", {"bert": {}}, SPARSE_LRS, skips={"llama": "Llama's norms are RMSNorm, not LayerNorm",
+                                                            "cnn": "EfficientNet normalises with BatchNorm, not LayerNorm"}),
+    BenchMethod("lastk", {"bert": {"k": 1}, "llama": {"k": 2, "targets": "all-linear"},  # RMSNorm, BatchNorm: not hosts
+                          "cnn": {"k": 2, "targets": ["type:Conv2d"]}}, SPARSE_LRS),
+    BenchMethod("pafi", _selective(fraction=0.005), SPARSE_LRS),
+    BenchMethod("fishmask", _selective(fraction=0.005), SPARSE_LRS, prepare=_fisher_select),
+    BenchMethod("fishdip", _selective(fraction=0.005, samples=32), SPARSE_LRS, prepare=_fisher_select,
+                callbacks=_fishdip_callbacks, schedule=lambda steps: {"every": max(1, steps // 4)}),
+    BenchMethod("child_tuning_d", _selective(fraction=0.3), SPARSE_LRS, prepare=_fisher_select),
+    BenchMethod("child_tuning_f", _selective(p=0.3), SPARSE_LRS),
+    BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS, callbacks=_diff_pruning_callbacks,
+                finish=lambda context: diff_pruning_project(context.model, context.adapter)),
+    BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS,
+                between=lambda context: ltsft_select(context.model, context.adapter)),
+    BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, SPARSE_LRS,
+                skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"},
+                prepare=_unit_select),
+    BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),
+    BenchMethod(PROBE, {"bert": {}, "cnn": {}}, (1e-2, 3e-3, 3e-2),
+                skips={"llama": "a causal LM has no separate head to probe (SmolLM2 ties it to the input embeddings)"},
+                quick=True),
+]}
+
+
+def bench_method(name: str) -> BenchMethod:
+    """The bench entry of a method; a registered method without one still gets a (skipped) row."""
+    if name in BENCH_METHODS:
+        return BENCH_METHODS[name]
+    if name in METHODS:
+        return BenchMethod(name, {}, (), skips={f: "no bench entry in peftkit/bench/methods.py" for f in FAMILIES})
+    raise KeyError(name)
+
+
+def all_rows() -> list[str]:
+    """Every registered method (registry order), then the reference rows."""
+    return [*METHODS, *REFERENCES]
