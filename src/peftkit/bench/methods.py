@@ -167,7 +167,8 @@ def _selective(**fields: Any) -> dict[str, dict[str, Any]]:
 
 LORA_LRS = (3e-3, 1e-3, 1e-2)
 PROMPT_LRS = (3e-2, 1e-2, 1e-1)  # soft prompts need large steps (Lester et al. use 0.3)
-SPARSE_LRS = (1e-3, 3e-4, 3e-3)  # selective methods change base weights directly: smaller steps
+SPARSE_LRS = (1e-2, 3e-3, 1e-3)  # a few selected entries (biases, 0.5% masks) need large steps, like vectors
+BLOCK_LRS = (1e-3, 3e-4, 3e-3)  # whole blocks or large shares of base weights: fine-tuning-sized steps
 VECTOR_LRS = (1e-2, 3e-3, 3e-2)  # methods that train only scaling vectors need larger steps
 
 BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
@@ -191,7 +192,7 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                         "llama": {"targets": "all-linear"},
                         "cnn": {"targets": ["type:Conv2d"]}}, VECTOR_LRS),
     BenchMethod("bottleneck", {family: Bottleneck.preset("parallel").model_dump(mode="json") for family in ("bert", "llama")},
-                LORA_LRS, skips={"cnn": f"bottleneck adapters: {LINEAR_ONLY}"}, quick=True),
+                BLOCK_LRS, skips={"cnn": f"bottleneck adapters: {LINEAR_ONLY}"}, quick=True),
     BenchMethod("prompt_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
                 skips={"cnn": f"prompt tuning: {NO_TOKENS}"}),
     BenchMethod("prefix_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
@@ -209,18 +210,18 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("layernorm", {"bert": {}}, SPARSE_LRS, skips={"llama": "Llama's norms are RMSNorm, not LayerNorm",
                                                             "cnn": "EfficientNet normalises with BatchNorm, not LayerNorm"}),
     BenchMethod("lastk", {"bert": {"k": 1}, "llama": {"k": 2, "targets": "all-linear"},  # RMSNorm, BatchNorm: not hosts
-                          "cnn": {"k": 2, "targets": ["type:Conv2d"]}}, SPARSE_LRS),
+                          "cnn": {"k": 2, "targets": ["type:Conv2d"]}}, BLOCK_LRS),
     BenchMethod("pafi", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("fishmask", _selective(fraction=0.005), SPARSE_LRS, prepare=_fisher_select),
     BenchMethod("fishdip", _selective(fraction=0.005, samples=32), SPARSE_LRS, prepare=_fisher_select,
                 callbacks=_fishdip_callbacks, schedule=lambda steps: {"every": max(1, steps // 4)}),
-    BenchMethod("child_tuning_d", _selective(fraction=0.3), SPARSE_LRS, prepare=_fisher_select),
-    BenchMethod("child_tuning_f", _selective(p=0.3), SPARSE_LRS),
+    BenchMethod("child_tuning_d", _selective(fraction=0.3), BLOCK_LRS, prepare=_fisher_select),
+    BenchMethod("child_tuning_f", _selective(p=0.3), BLOCK_LRS),
     BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS, callbacks=_diff_pruning_callbacks,
                 finish=lambda context: diff_pruning_project(context.model, context.adapter)),
     BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS,
                 between=lambda context: ltsft_select(context.model, context.adapter)),
-    BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, SPARSE_LRS,
+    BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, BLOCK_LRS,
                 skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"},
                 prepare=_unit_select),
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),
