@@ -123,7 +123,7 @@ def plot_task(task: TaskReport, folder: Path) -> list[Path]:
             marker = "o" if row.backend == "peftkit" else "s"
             y = row.mean(task.metric)
             ax.errorbar(x_of(row), y, yerr=row.std(task.metric), fmt=marker, capsize=3)
-            ax.annotate(row.method if row.backend == "peftkit" else f"{row.method} (peft)", (x_of(row), y),
+            ax.annotate(row.method if row.backend == "peftkit" else f"{row.method} ({row.backend})", (x_of(row), y),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
         if log:
             ax.set_xscale("log")
