@@ -19,7 +19,7 @@ from peftkit.methods.selective.diff_pruning import expected_l0, hard_concrete_me
 
 from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
 from .conftest import randomize
-from .test_selective_ltsft import (assert_only_mask_moved, assert_phase_change_refuses_bad_calls, base_state,
+from .selective_checks import (assert_only_mask_moved, assert_phase_change_refuses_bad_calls, base_state,
                                    fit_bbc_in_two_phases, train_with_weight_decay)
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1

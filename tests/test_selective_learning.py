@@ -2,7 +2,6 @@
 load and merge back to the trained model's outputs."""
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -15,42 +14,20 @@ from peftkit import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedul
 from peftkit.train.classify import encode
 
 from .bbc import bbc_subset, fit_bbc
+from .selective_checks import fisher_batches, saved_kib, trainable_share
 
 ENCODER_LINEAR = {"targets": ["type:Linear"], "exclude": ["classifier"]}
-FISHER_ROWS = 64  # training examples the Fisher is computed on
-
-
-@lru_cache(maxsize=1)
-def _fisher_batches() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    from peftkit.models import load_minilm
-
-    train = bbc_subset()[0]
-    inputs = encode(load_minilm()[1], train["text"][:FISHER_ROWS], 64)
-    labels = torch.tensor(train["label"][:FISHER_ROWS])
-    return [({k: v[i:i + 16] for k, v in inputs.items()}, labels[i:i + 16]) for i in range(0, FISHER_ROWS, 16)]
 
 
 def _select(model: nn.Module) -> dict:
-    peftkit.select(model, "default", _fisher_batches())
+    peftkit.select(model, "default", fisher_batches())
     return {}
 
 
 def _fishdip(model: nn.Module) -> dict:
     _select(model)
-    schedule = FishDipSchedule(model, "default", _fisher_batches())
+    schedule = FishDipSchedule(model, "default", fisher_batches())
     return {"on_step": schedule, "on_optimizer": schedule.bind}
-
-
-def _trainable_share(model: nn.Module) -> float:
-    """Trained entries of the base (the task head's copy excluded) over all base parameters."""
-    counts = peftkit.summary(model)
-    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier.peftkit."))
-    return (counts.trainable - head) / (counts.total - counts.trainable)
-
-
-def _saved_kib(model: nn.Module, path: Path) -> float:
-    peftkit.save(model, path)
-    return sum(f.stat().st_size for f in path.iterdir()) / 1024
 
 
 CASES = {  # name: (config, lr, on_attach, lowest accepted accuracy)
@@ -69,7 +46,7 @@ CASES = {  # name: (config, lr, on_attach, lowest accepted accuracy)
 def test_selective_method_learns_bbc(case: str, tmp_path: Path) -> None:
     config, lr, on_attach, lowest = CASES[case]
     result, model, tokenizer = fit_bbc(config, lr=lr, on_attach=on_attach)
-    share, kib = _trainable_share(model), _saved_kib(model, tmp_path / case)
+    share, kib = trainable_share(model), saved_kib(model, tmp_path / case)
     print(f"{case}: accuracy {result.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
     assert result.accuracy_after > lowest and sum(result.losses[-5:]) < sum(result.losses[:5])
     # save -> load -> merge on a fresh base reproduces the trained model's outputs

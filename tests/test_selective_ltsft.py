@@ -3,7 +3,6 @@ phase 2 moves nothing else (AdamW with weight decay included), files, merge, rou
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,51 +13,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
-from peftkit import LTSFT, LoRA, MaskError, SelectionError, ltsft_select
-from peftkit.api import _deltas
-from peftkit.core.delta import ModuleCopy
+from peftkit import LTSFT, LoRA, MaskError, ltsft_select
 from peftkit.methods.selective.selection import install_masks
 
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
 from .conftest import randomize
+from .selective_checks import (assert_only_mask_moved, assert_phase_change_refuses_bad_calls, base_state,
+                               fit_bbc_in_two_phases, train_with_weight_decay)
 
 TARGETS = ["attn.q", "attn.k", "attn.v", "ffn.0", "ffn.2"]
-
-
-# --- helpers shared by the selective method tests ------------------------------------------------------------------
-
-def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if ".peftkit." not in n}
-
-
-def train_with_weight_decay(model: nn.Module, inputs: Any, name: str = "default", steps: int = 5) -> None:
-    """A few AdamW steps with strong weight decay and momentum on adapter `name`."""
-    optimizer = torch.optim.AdamW(peftkit.adapter_parameters(model, name), lr=0.05, weight_decay=0.5)
-    for _ in range(steps):
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-        getattr(out, "logits", out).sin().sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-def assert_only_mask_moved(model: nn.Module, base: dict[str, torch.Tensor], name: str = "default") -> None:
-    """Merged, adapter `name` changes the base bit for bit only inside its mask (and most entries inside)."""
-    assert all(torch.equal(p, base[n]) for n, p in base_state(model).items())  # unmerged: the base is untouched
-    registry = peftkit.api.get_registry(model)
-    inside = {}
-    for host_name, (_, delta) in zip(registry.hosts[name], _deltas(model, name)):
-        if not isinstance(delta, ModuleCopy):
-            for param, diff in delta.diffs():
-                inside[f"{host_name}.{param}"] = torch.zeros(base[f"{host_name}.{param}"].numel(), dtype=torch.bool)
-                inside[f"{host_name}.{param}"][diff.flat_change()[0]] = True
-    peftkit.merge(model, name)
-    merged = base_state(model)
-    moved = 0
-    for key, mask in inside.items():
-        assert torch.equal(merged[key].flatten()[~mask], base[key].flatten()[~mask]), key
-        moved += int((merged[key].flatten()[mask] != base[key].flatten()[mask]).sum())
-    assert moved > 0.9 * sum(int(m.sum()) for m in inside.values())
-    peftkit.unmerge(model, name)
 
 
 # --- phase 1 and the selection -------------------------------------------------------------------------------------
@@ -144,22 +107,6 @@ def test_fraction_outside_unit_interval_is_rejected(fraction: float) -> None:
         LTSFT(targets=TARGETS, fraction=fraction)
 
 
-def assert_phase_change_refuses_bad_calls(model: nn.Module, change: Callable[[nn.Module, str], object], method: str,
-                                          done: str) -> None:
-    """`change` (a method's switch of adapter "default" to its sparse phase) refuses another method's adapter,
-    a merged adapter, and a second call (message `done`)."""
-    peftkit.attach(model, LoRA(r=2, targets=["attn.k"]), "lora")
-    with pytest.raises(SelectionError, match=f"not {method}"):
-        change(model, "lora")
-    peftkit.merge(model, "default")
-    with pytest.raises(SelectionError, match="merged"):
-        change(model, "default")
-    peftkit.unmerge(model)
-    change(model, "default")
-    with pytest.raises(SelectionError, match=done):
-        change(model, "default")
-
-
 def test_selecting_twice_or_the_wrong_adapter_or_merged_is_a_named_error(tiny) -> None:
     assert_phase_change_refuses_bad_calls(_phase_one(tiny), ltsft_select, "ltsft", "already in phase 2")
 
@@ -171,28 +118,6 @@ def test_masks_for_missing_parameters_are_named_errors(tiny) -> None:
 
 
 # --- learning ------------------------------------------------------------------------------------------------------
-
-def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, switch: Callable[[nn.Module], object], path: Path,
-                          on_attach: Callable[[nn.Module], dict[str, Any]] | None = None,
-                          sparse_epochs: int = 2) -> tuple[Any, Any, float, float]:
-    """A dense phase on BBC (1 epoch, lr 1e-4), `switch(model)`, then the sparse phase (lr 1e-2).
-
-    Returns both phases' results, the share of the base the sparse phase trains, and the saved size in KiB.
-    """
-    from peftkit.train.classify import ClassifyConfig, train_classifier
-
-    from .bbc import bbc_subset, fit_bbc
-    from .test_selective_learning import _saved_kib, _trainable_share
-
-    dense, model, tokenizer = fit_bbc(config, lr=1e-4, epochs=1, on_attach=on_attach)
-    switch(model)
-    train, test = bbc_subset()
-    sparse = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=sparse_epochs, batch_size=16, lr=1e-2, max_length=64), progress=False)
-    share, kib = _trainable_share(model), _saved_kib(model, path)
-    print(f"{config.method}: dense phase accuracy {dense.accuracy_after:.3f}; sparse phase {sparse.accuracy_before:.3f} "
-          f"-> {sparse.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
-    return dense, sparse, share, kib
 
 
 def test_ltsft_learns_bbc(tmp_path: Path) -> None:
