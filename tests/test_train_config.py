@@ -8,21 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tests.train_models  # noqa: F401  (registers tiny-bert, tiny-llama)
 from peftkit.train import DEFAULT_CONFIG, DataError, TrainConfigError, config_from_mapping, load_config, run_training
 
+from tests.train_models import local, tiny_config, write
+
 CONFIGS = Path(__file__).parent.parent / "configs"
-
-
-def tiny_config(tmp_path: Path, **sections) -> dict:
-    config = {"task": "classify-text", "model": {"name": "tiny-bert"},
-              "method": {"method": "lora", "r": 2, "targets": ["query", "value"]},
-              "data": {"name": "bbc-news", "train_limit": 16, "eval_limit": 8, "max_length": 16},
-              "schedule": {"epochs": 1, "batch_size": 8}, "output": {"dir": str(tmp_path / "run"), "plot": False},
-              "progress": False}
-    for key, value in sections.items():  # sections merge into the defaults above, except the method (replaced)
-        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config and key != "method" else value
-    return config
 
 
 def test_bundled_default_is_configs_bbc_lora() -> None:
@@ -68,16 +58,6 @@ def test_missing_config_file_and_bad_resume_target(tmp_path) -> None:
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(TrainConfigError, match="nothing to resume"):
         run_training(tiny_config(tmp_path), resume=True)
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def local(tmp_path: Path, train: Path, **data) -> dict:
-    return tiny_config(tmp_path, data={"name": None, "train": str(train), "train_limit": None, "eval_limit": None,
-                                       "max_length": 16, **data})
 
 
 @pytest.mark.parametrize(("content", "expected"), [

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit.train import Trainer, TrainConfigError, config_from_mapping, prepare, run_training
-from tests.test_train_config import local, tiny_config, write
+from tests.train_models import local, tiny_config, write
 
 CHAT = {"task": "causal-lm-chat", "model": {"name": "tiny-llama"}, "data": {"name": "chatterbot", "max_length": 80},
         "method": {"method": "lora", "r": 2, "targets": ["q_proj", "v_proj"]}}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import peftkit
 import peftkit.core.io
 from peftkit.train import Callback, run_training
-from tests.test_train_config import tiny_config
+from tests.train_models import tiny_config
 
 
 class Interrupt(Exception):

@@ -1,8 +1,10 @@
 """Tiny randomly initialised transformers with the bundled models' tokenizers, registered for training configs
-("tiny-bert", "tiny-llama"): the trainer's unit tests run on them in well under a second per step."""
+("tiny-bert", "tiny-llama"): the trainer's unit tests run on them in well under a second per step; plus the
+small training configs and data files those tests build."""
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,3 +48,24 @@ def tiny_llama(_: int | None) -> tuple[nn.Module, Any]:
 
 register_model("tiny-bert", tiny_bert, head=("classifier",))
 register_model("tiny-llama", tiny_llama)
+
+
+def tiny_config(tmp_path: Path, **sections) -> dict:
+    config = {"task": "classify-text", "model": {"name": "tiny-bert"},
+              "method": {"method": "lora", "r": 2, "targets": ["query", "value"]},
+              "data": {"name": "bbc-news", "train_limit": 16, "eval_limit": 8, "max_length": 16},
+              "schedule": {"epochs": 1, "batch_size": 8}, "output": {"dir": str(tmp_path / "run"), "plot": False},
+              "progress": False}
+    for key, value in sections.items():  # sections merge into the defaults above, except the method (replaced)
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config and key != "method" else value
+    return config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def local(tmp_path: Path, train: Path, **data) -> dict:
+    return tiny_config(tmp_path, data={"name": None, "train": str(train), "train_limit": None, "eval_limit": None,
+                                       "max_length": 16, **data})
