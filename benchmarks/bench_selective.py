@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import peftkit
-from peftkit.api import _deltas
+from peftkit.core.registry import adapter_deltas
 from peftkit.core.config import METHODS
 from peftkit.methods.selective.selection import FisherSelected
 from peftkit.methods.selective.sparse import SelectiveConfig, SparseDelta
@@ -128,7 +128,7 @@ def _selective(method: str) -> Contender:
     prepare = PREPARE.get(method)
     if prepare is not None:
         return Contender(model, prepare(model))
-    unselected = any(isinstance(d, SparseDelta) and not d.selected for _, d in _deltas(model, NAME))
+    unselected = any(isinstance(d, SparseDelta) and not d.selected for _, _, d in adapter_deltas(model, NAME))
     if unselected:
         if not isinstance(peftkit.adapters(model)[NAME], FisherSelected):
             raise SystemExit(f"{method}: its mask is chosen after attach in a way this benchmark does not know; "
@@ -200,7 +200,7 @@ def _state_bytes(c: Contender) -> int:
 def _is_unstructured(c: Contender) -> bool:
     """True when the adapter holds scattered element masks (the 1.2x-LoRA speed target applies)."""
     return c.adapter and any(isinstance(d, SparseDelta) and any(diff.is_elements for _, diff in d.diffs())
-                             for _, d in _deltas(c.model, NAME))
+                             for _, _, d in adapter_deltas(c.model, NAME))
 
 
 @lru_cache(maxsize=1)

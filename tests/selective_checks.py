@@ -13,7 +13,7 @@ from torch import nn
 
 import peftkit
 from peftkit import LoRA, SelectionError
-from peftkit.api import _deltas
+from peftkit.core.registry import adapter_deltas
 from peftkit.core.delta import ModuleCopy
 from peftkit.train.classify import encode
 
@@ -39,9 +39,8 @@ def train_with_weight_decay(model: nn.Module, inputs: Any, name: str = "default"
 def assert_only_mask_moved(model: nn.Module, base: dict[str, torch.Tensor], name: str = "default") -> None:
     """Merged, adapter `name` changes the base bit for bit only inside its mask (and most entries inside)."""
     assert all(torch.equal(p, base[n]) for n, p in base_state(model).items())  # unmerged: the base is untouched
-    registry = peftkit.api.get_registry(model)
     inside = {}
-    for host_name, (_, delta) in zip(registry.hosts[name], _deltas(model, name)):
+    for host_name, _, delta in adapter_deltas(model, name):
         if not isinstance(delta, ModuleCopy):
             for param, diff in delta.diffs():
                 inside[f"{host_name}.{param}"] = torch.zeros(base[f"{host_name}.{param}"].numel(), dtype=torch.bool)

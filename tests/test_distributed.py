@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
-from peftkit.core.io import PEFTKIT_WEIGHTS, _module_tensors
+from peftkit.core.io import PEFTKIT_WEIGHTS, adapter_tensors
 from peftkit.train.concurrent import Job
 from peftkit.train.distributed import (AdapterGradSync, DistContext, EmptyAdapterError, NoAdapterParametersError,
                                        ShardedAdapterError,
@@ -74,11 +74,11 @@ def test_two_process_gloo_run_equals_one_process(tmp_path) -> None:
     assert done.stdout.count("saved to") == 2  # rank 0 alone reports and saves
 
     model, jobs = build()
-    initial = {name: {k: v.clone() for k, v in _module_tensors(model, name).items()} for name in ("lora", "adapter")}
+    initial = {name: {k: v.clone() for k, v in adapter_tensors(model, name).items()} for name in ("lora", "adapter")}
     train_data_parallel(model, jobs, DistContext())
     for name in ("lora", "adapter"):
         saved = load_file(str(tmp_path / name / PEFTKIT_WEIGHTS))
-        alone = _module_tensors(model, name)
+        alone = adapter_tensors(model, name)
         assert saved.keys() == alone.keys()
         for key, value in alone.items():
             torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-6, msg=key)
@@ -211,9 +211,9 @@ def test_peer_data_parallel_recipes_on_cpu(tmp_path) -> None:
                           timeout=300, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     model = _lora_only()
-    start = {k: v.clone() for k, v in _module_tensors(model, "lora").items()}
+    start = {k: v.clone() for k, v in adapter_tensors(model, "lora").items()}
     _peer_steps(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), 0, 1)
-    alone = _module_tensors(model, "lora")
+    alone = adapter_tensors(model, "lora")
     assert any(not torch.allclose(alone[k], start[k]) for k in alone)
     for peer in ("accelerate", "fsdp2"):
         saved = load_file(str(tmp_path / peer / PEFTKIT_WEIGHTS))

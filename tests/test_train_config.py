@@ -39,6 +39,7 @@ def test_overrides_set_dotted_keys() -> None:
     ("schedule", {"epoks": 3}, "schedule: unknown key 'epoks' (did you mean 'epochs'?)"),
     ("data", {"trian": "x.jsonl"}, "data: unknown key 'trian' (did you mean 'train'?)"),
     ("optimizer", {"lr": -1}, "optimizer.lr"),
+    ("output", {"save": False}, "output.save is false, but eval.restore_best"),
 ])
 def test_bad_config_is_a_named_error_before_training(tmp_path, section, value, expected) -> None:
     with pytest.raises(TrainConfigError, match=re.escape(expected)):

@@ -125,3 +125,15 @@ def test_local_chat_jsonl(tmp_path) -> None:
                    max_length=64)
     result = run_training({**config, **{k: v for k, v in CHAT.items() if k != "data"}})
     assert result.labels is None and set(result.after) == {"loss"} and result.steps == 2
+
+
+def test_save_off_keeps_no_checkpoint_or_adapter(tmp_path) -> None:
+    """output.save false: the run trains and logs, writes no checkpoints or adapter, and cannot be resumed."""
+    config = tiny_config(tmp_path, schedule={"epochs": 1, "batch_size": 8}, eval={"restore_best": False},
+                         output={"dir": str(tmp_path / "run"), "save": False})
+    result = run_training(config)
+    assert result.steps == 2 and result.adapter_dir is None
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "adapter").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    with pytest.raises(TrainConfigError, match="output.save false"):
+        run_training(config, resume=True)

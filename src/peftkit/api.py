@@ -14,7 +14,7 @@ from torch import nn
 
 from .core.config import AdapterConfig
 from .core.delta import Delta, ModuleCopy
-from .core.registry import REGISTRY_ATTR, AdapterRegistry, get_registry
+from .core.registry import REGISTRY_ATTR, AdapterRegistry, adapter_deltas, get_registry
 from .core.routing import RoutingPlan
 from .core.shared_input import SharedInputGroup
 from .core.slot import SLOT_ATTR, DeltaSlot, detach_slot, get_or_create_slot
@@ -27,15 +27,6 @@ _RESERVED = frozenset(dir(DeltaSlot)) | frozenset(vars(nn.Module()))  # names a 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
         raise ValueError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-', starting with a letter or digit, and not a torch Module attribute")
-
-
-def _deltas(model: nn.Module, name: str) -> Iterator[tuple[nn.Module, Delta]]:
-    """(host module, delta) pairs of one adapter."""
-    registry = get_registry(model)
-    registry.require(name)
-    for host_name in registry.hosts[name]:
-        host = model.get_submodule(host_name)
-        yield host, getattr(host, SLOT_ATTR)[name]
 
 
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activate: bool = True) -> nn.Module:
@@ -193,7 +184,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
             raise ValueError(f"adapter {name!r} is already merged")
     for name in names:
         done: list[tuple[nn.Module, Delta]] = []
-        for host, delta in _deltas(model, name):
+        for _, host, delta in adapter_deltas(model, name):
             try:
                 delta.merge_into(host)
             except NotImplementedError as err:  # a non-linear method: undo this adapter's hosts, name the method
@@ -216,7 +207,7 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
         registry.require(name)
         if name not in registry.merged:
             raise ValueError(f"adapter {name!r} is not merged")
-        for host, delta in _deltas(model, name):
+        for _, host, delta in adapter_deltas(model, name):
             delta.unmerge_from(host)
             delta.merged = False
         registry.merged.discard(name)
@@ -229,7 +220,7 @@ def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
         merge(model, [n for n in registry.active if n not in registry.merged])
     for name in list(registry.configs):
         if name in registry.merged:  # keep merged weights: drop the delta without unmerging
-            for host, delta in _deltas(model, name):
+            for _, host, delta in adapter_deltas(model, name):
                 delta.merged = False
                 delta.rewrites_base = False
             registry.merged.discard(name)
@@ -240,13 +231,13 @@ def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
 
 def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
     """Freeze or unfreeze one adapter's parameters."""
-    for _, delta in _deltas(model, name):
+    for _, _, delta in adapter_deltas(model, name):
         delta.requires_grad_(trainable)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
     """The parameters of one adapter (for an optimizer)."""
-    for _, delta in _deltas(model, name):
+    for _, _, delta in adapter_deltas(model, name):
         yield from delta.parameters()
 
 

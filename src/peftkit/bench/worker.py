@@ -35,18 +35,6 @@ ADAPTER = "bench"
 DATA_SEED = 0  # the data (subset, validation split) is the same for every seed: seeds vary training only
 
 
-class _CellTrainer(Trainer):
-    """The peftkit trainer without its files: a cell keeps only its numbers, and a reference row or a
-    Hugging Face PEFT model has no peftkit adapter to checkpoint or save. `fit` then returns None;
-    the cell reads `step` and times the call itself."""
-
-    def _checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def _finish(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 @dataclass
 class Setup:
     """A model made ready for one backend: what to train with, how to save it, how to time it."""
@@ -193,7 +181,7 @@ def _train_config(spec: dict[str, Any], data: dict[str, Any], budget: Budget, se
         "task": spec["task"]["task"], "model": spec["task"]["model"], "data": data, "method": method,
         "adapter_name": ADAPTER, "optimizer": {"name": "adamw", "lr": spec["lr"]},
         "schedule": {"epochs": epochs, "max_steps": budget.steps, "batch_size": budget.batch_size},
-        "eval": {"before": False, "restore_best": False}, "output": {"dir": folder, "plot": False},
+        "eval": {"before": False, "restore_best": False}, "output": {"dir": folder, "plot": False, "save": False},
         "seed": seed, "progress": False,
     })
 
@@ -229,8 +217,7 @@ def _measure(spec: dict[str, Any], seed: int) -> dict[str, Any]:
                 entry.between(context)
             epochs = math.ceil(phase_steps / math.ceil(num_rows(train) / budget.batch_size))
             config = _train_config(spec, data, replace(budget, steps=phase_steps), seed, epochs, folder)
-            trainer = _CellTrainer(model, task, TaskData(train, None, encoded.labels), config, setup.callbacks,
-                                   processor)
+            trainer = Trainer(model, task, TaskData(train, None, encoded.labels), config, setup.callbacks, processor)
             start = time.perf_counter()
             trainer.fit()
             seconds, steps = seconds + time.perf_counter() - start, steps + trainer.step

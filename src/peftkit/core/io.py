@@ -24,7 +24,7 @@ from torch import nn
 
 from . import hf_peft
 from .config import AdapterConfig, config_from_dict
-from .registry import get_registry
+from .registry import adapter_deltas, get_registry
 from .slot import SLOT_ATTR
 
 PEFTKIT_CONFIG = "peftkit_adapter.json"
@@ -36,17 +36,16 @@ class AdapterFileError(ValueError):
     """An adapter directory or file that is missing, corrupt, or does not fit the model."""
 
 
-def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """`<module>.<tensor>` -> tensor for one adapter, in its saved (plain) form."""
     tensors: dict[str, torch.Tensor] = {}
-    for host_name in get_registry(model).hosts[name]:
-        delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
+    for host_name, _, delta in adapter_deltas(model, name):
         for key, value in delta.saved_tensors().items():
             tensors[f"{host_name}.{key}"] = value.contiguous().cpu()
     return tensors
 
 
-def _write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
+def write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
     """Write {filename: json-able dict | tensor dict} into `path`, replacing it as a whole."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not an adapter directory; refusing to replace it")
@@ -79,7 +78,7 @@ def _write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "peftkit") -> Path:
     """Save one adapter to directory `path` in "peftkit" or "peft" (Hugging Face PEFT) format."""
-    _write_dir_atomically(Path(path), adapter_files(model, name, format))
+    write_dir_atomically(Path(path), adapter_files(model, name, format))
     return Path(path)
 
 
@@ -87,7 +86,7 @@ def adapter_files(model: nn.Module, name: str = "default", format: str = "peftki
     """{filename: JSON dict | tensor dict} of one saved adapter (the trainer adds its state beside them)."""
     registry = get_registry(model)
     config = registry.require(name).saved_config()
-    tensors = _module_tensors(model, name)
+    tensors = adapter_tensors(model, name)
     if format == "peftkit":
         files = {PEFTKIT_CONFIG: {"format_version": FORMAT_VERSION, "name": name, "config": config.to_dict()},
                  PEFTKIT_WEIGHTS: tensors}

@@ -1,12 +1,17 @@
 """Model-level adapter state: which adapters are attached, where, and which are active."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .config import AdapterConfig
 from .routing import RoutingPlan
+
+if TYPE_CHECKING:
+    from .delta import Delta
 
 REGISTRY_ATTR = "_peftkit_registry"
 
@@ -42,3 +47,14 @@ def get_registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
         registry = AdapterRegistry()
         model.__dict__[REGISTRY_ATTR] = registry
     return registry
+
+
+def adapter_deltas(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module, "Delta"]]:
+    """(host name, host module, delta) of every host one adapter sits on."""
+    from .slot import SLOT_ATTR  # the slot module imports this one
+
+    registry = get_registry(model)
+    registry.require(name)
+    for host_name in registry.hosts[name]:
+        host = model.get_submodule(host_name)
+        yield host_name, host, getattr(host, SLOT_ATTR)[name]

@@ -102,6 +102,7 @@ class OutputSection(_Section):
     dir: Path = Path("runs/bbc-lora")
     save_every_steps: int | None = Field(None, ge=1)  # also checkpoint mid-epoch
     plot: bool = True
+    save: bool = True  # False: no checkpoints, no saved adapter (the result is the model in memory)
 
 
 class TrainConfig(_Section):
@@ -118,6 +119,15 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _saving_needed(self) -> "TrainConfig":
+        if not self.output.save:
+            needs = [name for name, on in (("eval.restore_best", self.eval.restore_best),
+                                           ("output.save_every_steps", self.output.save_every_steps)) if on]
+            if needs:
+                raise ValueError(f"output.save is false, but {' and '.join(needs)} need(s) saved checkpoints")
+        return self
 
     @field_validator("method", mode="before")
     @classmethod

@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..api import adapter_parameters
-from ..core.io import _module_tensors, save
+from ..core.io import adapter_tensors, save
 from ..core.registry import get_registry
 from ..core.slot import SLOT_ATTR
 from .concurrent import Job, JobState, MultiJobTrainer
@@ -172,7 +172,7 @@ def broadcast_adapters(model: nn.Module, names: Iterable[str], bucket_bytes: int
 
 def check_saveable(model: nn.Module, name: str) -> None:
     """Refuse an adapter whose saved form holds no values (what an ungathered ZeRO-3 / FSDP shard gives)."""
-    tensors = _module_tensors(model, name)
+    tensors = adapter_tensors(model, name)
     sharded = [key for key, t in tensors.items() if isinstance(t, DTensor)]
     if sharded:
         raise ShardedAdapterError(

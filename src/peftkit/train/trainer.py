@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import attach
-from ..core.io import _write_dir_atomically, adapter_files, save
+from ..core.io import write_dir_atomically, adapter_files, save
 from ..core.slot import SLOT_ATTR
 from .config import TrainConfig, TrainConfigError, config_from_mapping, load_config
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
@@ -61,7 +61,7 @@ class TrainResult:
     stopped_early: bool
     train_seconds: float
     output_dir: Path
-    adapter_dir: Path
+    adapter_dir: Path | None  # None: output.save is false
     labels: list[str] | None  # class names (classification)
     model: nn.Module = field(repr=False)
     processor: Any = field(default=None, repr=False)
@@ -248,6 +248,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         """Train; with `resume`, continue from `output.dir/checkpoints/last` to the same result as one run."""
         config = self.config
+        if resume and not config.output.save:
+            raise TrainConfigError("cannot resume a run with output.save false: it keeps no checkpoints")
         if resume:
             self._restore(self.output / "checkpoints" / "last")
         else:
@@ -313,7 +315,8 @@ class Trainer:
             after = self.last_eval["metrics"]
         else:
             after = self.evaluate()
-        adapter_dir = save(self.model, self.output / "adapter", name=self.config.adapter_name)
+        adapter_dir = save(self.model, self.output / "adapter", name=self.config.adapter_name) \
+            if self.config.output.save else None
         return TrainResult(self.before, after, self.best, self.step, self.epoch, self.stopped_early, self.train_seconds,
                            self.output, adapter_dir, self.data.labels, self.model, self.processor)
 
@@ -360,12 +363,14 @@ class Trainer:
             "rng": _flatten(rng, "rng", tensors),
         }
 
-    def _checkpoint(self, which: str) -> Path:
-        """Write `checkpoints/<which>` whole or not at all (temporary sibling + rename)."""
+    def _checkpoint(self, which: str) -> Path | None:
+        """Write `checkpoints/<which>` whole or not at all (temporary sibling + rename); None: saving is off."""
+        if not self.config.output.save:
+            return None
         tensors: dict[str, torch.Tensor] = {}
         state = self._state(tensors)
         path = self.output / "checkpoints" / which
-        _write_dir_atomically(path, {**adapter_files(self.model, self.config.adapter_name),
+        write_dir_atomically(path, {**adapter_files(self.model, self.config.adapter_name),
                                      STATE_FILE: state, TENSORS_FILE: tensors})
         return path
 

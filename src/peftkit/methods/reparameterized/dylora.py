@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.config import AdapterConfig, register_method
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
@@ -83,7 +83,7 @@ def _dylora(model: nn.Module, name: str) -> tuple[DyLoRA, list[DyLoRADelta]]:
     config = get_registry(model).require(name)
     if not isinstance(config, DyLoRA):
         raise ValueError(f"adapter {name!r} is a {config.method} adapter, not DyLoRA")
-    return config, [delta for _, delta in _deltas(model, name) if isinstance(delta, DyLoRADelta)]  # not task heads
+    return config, [delta for _, _, delta in adapter_deltas(model, name) if isinstance(delta, DyLoRADelta)]  # not task heads
 
 
 def _check_rank(model: nn.Module, name: str, config: DyLoRA, k: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 
 
 def loraplus_param_groups(model: nn.Module, name: str, lr: float, ratio: float = 16.0,
@@ -28,7 +28,7 @@ def loraplus_param_groups(model: nn.Module, name: str, lr: float, ratio: float =
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     fast: list[nn.Parameter] = []
     rest: list[nn.Parameter] = []
-    for _, delta in _deltas(model, name):
+    for _, _, delta in adapter_deltas(model, name):
         for key, param in delta.named_parameters():
             if param.requires_grad:
                 (fast if key == "lora_B" else rest).append(param)

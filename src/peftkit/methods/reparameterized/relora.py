@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.registry import get_registry
 from .lora import LoRA, LoRADelta
 
@@ -40,7 +40,7 @@ def relora_restart(model: nn.Module, name: str, optimizer: torch.optim.Optimizer
                          f"{config.method} adapter{' with PiSSA init' if config.rewrites_base else ''}")
     if name in registry.merged:
         raise ValueError(f"adapter {name!r} is merged; unmerge it before a ReLoRA restart")
-    for host, delta in _deltas(model, name):
+    for _, host, delta in adapter_deltas(model, name):
         if not isinstance(delta, LoRADelta):  # task-head copies train on as they are
             continue
         delta.merge_into(host)

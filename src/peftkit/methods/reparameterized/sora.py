@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.config import AdapterConfig, register_method
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
@@ -84,8 +84,7 @@ def _sora_deltas(model: nn.Module, name: str) -> dict[str, SoRADelta]:
     config = registry.require(name)
     if not isinstance(config, SoRA):
         raise ValueError(f"adapter {name!r} is a {config.method} adapter, not SoRA")
-    pairs = zip(registry.hosts[name], _deltas(model, name))
-    return {host_name: delta for host_name, (_, delta) in pairs if isinstance(delta, SoRADelta)}
+    return {host_name: delta for host_name, _, delta in adapter_deltas(model, name) if isinstance(delta, SoRADelta)}
 
 
 @torch.no_grad()

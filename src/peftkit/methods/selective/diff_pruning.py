@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import Delta
 from ...core.registry import get_registry
@@ -152,7 +152,7 @@ def _gated_deltas(model: nn.Module, name: str) -> list[DiffPruningDelta]:
     config = get_registry(model).require(name)
     if not isinstance(config, DiffPruning):
         raise SelectionError(f"adapter {name!r} is {config.method}, not diff_pruning")
-    deltas = [d for _, d in _deltas(model, name) if isinstance(d, DiffPruningDelta) and d.gated]
+    deltas = [d for _, _, d in adapter_deltas(model, name) if isinstance(d, DiffPruningDelta) and d.gated]
     if not deltas:
         raise SelectionError(f"diff-pruning adapter {name!r} is already projected: it has no gates left")
     return deltas
@@ -177,7 +177,7 @@ def diff_pruning_project(model: nn.Module, name: str = "default") -> dict[str, M
     if name in registry.merged:
         raise SelectionError(f"adapter {name!r} is merged; unmerge it before projecting")
     gated = _gated_deltas(model, name)
-    hosts = {id(d): host_name for host_name, (_, d) in zip(registry.hosts[name], _deltas(model, name))}
+    hosts = {id(d): host_name for host_name, _, d in adapter_deltas(model, name)}
     replacements = [(delta, delta.projected()) for delta in gated]  # all first: the projection reads every delta
     masks = {}
     for delta, diffs in replacements:

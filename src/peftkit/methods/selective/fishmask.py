@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.registry import get_registry
 from .selection import (FisherSelected, LossFn, NoDataError, SelectionError, classification_nll, fisher_masks,
@@ -93,7 +93,7 @@ def reselect(model: nn.Module, name: str, masks: dict[str, Mask], optimizer: tor
     registry = get_registry(model)
     if name in registry.merged:
         raise SelectionError(f"adapter {name!r} is merged; unmerge it before re-selecting")
-    for host_name, (_, delta) in zip(registry.hosts[name], _deltas(model, name)):
+    for host_name, _, delta in adapter_deltas(model, name):
         if not isinstance(delta, SparseDelta):
             continue
         for param, diff in list(delta.diffs()):

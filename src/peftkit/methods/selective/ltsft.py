@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import ModuleCopy
 from ...core.registry import get_registry
@@ -53,7 +53,7 @@ def ltsft_select(model: nn.Module, name: str = "default") -> dict[str, Mask]:
     if name in registry.merged:
         raise SelectionError(f"adapter {name!r} is merged; unmerge it before selecting")
     changes, heads = {}, []
-    for host_name, (host, delta) in zip(registry.hosts[name], _deltas(model, name)):
+    for host_name, host, delta in adapter_deltas(model, name):
         if isinstance(delta, ModuleCopy):
             heads.append((host, delta))
             continue

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...api import _deltas
+from ...core.registry import adapter_deltas
 from ...core.registry import get_registry
 from .sparse import Mask, MaskError, SelectiveConfig, SparseDelta, masks_of
 
@@ -62,9 +62,8 @@ def top_fraction(scores: Scores, fraction: float, largest: bool = True) -> dict[
 
 def candidates(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The base parameters a selective adapter may change, keyed `<host>.<param>`."""
-    registry = get_registry(model)
     found = {}
-    for host_name, (host, delta) in zip(registry.hosts[name], _deltas(model, name)):
+    for host_name, host, delta in adapter_deltas(model, name):
         if isinstance(delta, SparseDelta):
             found.update({f"{host_name}.{p}": getattr(host, p) for p in delta.param_names})
     if not found:
@@ -79,7 +78,7 @@ def install_masks(model: nn.Module, name: str, masks: dict[str, Mask]) -> None:
     missing = sorted(set(masks) - set(candidates(model, name)))
     if missing:
         raise MaskError(f"masks for parameters adapter {name!r} does not adapt: {missing[:5]}")
-    for host_name, delta in zip(get_registry(model).hosts[name], (d for _, d in _deltas(model, name))):
+    for host_name, _, delta in adapter_deltas(model, name):
         if isinstance(delta, SparseDelta):
             delta.install(masks_of(host_name, masks))
 
@@ -186,7 +185,7 @@ def scoring(model: nn.Module, name: str, params: Iterable[nn.Parameter] = ()) ->
     registry = get_registry(model)
     if name in registry.merged or registry.plan is not None:
         raise SelectionError(f"cannot score adapter {name!r} while it is merged or inside peftkit.routed")
-    deltas = [d for _, d in _deltas(model, name) if isinstance(d, SparseDelta)]
+    deltas = [d for _, _, d in adapter_deltas(model, name) if isinstance(d, SparseDelta)]
     params = list(params)
     flags = [p.requires_grad for p in params]
     active, training = registry.active, model.training
