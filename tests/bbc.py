@@ -12,6 +12,7 @@ import peftkit
 from peftkit.train.classify import ClassifyConfig, ClassifyResult, train_classifier
 
 TRAIN_ROWS, TEST_ROWS = 320, 200
+MAX_LENGTH = 64  # tokens per article: the headline and first sentence or two
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +39,7 @@ def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
     peftkit.attach(model, config)
     hooks = on_attach(model) if on_attach is not None else {}
     result = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=64), progress=False, **hooks)
+                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=MAX_LENGTH), progress=False, **hooks)
     print(f"{config.method}: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
           f"in {result.train_seconds:.1f}s")
     return result, model, tokenizer

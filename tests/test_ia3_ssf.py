@@ -52,6 +52,28 @@ def test_ia3_forward_matches_formula(conv1d: bool) -> None:
         assert not torch.allclose(model(x), expected, atol=1e-2)
 
 
+def test_feedforward_scale_runs_before_the_host_and_stacks_by_product() -> None:
+    """Two active feed-forward vectors multiply (as their folds do, and as in HF PEFT); a LoRA on the same host
+    reads the unscaled input; an input passed by keyword is scaled too; merging both equals running them."""
+    host = nn.Linear(8, 5)
+    model = nn.Sequential(host)
+    for name in ("a", "b"):
+        peftkit.attach(model, IA3(targets=["0"], feedforward=["0"]), name=name)
+    peftkit.attach(model, LoRA(r=2, targets=["0"]), name="lora")
+    _perturb(model)
+    peftkit.activate(model, ["a", "b", "lora"])
+    la, lb = (host.peftkit[n].ia3_l.flatten() for n in ("a", "b"))
+    lora = host.peftkit["lora"]
+    x = torch.randn(3, 8)
+    expected = F.linear(la * lb * x, host.weight, host.bias) + lora.scaling * x @ lora.lora_A.T @ lora.lora_B.T
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(host(input=x), expected)
+    peftkit.activate(model, ["a", "b"])
+    unmerged = model(x)
+    peftkit.merge(model, ["a", "b"])
+    torch.testing.assert_close(model(x), unmerged)
+
+
 def test_ssf_forward_matches_formula_on_linear_conv2d_and_layernorm() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(2), nn.Linear(25, 6), nn.LayerNorm(6))
     peftkit.attach(model, SSF(targets=["0", "2", "3"]))

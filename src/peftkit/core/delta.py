@@ -1,9 +1,10 @@
 """The one protocol every method's layer follows: a named delta sitting on a host module.
 
 A delta is either *additive* (it returns an increment added to the host's output, e.g.
-LoRA's s·BAx) or *transforming* (it maps the input and the host's output to a new output,
-e.g. DoRA's rescaling, or a trainable copy of a classification head that ignores the base). The host slot (`core.slot`) calls one of the two for the rows routed
-to the delta and never needs to know which method it is running.
+LoRA's s·BAx), *transforming* (it maps the input and the host's output to a new output,
+e.g. DoRA's rescaling, or a trainable copy of a classification head that ignores the base), or
+*input-scaling* (the host runs on s ⊙ x: (IA)³'s feed-forward vector). The host slot (`core.slot`)
+applies each for the rows routed to the delta and never needs to know which method it is running.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class Delta(nn.Module):
     merged: bool = False
     rewrites_base: bool = False  # True when attaching changed the host weight (PiSSA's residual)
     on_sequence: bool = False  # virtual tokens (prompt, prefix): core.sequence applies it at the model input, not the slot
+    scales_input: bool = False  # the host runs on input_scale() ⊙ x, scaled before the host's forward
+    scales_output: bool = False  # transform(x, out) is output_scale() ⊙ out: routed rows share one product
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -31,6 +34,19 @@ class Delta(nn.Module):
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The new output for input rows `x` whose base output is `out` (non-additive deltas only)."""
         raise NotImplementedError
+
+    def input_scale(self) -> torch.Tensor:
+        """s over the host's input features (input-scaling deltas only)."""
+        raise NotImplementedError
+
+    def output_scale(self) -> torch.Tensor:
+        """s over the host's output features (output-scaling deltas only)."""
+        raise NotImplementedError
+
+    @property
+    def acts_on_output(self) -> bool:
+        """Whether the slot's output hook applies this delta (not one applied before the host or at the model input)."""
+        return not (self.merged or self.on_sequence or self.scales_input)
 
     @staticmethod
     def read_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The slot on a host module that holds its named deltas and applies them in a forward hook.
+"""The slot on a host module that holds its named deltas and applies them in forward hooks.
+
+Input-scaling deltas ((IA)³'s feed-forward vectors) act in a pre-forward hook, so the host's
+own matmul runs on s ⊙ x and they cost one elementwise product; every other delta acts in the
+forward hook on the host's output, reading the host's unscaled input.
 
 Deltas live *beside* the host (`<module>.peftkit.<adapter>.<param>`) instead of wrapping it, so
 the base model's parameter names never change and a base checkpoint loads as it is.
@@ -14,6 +18,7 @@ from .delta import Delta
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
+    from .routing import RoutingPlan
 
 SLOT_ATTR = "peftkit"
 # From this many adapter groups in one routed layer on, try the delta type's batched path.
@@ -29,6 +34,7 @@ class DeltaSlot(nn.ModuleDict):
         self._registry = registry  # plain attribute: shared model-level state, not a submodule
         self._module_name = module_name
         self._read_input = Delta.read_input  # how the hook takes `x` from the host's call, shared by its deltas
+        self._scaled_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (s ⊙ x, x) of the running call
 
     def __setitem__(self, name: str, delta: Delta) -> None:
         reader = type(delta).read_input
@@ -38,6 +44,27 @@ class DeltaSlot(nn.ModuleDict):
         self._read_input = reader
         super().__setitem__(name, delta)
 
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """s ⊙ x for the input-scaling deltas that apply (each row its own under routing); None when none does.
+
+        Several active at once multiply, as their folds into the weight do (and as HF PEFT's (IA)³)."""
+        registry = self._registry
+        if registry.disabled:
+            return None
+        plan = registry.plan
+        names = plan.names if plan is not None else registry.active
+        present = tuple(name for name in names if (d := self._modules.get(name)) is not None and d.scales_input
+                        and not d.merged)
+        if not present:
+            return None
+        scales = [self._modules[name].input_scale() for name in present]
+        if plan is None:
+            scale = torch.stack(scales).prod(0) if len(scales) > 1 else scales[0]
+        else:
+            plan.check_rows(x, self._module_name)
+            scale = _row_scales(plan, present, scales, x)
+        return (x.to(scale.dtype) * scale).to(x.dtype)
+
     def apply_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         registry = self._registry
         if registry.disabled:
@@ -46,17 +73,24 @@ class DeltaSlot(nn.ModuleDict):
             return self._apply_routed(x, out)
         for name in registry.active:
             delta = self._modules.get(name)
-            if delta is None or delta.merged or delta.on_sequence:  # core.sequence applies those at the input
+            if delta is None or not delta.acts_on_output:
                 continue
             out = delta.add_increment_(x, out) if delta.additive else delta.transform(x, out)
         return out
 
     def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         plan = self._registry.plan
-        present = tuple(name for name in plan.names if name in self._modules and not self._modules[name].on_sequence)
+        present = tuple(name for name in plan.names if name in self._modules and self._modules[name].acts_on_output)
         if not present:
             return out
         plan.check_rows(x, self._module_name)
+        scaling = tuple(name for name in present if self._modules[name].scales_output)
+        if scaling:  # each row has one adapter, so all output scales apply at once, in any order with the rest
+            scale = _row_scales(plan, scaling, [self._modules[name].output_scale() for name in scaling], out)
+            out = (out.to(scale.dtype) * scale).to(out.dtype)
+            present = tuple(name for name in present if name not in scaling)
+            if not present:
+                return out
         if len(present) >= BATCHED_MIN_GROUPS:  # many small groups: one batched kernel beats a Python loop
             deltas = [self._modules[name] for name in present]
             kind = type(deltas[0])
@@ -82,9 +116,34 @@ class DeltaSlot(nn.ModuleDict):
         return out
 
 
+def _row_scales(plan: RoutingPlan, names: tuple[str, ...], scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-row channel scales shaped to broadcast over `like` ([rows, ..., channels]): row i takes its
+    adapter's vector from [s_1, …, s_n, 1], 1 for rows of no adapter here (one gather for the batch)."""
+    table = torch.stack([*scales, torch.ones_like(scales[0])])
+    return table[plan.row_index(names).to(table.device)].view(like.shape[0], *[1] * (like.dim() - 2), -1)
+
+
+def _slot_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    """Run the host on s ⊙ x when an input-scaling delta applies; remember x for the output hook's deltas."""
+    slot: DeltaSlot = getattr(module, SLOT_ATTR)
+    x = args[0] if args else next(iter(kwargs.values()), None)  # a linear host's input, however passed
+    scaled = None if x is None else slot.scale_input(x)
+    if scaled is None:
+        return None
+    slot._scaled_input = (scaled, x)
+    if args:
+        return (scaled, *args[1:]), kwargs
+    return args, {**kwargs, next(iter(kwargs)): scaled}
+
+
 def _slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
     slot: DeltaSlot = getattr(module, SLOT_ATTR)
     x = slot._read_input(args, kwargs)
+    scaled = slot._scaled_input
+    if scaled is not None:
+        slot._scaled_input = None
+        if x is scaled[0]:  # this call's input was scaled before the host: the other deltas read it unscaled
+            x = scaled[1]
     if isinstance(output, tuple):  # an attention module returns (hidden states, attention weights): deltas act on the first
         return (slot.apply_deltas(x, output[0]), *output[1:])
     return slot.apply_deltas(x, output)
@@ -95,6 +154,7 @@ def get_or_create_slot(module: nn.Module, registry: AdapterRegistry, module_name
     if slot is None:
         slot = DeltaSlot(registry, module_name)
         setattr(module, SLOT_ATTR, slot)
+        module.register_forward_pre_hook(_slot_pre_hook, with_kwargs=True)
         module.register_forward_hook(_slot_hook, with_kwargs=True)
     return slot
 
@@ -109,4 +169,8 @@ def detach_slot(module: nn.Module) -> None:
         if hook is _slot_hook:
             del module._forward_hooks[key]
             module._forward_hooks_with_kwargs.pop(key, None)
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _slot_pre_hook:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
     delattr(module, SLOT_ATTR)

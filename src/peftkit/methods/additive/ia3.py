@@ -4,9 +4,9 @@
 
 Only the vectors l train; starting at 1 the model is unchanged. Both forms fold into the base
 weight (W ← diag(l) W, b ← l ⊙ b; W ← W diag(l)), so merging costs nothing at inference.
-The feed-forward form needs l ⊙ x before the base runs, but the slot applies deltas after it;
-it is computed as an increment instead, h = (W x + b) + W ((l − 1) ⊙ x), which is additive
-(it mixes with other deltas on the host), exactly zero at l = 1, and costs one extra matmul.
+The feed-forward form is an input-scaling delta: the slot scales the host's input before the
+host runs (one elementwise product, per row under routing), as HF PEFT does. Several active
+feed-forward vectors on one host multiply, as their folds do.
 Config and tensors follow HF PEFT's IA3Config (`feedforward` = `feedforward_modules`, PEFT's
 `ia3_l` shapes: (out, 1), feed-forward (1, in)). Hosts: Linear, GPT-2 Conv1D.
 """
@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, TargetSpec, register_method
 from ...core.delta import Delta
 from ...core.hf_peft import PeftKeys
-from ...core.hosts import LINEAR_TYPES, host_shape, to_host_layout
+from ...core.hosts import LINEAR_TYPES, host_shape
 from ...core.targets import TYPE_PREFIX
 from .channel_scale import Axis, fold_, unfold_
 
@@ -108,25 +107,27 @@ class IA3(PeftKeys, AdapterConfig):
 
 
 class IA3Delta(Delta):
-    """One learned vector on one host: rescales its output (transform) or, feed-forward, its input (additive)."""
+    """One learned vector on one host: rescales its output (transform) or, feed-forward, its input."""
+
+    additive = False
 
     def __init__(self, host: nn.Module, feedforward: bool):
         super().__init__()
         shape = host_shape(host)
-        self.feedforward = self.additive = feedforward
-        self._host = (host,)  # a tuple, not a submodule: W belongs to the base model
+        self.feedforward = self.scales_input = feedforward
+        self.scales_output = not feedforward
         size = (1, shape.in_features) if feedforward else (shape.out_features, 1)  # PEFT's layout
         # float32 on a half-precision base, as in HF PEFT
         self.ia3_l = nn.Parameter(torch.ones(size, dtype=torch.float32, device=host.weight.device))
 
-    def increment(self, x: torch.Tensor) -> torch.Tensor:
-        """W ((l − 1) ⊙ x): what scaling the input adds to the base output W x + b."""
-        host = self._host[0]
-        weight = to_host_layout(host, host.weight).to(self.ia3_l.dtype)  # [out, in]
-        return F.linear(x.to(self.ia3_l.dtype) * (self.ia3_l.flatten() - 1), weight)
+    def input_scale(self) -> torch.Tensor:
+        return self.ia3_l.flatten()  # h = W (l ⊙ x) + b
+
+    def output_scale(self) -> torch.Tensor:
+        return self.ia3_l.flatten()
 
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return (out.to(self.ia3_l.dtype) * self.ia3_l.flatten()).to(out.dtype)  # l ⊙ (W x + b)
+        return (out.to(self.ia3_l.dtype) * self.output_scale()).to(out.dtype)  # l ⊙ (W x + b)
 
     @property
     def _axis(self) -> Axis:
