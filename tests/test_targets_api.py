@@ -163,3 +163,18 @@ def test_module_types_as_targets(tiny, tmp_path) -> None:
     peftkit.save(tiny, tmp_path / "peft", format="peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(saved["target_modules"]) == ["attn.k", "attn.q", "attn.v", "ffn.0", "ffn.2"]
+
+
+def test_load_hands_each_host_only_its_own_tensors(tmp_path, monkeypatch) -> None:
+    """A head copy on `1` and a LoRA on its child `1.0`: loading gives the copy its `module.*` tensors, not the
+    child's LoRA factors (which live under the deeper host)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 3)))
+    peftkit.attach(model, LoRA(r=2, targets=["0", "1.0"], modules_to_save=["1"]))
+    saved = peftkit.save(model, tmp_path / "a")
+    received: dict[str, list[str]] = {}
+    for cls in (peftkit.core.delta.ModuleCopy, type(model[0].peftkit["default"])):
+        monkeypatch.setattr(cls, "prepare_load", lambda self, own, cls=cls: received.setdefault(cls.__name__, []).extend(own))
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 3)))
+    peftkit.load(fresh, saved)
+    assert received["ModuleCopy"] and all(key.startswith("module.") for key in received["ModuleCopy"])
+    assert sorted(received["LoRADelta"]) == ["lora_A", "lora_A", "lora_B", "lora_B"]

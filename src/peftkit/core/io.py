@@ -25,7 +25,6 @@ from torch import nn
 from . import hf_peft
 from .config import AdapterConfig, config_from_dict
 from .registry import adapter_deltas, get_registry
-from .slot import SLOT_ATTR
 
 PEFTKIT_CONFIG = "peftkit_adapter.json"
 PEFTKIT_WEIGHTS = "adapter.safetensors"
@@ -187,17 +186,26 @@ def _check_base_tensors(model: nn.Module, base: dict[str, torch.Tensor], path: P
             )
 
 
+def _by_host(tensors: dict[str, torch.Tensor], hosts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """host -> {key below it: tensor}, every file tensor under its deepest host: a file may hold tensors the
+    fresh delta lacks (a selective mask's indices), and a head copy must not receive its child's LoRA keys."""
+    owned: dict[str, dict[str, torch.Tensor]] = {host: {} for host in hosts}
+    for key, value in tensors.items():
+        owner = max((host for host in hosts if key.startswith(f"{host}.")), key=len, default=None)
+        if owner is not None:
+            owned[owner][key[len(owner) + 1:]] = value
+    return owned
+
+
 @torch.no_grad()
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Check every tensor first, then copy: a bad file must not leave a half-written adapter."""
     base = {k[len(hf_peft.BASE_MARK):]: v for k, v in tensors.items() if k.startswith(hf_peft.BASE_MARK)}
     tensors = {k: v for k, v in tensors.items() if not k.startswith(hf_peft.BASE_MARK)}
     expected: dict[str, torch.Tensor] = {}
-    for host_name in get_registry(model).hosts[name]:
-        delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
-        prefix = f"{host_name}."  # all of them: a file may hold tensors the fresh delta lacks (a selective mask's indices)
-        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-        delta.prepare_load(own)  # a delta whose shapes change in training (a pruned rank) takes the file's
+    owned = _by_host(tensors, get_registry(model).hosts[name])
+    for host_name, _, delta in adapter_deltas(model, name):
+        delta.prepare_load(owned[host_name])  # a delta whose shapes change in training (a pruned rank) takes the file's
         for key, param in delta.state_dict(keep_vars=True).items():
             expected[f"{host_name}.{key}"] = param
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
