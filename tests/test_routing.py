@@ -48,13 +48,14 @@ def test_routed_gradients_equal_per_row_sum(tiny, ids) -> None:
     assert_routed_grads_match_rows(tiny, ids, ROWS)
 
 
-def test_presorted_rows_take_the_slice_path(tiny, ids) -> None:
+@pytest.mark.parametrize("rows", [["a", "a", "b", "b", "c", "c"], [None, "b", "b", "a", "a", None]])
+def test_rows_in_runs_take_the_slice_path(tiny, ids, rows) -> None:
+    """Each adapter's rows contiguous (anywhere in the batch, any order of runs): slices of the batch itself."""
     _four_adapters(tiny)
-    rows = ["a", "a", "b", "b", "c", "c"]
     with peftkit.routed(tiny, rows) as plan:
         out = tiny(ids)
-        perm, _ = plan.layout(("a", "b", "c"))
-        assert perm is None
+        perm, segments = plan.layout(("b", "a"))
+    assert perm is None and segments == [("b", rows.index("b"), rows.index("b") + 2), ("a", rows.index("a"), rows.index("a") + 2)]
     for row, name in enumerate(rows):
         torch.testing.assert_close(out[row], row_alone(tiny, ids, row, name), rtol=1e-5, atol=1e-5)
 

@@ -38,21 +38,26 @@ class RoutingPlan:
     def layout(self, present: tuple[str, ...]) -> tuple[torch.Tensor | None, list[Segment]]:
         """Row permutation and segments for the adapters present on one layer.
 
-        The permutation is None when the selected rows are already 0..n-1 in order, so the
-        layer can use slices and skip the gather. Cached: computed once per distinct set.
+        When every adapter's rows are one contiguous run (a batch sorted by adapter), the permutation
+        is None and the segments are those runs in the batch itself, so the layer uses slices and
+        skips the gather and scatter. Cached: computed once per distinct set.
         """
         cached = self._layouts.get(present)
         if cached is not None:
             return cached
-        rows: list[int] = []
-        segments: list[Segment] = []
-        for name in present:
-            start = len(rows)
-            rows.extend(self.groups[name])
-            segments.append((name, start, len(rows)))
-        perm = None if rows == list(range(len(rows))) else torch.tensor(rows, dtype=torch.long)
-        self._layouts[present] = (perm, segments)
-        return perm, segments
+        runs = [self.groups[name] for name in present]
+        if all(rows[-1] - rows[0] == len(rows) - 1 for rows in runs):  # rows are ascending, so this means contiguous
+            layout: tuple[torch.Tensor | None, list[Segment]] = (
+                None, [(name, rows[0], rows[-1] + 1) for name, rows in zip(present, runs)])
+        else:
+            order: list[int] = []
+            segments: list[Segment] = []
+            for name, rows in zip(present, runs):
+                segments.append((name, len(order), len(order) + len(rows)))
+                order.extend(rows)
+            layout = (torch.tensor(order, dtype=torch.long), segments)
+        self._layouts[present] = layout
+        return layout
 
     def row_index(self, present: tuple[str, ...]) -> torch.Tensor:
         """For every row, its adapter's position in `present` (len(present): no adapter here). Cached."""
