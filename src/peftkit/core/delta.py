@@ -25,7 +25,7 @@ class Delta(nn.Module):
     rewrites_base: bool = False  # True when attaching changed the host weight (PiSSA's residual)
     on_sequence: bool = False  # virtual tokens (prompt, prefix): core.sequence applies it at the model input, not the slot
     scales_input: bool = False  # the host runs on input_scale() ⊙ x, scaled before the host's forward
-    scales_output: bool = False  # transform(x, out) is output_scale() ⊙ out: routed rows share one product
+    reads_input: bool = True  # False: transform ignores `x` (gets None under routing, which then skips gathering it)
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -37,10 +37,6 @@ class Delta(nn.Module):
 
     def input_scale(self) -> torch.Tensor:
         """s over the host's input features (input-scaling deltas only)."""
-        raise NotImplementedError
-
-    def output_scale(self) -> torch.Tensor:
-        """s over the host's output features (output-scaling deltas only)."""
         raise NotImplementedError
 
     @property

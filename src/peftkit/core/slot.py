@@ -84,24 +84,18 @@ class DeltaSlot(nn.ModuleDict):
         if not present:
             return out
         plan.check_rows(x, self._module_name)
-        scaling = tuple(name for name in present if self._modules[name].scales_output)
-        if scaling:  # each row has one adapter, so all output scales apply at once, in any order with the rest
-            scale = _row_scales(plan, scaling, [self._modules[name].output_scale() for name in scaling], out)
-            out = (out.to(scale.dtype) * scale).to(out.dtype)
-            present = tuple(name for name in present if name not in scaling)
-            if not present:
-                return out
         if len(present) >= BATCHED_MIN_GROUPS:  # many small groups: one batched kernel beats a Python loop
             deltas = [self._modules[name] for name in present]
             kind = type(deltas[0])
             if all(type(d) is kind for d in deltas) and kind.add_routed_batch_(deltas, plan.row_index(present), x, out):
                 return out
         perm, segments = plan.layout(present)
-        rows_in = plan.gather(x, perm)  # [n_routed, ...], grouped by adapter
+        # [n_routed, ...] grouped by adapter; None when no delta here reads it (a serial adapter, an output scale)
+        rows_in = plan.gather(x, perm) if any(self._modules[name].reads_input for name in present) else None
         for name, start, end in segments:
             delta: Delta = self._modules[name]
-            seg = rows_in[start:end]
-            if perm is None:  # rows already in order: write through slices, no scatter
+            seg = rows_in[start:end] if delta.reads_input else None
+            if perm is None:  # each adapter's rows are one run of the batch: write through slices, no scatter
                 if delta.additive:
                     delta.add_increment_(seg, out[start:end])
                 else:  # training: transform a copy, since writing the slice back would change a view that

@@ -73,7 +73,7 @@ class BottleneckDelta(Delta):
     def __init__(self, host: nn.Module, config: Bottleneck):
         super().__init__()
         shape = host_shape(host)
-        self.additive = config.placement == "parallel"  # parallel adds to the output; serial rewrites it
+        self.additive = self.reads_input = config.placement == "parallel"  # parallel reads x; serial rewrites h
         width = shape.in_features if self.additive else shape.out_features  # what the down-projection reads
         if config.bottleneck > shape.out_features:
             raise ValueError(f"bottleneck {config.bottleneck} is larger than the host's hidden size {shape.out_features} "

@@ -115,7 +115,7 @@ class IA3Delta(Delta):
         super().__init__()
         shape = host_shape(host)
         self.feedforward = self.scales_input = feedforward
-        self.scales_output = not feedforward
+        self.reads_input = feedforward  # the output form rescales the host output only
         size = (1, shape.in_features) if feedforward else (shape.out_features, 1)  # PEFT's layout
         # float32 on a half-precision base, as in HF PEFT
         self.ia3_l = nn.Parameter(torch.ones(size, dtype=torch.float32, device=host.weight.device))
@@ -123,11 +123,8 @@ class IA3Delta(Delta):
     def input_scale(self) -> torch.Tensor:
         return self.ia3_l.flatten()  # h = W (l ⊙ x) + b
 
-    def output_scale(self) -> torch.Tensor:
-        return self.ia3_l.flatten()
-
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return (out.to(self.ia3_l.dtype) * self.output_scale()).to(out.dtype)  # l ⊙ (W x + b)
+        return (out.to(self.ia3_l.dtype) * self.ia3_l.flatten()).to(out.dtype)  # l ⊙ (W x + b)
 
     @property
     def _axis(self) -> Axis:

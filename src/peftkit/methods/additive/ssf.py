@@ -48,6 +48,7 @@ class SSFDelta(Delta):
     """γ and β on one host's output: transform(x, out) = γ ⊙ out + β."""
 
     additive = False
+    reads_input = False
 
     def __init__(self, host: nn.Module):
         super().__init__()
