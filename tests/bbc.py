@@ -12,7 +12,7 @@ import peftkit
 from peftkit.train.classify import ClassifyConfig, ClassifyResult, train_classifier
 
 TRAIN_ROWS, TEST_ROWS = 320, 200
-MAX_LENGTH = 64  # tokens per article: the headline and first sentence or two
+MAX_LENGTH = 32  # tokens per article: the headline and the first sentence
 
 
 @lru_cache(maxsize=1)

@@ -17,7 +17,7 @@ from peftkit.core.registry import adapter_deltas
 from peftkit.core.delta import ModuleCopy
 from peftkit.train.classify import encode
 
-from .bbc import bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
 
 FISHER_ROWS = 64  # training examples the Fisher is computed on
 
@@ -76,7 +76,7 @@ def fisher_batches() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     from peftkit.models import load_minilm
 
     train = bbc_subset()[0]
-    inputs = encode(load_minilm()[1], train["text"][:FISHER_ROWS], 64)
+    inputs = encode(load_minilm()[1], train["text"][:FISHER_ROWS], MAX_LENGTH)
     labels = torch.tensor(train["label"][:FISHER_ROWS])
     return [({k: v[i:i + 16] for k, v in inputs.items()}, labels[i:i + 16]) for i in range(0, FISHER_ROWS, 16)]
 
@@ -106,7 +106,7 @@ def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, switch: Callable[[nn.Mo
     switch(model)
     train, test = bbc_subset()
     sparse = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=sparse_epochs, batch_size=16, lr=1e-2, max_length=64), progress=False)
+                              ClassifyConfig(epochs=sparse_epochs, batch_size=16, lr=1e-2, max_length=MAX_LENGTH), progress=False)
     share, kib = trainable_share(model), saved_kib(model, path)
     print(f"{config.method}: dense phase accuracy {dense.accuracy_after:.3f}; sparse phase {sparse.accuracy_before:.3f} "
           f"-> {sparse.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")

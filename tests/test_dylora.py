@@ -11,7 +11,7 @@ import peftkit
 from peftkit import DyLoRA, LoRA, dylora_sample_rank, dylora_truncate, set_rank
 from peftkit.train.classify import accuracy, encode
 
-from .bbc import bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
 from .conftest import randomize
 from .checks import assert_routed_matches_rows
 
@@ -167,6 +167,6 @@ def test_dylora_learns_bbc_at_full_and_truncated_rank() -> None:
     assert len(set(drawn)) > 4  # the training really ran at many ranks
     test = bbc_subset()[1]
     set_rank(model, "default", 2)
-    truncated = accuracy(model, encode(tokenizer, test["text"], 64), torch.tensor(test["label"]))
+    truncated = accuracy(model, encode(tokenizer, test["text"], MAX_LENGTH), torch.tensor(test["label"]))
     print(f"dylora at rank 2: {truncated:.3f}")
     assert truncated > 0.6

@@ -16,7 +16,7 @@ from peftkit.methods.additive.fusion import FusionError
 from peftkit.models import load_minilm
 from peftkit.train.classify import ClassifyConfig, train_classifier
 
-from .bbc import bbc_subset
+from .bbc import MAX_LENGTH, bbc_subset
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
 from .conftest import randomize
 
@@ -156,7 +156,7 @@ def test_fusion_of_two_bbc_adapters_learns() -> None:
     """Stage 1: two adapters, each trained briefly on half of the BBC subset; stage 2: fuse them with a fresh head."""
     train, test = bbc_subset()
     model, tokenizer = load_minilm(num_labels=5)
-    settings = ClassifyConfig(epochs=1, batch_size=16, lr=3e-3, max_length=64)
+    settings = ClassifyConfig(epochs=1, batch_size=16, lr=3e-3, max_length=MAX_LENGTH)
     halves = {"first": train.select(range(160)), "second": train.select(range(160, 320))}
     for name, rows in halves.items():
         peftkit.attach(model, Bottleneck.preset("pfeiffer", bottleneck=32, modules_to_save=["classifier"]), name=name)
@@ -165,7 +165,7 @@ def test_fusion_of_two_bbc_adapters_learns() -> None:
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if ".peftkit." in n}
     peftkit.attach(model, AdapterFusion(adapters=list(halves), modules_to_save=["classifier"]), name="fuse")
     result = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=2, batch_size=16, lr=3e-3, max_length=64), progress=False)
+                              ClassifyConfig(epochs=2, batch_size=16, lr=3e-3, max_length=MAX_LENGTH), progress=False)
     print(f"fusion: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
           f"in {result.train_seconds:.1f}s")
     assert result.accuracy_after > 0.6 and result.accuracy_after > result.accuracy_before + 0.2  # chance: 0.2

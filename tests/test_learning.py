@@ -7,7 +7,7 @@ import peftkit
 from peftkit.models import load_minilm
 from peftkit.train.classify import accuracy, encode
 
-from .bbc import bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
 
 
 def test_lora_on_minilm_learns_bbc_topics(tmp_path) -> None:
@@ -20,7 +20,7 @@ def test_lora_on_minilm_learns_bbc_topics(tmp_path) -> None:
     fresh, _ = load_minilm(num_labels=5)
     peftkit.load(fresh, tmp_path / "bbc")
     test = bbc_subset()[1]
-    x, y = encode(tokenizer, test["text"][:32], 64), torch.tensor(test["label"][:32])
+    x, y = encode(tokenizer, test["text"][:32], MAX_LENGTH), torch.tensor(test["label"][:32])
     model.eval()
     fresh.eval()
     with torch.inference_mode():

@@ -13,7 +13,7 @@ from peftkit import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedul
                      PaFi)
 from peftkit.train.classify import encode
 
-from .bbc import bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
 from .selective_checks import fisher_batches, saved_kib, trainable_share
 
 ENCODER_LINEAR = {"targets": ["type:Linear"], "exclude": ["classifier"]}
@@ -55,7 +55,7 @@ def test_selective_method_learns_bbc(case: str, tmp_path: Path) -> None:
     fresh, _ = load_minilm(num_labels=5)
     peftkit.load(fresh, tmp_path / case)
     peftkit.merge(fresh)
-    x = encode(tokenizer, bbc_subset()[1]["text"][:16], 64)
+    x = encode(tokenizer, bbc_subset()[1]["text"][:16], MAX_LENGTH)
     model.eval()
     fresh.eval()
     with torch.inference_mode():

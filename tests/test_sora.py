@@ -12,7 +12,7 @@ import peftkit
 from peftkit import LoRA, SoRA, sora_proximal_step, sora_prune
 from peftkit.methods.reparameterized.sora import SoRADelta
 
-from .bbc import bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
 from .conftest import randomize
 from .checks import assert_routed_matches_rows
 
@@ -147,7 +147,7 @@ def test_sora_learns_bbc_and_prunes_gates(tmp_path) -> None:
     fresh, _ = load_minilm(num_labels=5)
     peftkit.load(fresh, tmp_path / "sora")
     assert sum(g.numel() for g in _gates(fresh).values()) == alive[-1]
-    x = encode(tokenizer, bbc_subset()[1]["text"][:16], 64)
+    x = encode(tokenizer, bbc_subset()[1]["text"][:16], MAX_LENGTH)
     model.eval()
     fresh.eval()
     with torch.inference_mode():

@@ -22,7 +22,18 @@ adapter costs 8 bytes per selected entry (4 for dense blocks).
 The delta is applied as a transform of the host output (`out + f(x; ΔW, Δb)`), which serves
 per-row routing (each routed row group adds its own sparse change) and works for a bias-only
 change whose broadcast shape only the output knows. Hosts: Linear, GPT-2 Conv1D, Conv2d,
-Embedding, LayerNorm.
+Embedding, LayerNorm. How f(x; ΔW) is computed depends on the storage form (V: `values`):
+
+- slices of a Linear / Conv1D weight: whole output rows add out[..., idx] += x Vᵀ, whole input
+  columns add x[..., idx] Vᵀ (V in (out, in) orientation); forward and backward cost only the
+  selected share of a matmul, and no weight-sized ΔW exists;
+- elements of a Linear / Conv1D weight, at most `SPARSE_MAX_DENSITY` of it: ΔW is a CSR matrix
+  over fixed index patterns (built once per mask); forward and dX are sparse × dense products,
+  dV is gᵀx sampled at the selected entries (`torch.sparse.sampled_addmm`), so neither the dense
+  ΔW nor the dense gᵀx is formed;
+- everything else (dense blocks, denser element masks, Conv2d, Embedding, LayerNorm): ΔW as a
+  tensor of the parameter's shape (zeros with the entries scattered in, differentiable in V) and
+  one more call of the host's function on it.
 """
 from __future__ import annotations
 
