@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import peftkit
 from peftkit import IA3, LoRA, Bottleneck, PrefixTuning, PromptTuning, PTuning, SequenceError, SequenceLengthError
@@ -230,3 +231,32 @@ def test_peft_interop_outputs_match_peft(kind: str, make, task: str, ids: torch.
         assert not torch.allclose(logits(ours, ids, attention_mask=mask)[..., -1, :] if task == "CAUSAL_LM"
                                   else logits(ours, ids, attention_mask=mask), ours_out[..., -1, :]
                                   if task == "CAUSAL_LM" else ours_out, atol=1e-4)
+
+
+def tiny_roberta() -> RobertaForSequenceClassification:
+    """RoBERTa numbers positions from padding_idx + 1 (here 2), with pads at padding_idx."""
+    config = RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=34, num_labels=3, pad_token_id=1)
+    return RobertaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_roberta_positions_follow_its_numbering(kind: str, tmp_path) -> None:
+    """A peft adapter on RoBERTa gives peft's outputs here (peft leaves RoBERTa to number the positions), and a
+    right-padded row equals the same row unpadded (its pads take RoBERTa's pad position)."""
+    base = tiny_roberta()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    theirs = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind]("SEQ_CLS")).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    peftkit.load(ours, tmp_path / "peft")
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(logits(ours, ids, attention_mask=mask), theirs(input_ids=ids, attention_mask=mask).logits,
+                               rtol=1e-5, atol=1e-5)
+    mask[1, -2:] = 0
+    padded = logits(ours, ids, attention_mask=mask)[1]
+    torch.testing.assert_close(padded, logits(ours, ids[1:, :-2])[0], rtol=1e-5, atol=1e-5)

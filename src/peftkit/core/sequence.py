@@ -16,7 +16,9 @@ per row (the rows' adapter names come from the same RoutingPlan the module delta
 
 A row's real tokens take positions n, n+1, ... after its n virtual tokens (for prefixes too, as
 Hugging Face PEFT computes them: BERT offsets positions by the cache length, Llama by the cache
-position), counting only unmasked tokens, so a left-padded row equals the same row unpadded.
+position), counting only unmasked tokens, so a left-padded row equals the same row unpadded. Numbers
+follow the model's convention: RoBERTa-style learned positions start at padding_idx + 1 and give
+pads padding_idx, as the model itself would number them.
 
 Output layout when rows carry different numbers of virtual tokens (P = the batch's largest):
 - causal models (any attention module with `is_causal`): [pads][row's virtual tokens][real tokens];
@@ -144,6 +146,15 @@ def _is_causal(model: nn.Module) -> bool:
     return any(getattr(m, "is_causal", False) is True for m in model.modules())
 
 
+def _position_numbering(model: nn.Module) -> tuple[int, int]:
+    """(first position, pad position) of the model's position ids: RoBERTa-style learned positions (an
+    embedding with a padding_idx) number tokens from padding_idx + 1 and give pads padding_idx; others from 0."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return module.padding_idx + 1, module.padding_idx
+    return 0, 0
+
+
 class SequenceDelta(Delta):
     """Virtual tokens of one adapter: a prompt (`kind = "prompt"`) or per-layer key/value prefixes ("prefix")."""
 
@@ -155,6 +166,7 @@ class SequenceDelta(Delta):
         super().__init__()
         self.num_virtual_tokens = config.num_virtual_tokens
         self.causal = _is_causal(model)
+        self.first_position, self.pad_position = _position_numbering(model)
         if not any(hook is _rewrite_call for hook in model._forward_pre_hooks.values()):
             model.register_forward_pre_hook(_rewrite_call, with_kwargs=True)
 
@@ -204,8 +216,9 @@ def _bind(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
 class _Layout:
     """Where every row's virtual and real tokens go in the rewritten batch (see the module docstring)."""
 
-    def __init__(self, rows: list[SequenceDelta | None], causal: bool, device: torch.device):
-        self.rows, self.causal, self.device = rows, causal, device
+    def __init__(self, rows: list[SequenceDelta | None], model_facts: SequenceDelta, device: torch.device):
+        self.rows, self.causal, self.device = rows, model_facts.causal, device
+        self.first_position, self.pad_position = model_facts.first_position, model_facts.pad_position
         count = lambda kind: torch.tensor([d.num_virtual_tokens if d is not None and d.kind == kind else 0 for d in rows],
                                           device=device)
         self.prompt_len, self.prefix_len = count("prompt"), count("prefix")
@@ -217,7 +230,7 @@ class _Layout:
         self.groups = {d: torch.tensor(r, device=device) for d, r in members.items()}  # each delta once, with its rows
         slots = torch.arange(self.prompt_width, device=device)
         # a prompt slot's virtual token index (negative: unused); prompts are right-aligned in causal models
-        self.prompt_index = slots - (self.prompt_width - self.prompt_len[:, None]) if causal else slots.expand(len(rows), -1)
+        self.prompt_index = slots - (self.prompt_width - self.prompt_len[:, None]) if self.causal else slots.expand(len(rows), -1)
         self.prompt_mask = (self.prompt_index >= 0) & (self.prompt_index < self.prompt_len[:, None])
         self.prefix_mask = torch.arange(self.prefix_width, device=device) >= self.prefix_width - self.prefix_len[:, None]
 
@@ -282,7 +295,7 @@ def _rewrite_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     rows = _row_deltas(registry, deltas, x.shape[0])
     if all(d is None for d in rows):
         return None
-    layout = _Layout(rows, next(iter(deltas.values())).causal, x.device)
+    layout = _Layout(rows, next(iter(deltas.values())), x.device)
     past = call.get("past_key_values")
     if getattr(past, UNCACHED, False):  # our own prefix cache, handed back by `generate(use_cache=False)`: drop it
         past = call["past_key_values"] = None
@@ -304,19 +317,20 @@ def _extend(model: nn.Module, call: dict[str, Any], layout: _Layout, cached: int
         raise SequenceError(f"prompt and prefix adapters extend a 2-D attention_mask [batch, length], not one of "
                             f"shape {tuple(mask.shape)}")
     offset = (layout.prompt_len + layout.prefix_len)[:, None]
-    given = call.get("position_ids")
-    real_positions = (given.expand(batch, -1) if given is not None else _positions(mask)[:, -length:]) + offset
+    given = call.get("position_ids")  # in the model's numbering; counted from 0 below
+    real_positions = (given.expand(batch, -1) - layout.first_position if given is not None
+                      else _positions(mask)[:, -length:]) + offset
     prefix_mask = layout.prefix_mask.to(mask.dtype)
     if cached:
         call["attention_mask"] = torch.cat([prefix_mask, layout.prompt_mask.to(mask.dtype), mask], 1)
-        call["position_ids"] = real_positions
+        call["position_ids"] = real_positions + layout.first_position
     else:
         if layout.prompt_width:
             mask, real_positions = _insert_prompts(model, call, layout, mask, real_positions, length)
         if layout.prefix_width:
             _insert_prefixes(model, call, layout)
         call["attention_mask"] = torch.cat([prefix_mask, mask], 1)
-        call["position_ids"] = real_positions * (mask > 0)
+        call["position_ids"] = torch.where(mask > 0, real_positions + layout.first_position, layout.pad_position)
     _check_positions(model, call["position_ids"], layout)
 
 
