@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import peftkit
-from peftkit import PrefixTuning, PromptTuning
+from peftkit import LoRA, PrefixTuning, PromptTuning
 
 from .conftest import randomize
 from .sequence_checks import VOCAB, assert_routed_rows, logits, tiny_bert, tiny_gpt2, tiny_llama
@@ -113,3 +113,24 @@ def test_left_padded_routed_generation_equals_rows_alone(make) -> None:
             alone.append(_generate(model, real, torch.ones_like(real), use_cache=True)[0, real.shape[1]:])
     assert torch.equal(batch, torch.stack(alone))
     assert len({tuple(t.tolist()) for t in alone}) == 3
+
+
+def test_routed_beam_search_equals_rows_alone() -> None:
+    """generate expands every row into its beams (and returned sequences) in place; routing follows, so each row's
+    beams keep its adapter, whichever kind (prefix, prompt, LoRA, none)."""
+    model = tiny_llama()
+    peftkit.attach(model, PrefixTuning(num_virtual_tokens=3), name="prefix")
+    peftkit.attach(model, PromptTuning(num_virtual_tokens=2), name="prompt")
+    peftkit.attach(model, LoRA(r=2, targets=["q_proj", "v_proj"]), name="lora")
+    randomize(model, scale=2.0)
+    ids = torch.randint(1, VOCAB, (4, 5))
+    rows = ["prefix", "prompt", "lora", None]
+    beams = {"max_new_tokens": 5, "num_beams": 3, "num_return_sequences": 2, "do_sample": False, "pad_token_id": 0}
+    with peftkit.routed(model, rows):
+        batch = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **beams)[:, 5:]
+    alone = []
+    for row, name in enumerate(rows):
+        with peftkit.routed(model, [name]):
+            alone.append(model.generate(input_ids=ids[row:row + 1], attention_mask=torch.ones_like(ids[:1]), **beams)[:, 5:])
+    assert torch.equal(batch, torch.cat(alone))
+    assert len({tuple(t.tolist()) for t in batch[::2]}) == 4  # the adapters make each row's best beam differ

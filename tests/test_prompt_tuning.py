@@ -186,7 +186,7 @@ def test_named_errors(ids: torch.Tensor) -> None:
     peftkit.attach(model, PromptTuning(num_virtual_tokens=30))
     with pytest.raises(SequenceLengthError, match="30 virtual tokens plus the input need 36 positions"):
         logits(model, ids)
-    with pytest.raises(SequenceError, match="routing names 2 rows but the model got 5"):
+    with pytest.raises(SequenceError, match="routing names 2 rows but the model got 5 rows"):
         with peftkit.routed(model, ["default", None]):
             logits(model, ids)
     with pytest.raises(SequenceError, match="2-D attention_mask"):

@@ -34,6 +34,7 @@ class RoutingPlan:
         self._layouts: dict[tuple[str, ...], tuple[torch.Tensor | None, list[Segment]]] = {}
         self._gathered: tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor] | None = None
         self._row_index: dict[tuple[str, ...], torch.Tensor] = {}
+        self._expanded: dict[int, RoutingPlan] = {}
 
     def layout(self, present: tuple[str, ...]) -> tuple[torch.Tensor | None, list[Segment]]:
         """Row permutation and segments for the adapters present on one layer.
@@ -79,13 +80,22 @@ class RoutingPlan:
         self._gathered = (x, tensor_version(x), perm, gathered)
         return gathered
 
-    def check_rows(self, x: torch.Tensor, module_name: str) -> None:
-        if x.shape[0] != self.batch_size:
-            raise ValueError(
-                f"per-row routing names {self.batch_size} rows but module '{module_name}' got an input "
-                f"with {x.shape[0]} rows along dim 0; routing needs the batch dimension first"
-            )
+    def for_rows(self, rows: int, where: str) -> "RoutingPlan":
+        """The plan for a batch of `rows` rows: this one, or for k·batch rows each name repeated k times in place
+        (row j uses row j // k's adapter), as `generate` expands a batch for k beams or k returned sequences."""
+        if rows == self.batch_size:
+            return self
+        if rows and self.batch_size and rows % self.batch_size == 0:
+            expanded = self._expanded.get(rows)
+            if expanded is None:
+                k = rows // self.batch_size
+                expanded = self._expanded[rows] = RoutingPlan([name for name in self.row_adapters for _ in range(k)])
+            return expanded
+        raise ValueError(f"per-row routing names {self.batch_size} rows but {where} got {rows} rows along dim 0; "
+                         "routing needs the batch dimension first, with one name per row (or per row's k beams)")
 
     def release(self) -> None:
         """Drop cached tensors so a finished batch's activations are not kept alive."""
         self._gathered = None
+        for plan in self._expanded.values():
+            plan.release()

@@ -193,10 +193,10 @@ def _row_deltas(registry: AdapterRegistry, deltas: dict[str, SequenceDelta], bat
     """Each row's sequence delta (None: none), from the routing plan or the active adapters."""
     plan = registry.plan
     if plan is not None:
-        if plan.batch_size != batch:
-            raise SequenceError(f"per-row routing names {plan.batch_size} rows but the model got {batch}; sequence "
-                                "adapters need one routed name per row (beam search and sampling several sequences "
-                                "per row change the batch: route the expanded rows)")
+        try:
+            plan = plan.for_rows(batch, "the model")
+        except ValueError as err:
+            raise SequenceError(str(err)) from None
         return [deltas.get(name) if name is not None else None for name in plan.row_adapters]
     active = [name for name in registry.active if name in deltas]
     if len(active) > 1:

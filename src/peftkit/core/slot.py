@@ -61,7 +61,7 @@ class DeltaSlot(nn.ModuleDict):
         if plan is None:
             scale = torch.stack(scales).prod(0) if len(scales) > 1 else scales[0]
         else:
-            plan.check_rows(x, self._module_name)
+            plan = plan.for_rows(x.shape[0], f"module '{self._module_name}'")
             scale = _row_scales(plan, present, scales, x)
         return (x.to(scale.dtype) * scale).to(x.dtype)
 
@@ -83,7 +83,7 @@ class DeltaSlot(nn.ModuleDict):
         present = tuple(name for name in plan.names if name in self._modules and self._modules[name].acts_on_output)
         if not present:
             return out
-        plan.check_rows(x, self._module_name)
+        plan = plan.for_rows(x.shape[0], f"module '{self._module_name}'")
         if len(present) >= BATCHED_MIN_GROUPS:  # many small groups: one batched kernel beats a Python loop
             deltas = [self._modules[name] for name in present]
             kind = type(deltas[0])
