@@ -12,7 +12,9 @@ Scenarios (see benchmarks/README.md), each on its own copies of the same weights
                   serial bottleneck adapter (Pfeiffer, 64), prefix tuning (10 tokens), (IA)³, prompt tuning
                   (10 tokens), LoRA (q,v r=8), or the bare base, all in one `peftkit.routed` forward pass,
                   vs the base model alone (target ≤ 1.15×); `peftkit-sorted` is the same batch with its rows
-                  grouped by adapter, as a server batching requests would send it (slices, no gathers). One row per group is checked against that row
+                  grouped by adapter, as a server batching requests would send it (slices, no gathers). The
+                  encoder runs one pass per prompt length (core/length_buckets.py), so only the prompt rows
+                  carry its 10 virtual tokens. One row per group is checked against that row
                   run alone. PEFT cannot run this batch: one PeftModel holds one method, and the scenario
                   records what PEFT does with `adapter_names` for IA3, prompt and prefix tuning (two adapters
                   of one method, rows alternating): 0.21.2 accepts the argument and ignores it, running every

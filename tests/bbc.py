@@ -22,11 +22,12 @@ def bbc_subset():
 
 
 def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
-            on_attach: Callable[[nn.Module], dict[str, Any]] | None = None,
+            on_attach: Callable[[nn.Module], dict[str, Any]] | None = None, max_length: int = MAX_LENGTH,
             ) -> tuple[ClassifyResult, nn.Module, object]:
     """Attach `config` (plus a trainable classifier head) to a fresh MiniLM and train briefly.
 
     `on_attach(model)` may return extra `train_classifier` arguments (`on_step`, `regularizer`).
+    `max_length` is the tokens per article, in training and in the accuracy checks.
 
     Returns (result, model, tokenizer); the result holds accuracy before/after and the losses.
     """
@@ -39,7 +40,7 @@ def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
     peftkit.attach(model, config)
     hooks = on_attach(model) if on_attach is not None else {}
     result = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=MAX_LENGTH), progress=False, **hooks)
+                              ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=max_length), progress=False, **hooks)
     print(f"{config.method}: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
           f"in {result.train_seconds:.1f}s")
     return result, model, tokenizer

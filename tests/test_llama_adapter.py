@@ -248,7 +248,7 @@ def test_smollm2_starts_at_the_base_generates_with_cache_and_learns_chatterbot()
     before = _chat_losses(model, test)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for batch in train * 2:
+    for batch in train:
         optimizer.zero_grad()
         model(**batch).loss.backward()
         optimizer.step()

@@ -260,3 +260,36 @@ def test_roberta_positions_follow_its_numbering(kind: str, tmp_path) -> None:
     mask[1, -2:] = 0
     padded = logits(ours, ids, attention_mask=mask)[1]
     torch.testing.assert_close(padded, logits(ours, ids[1:, :-2])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_rows_run_one_pass_per_prompt_length(ids: torch.Tensor) -> None:
+    """A routed encoder batch with prompts of 2 and 5 tokens and none runs three passes of its own lengths (no row is
+    padded for another's prompt), returns the one-pass layout, and equals each row alone; with labels (one loss over
+    the batch) it runs one padded pass; a deep copy runs its own weights; removing the prompts removes the buckets."""
+    model = tiny_bert()
+    peftkit.attach(model, PromptTuning(num_virtual_tokens=2), name="short")
+    peftkit.attach(model, PromptTuning(num_virtual_tokens=5), name="long")
+    peftkit.attach(model, PrefixTuning(num_virtual_tokens=3), name="prefix")
+    randomize(model)
+    rows = ["long", None, "short", "prefix", "long"]
+    lengths = []  # (rows, tokens) of every pass through the encoder
+    model.bert.embeddings.register_forward_hook(lambda module, args, out: lengths.append(tuple(out.shape[:2])))
+    with peftkit.routed(model, rows):
+        out = model(input_ids=ids, output_hidden_states=True)
+    assert sorted(lengths) == [(1, 8), (2, 6), (2, 11)]  # none and the prefix: 6 tokens; short: 2 + 6; long: 5 + 6
+    assert out.logits.shape == (5, 3) and out.hidden_states[-1].shape == (5, 11, 16)
+    assert_routed_rows(model, ids, rows)
+    lengths.clear()
+    with peftkit.routed(model, rows):
+        model(input_ids=ids, labels=torch.zeros(5, dtype=torch.long))
+    assert lengths == [(5, 11)]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.peftkit["long"].parameters():
+            p.mul_(-3.0)
+    with peftkit.routed(twin, rows):
+        assert not torch.allclose(twin(input_ids=ids).logits[0], out.logits[0], atol=1e-4)
+    for name in ("short", "long", "prefix"):
+        peftkit.remove(model, name)
+    model(input_ids=ids)
+    assert "forward" not in model.__dict__

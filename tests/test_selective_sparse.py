@@ -168,7 +168,8 @@ def _with_dense_delta(host: nn.Module, delta_weight: torch.Tensor, x: torch.Tens
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("form", ["elements", "frozen elements", "rows", "columns"])
-def test_sparse_products_and_slices_equal_the_dense_delta_formula(kind: str, form: str) -> None:
+@pytest.mark.parametrize("rows", [3, 128])  # elements: few rows take the per-entry product, many the sparse products
+def test_sparse_products_and_slices_equal_the_dense_delta_formula(kind: str, form: str, rows: int) -> None:
     """Output, input gradient and gradient of `values` of each fast path equal those of f(x; W0 + ΔW)."""
     host = nn.Linear(32, 24) if kind == "linear" else Conv1D(24, 32)
     model = nn.Sequential(host)
@@ -180,12 +181,13 @@ def test_sparse_products_and_slices_equal_the_dense_delta_formula(kind: str, for
     install_masks(model, "default", {"0.weight": mask})
     diff = host.peftkit["default"].weight
     randomize(model)
-    x = torch.randn(4, 3, 32, requires_grad=True)
+    x = torch.randn(rows, 1, 32, requires_grad=True)
     if form == "frozen elements":  # Fish-Dip: entries dropped from the mask keep a frozen change
         model(x)  # the sparse layout is built without them first, so it must be rebuilt
         diff.frozen_indices, diff.frozen_values = chosen[-10:], torch.randn(10)
     if diff.is_elements:
-        assert diff.size() <= SPARSE_MAX_DENSITY * n  # the sparse path, not the dense fallback
+        assert diff.size() <= SPARSE_MAX_DENSITY * n  # not the dense fallback
+        assert (rows * diff.size() > n + rows * 24) == (rows == 128)  # which of the two element paths runs
     out = model(x)
     grad = torch.randn_like(out)
     expected = _with_dense_delta(host, diff.dense(), x)

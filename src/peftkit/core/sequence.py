@@ -43,6 +43,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers import DynamicCache
 
+from . import length_buckets
 from .config import AdapterConfig
 from .delta import Delta
 from .registry import REGISTRY_ATTR, AdapterRegistry
@@ -169,6 +170,8 @@ class SequenceDelta(Delta):
         self.first_position, self.pad_position = _position_numbering(model)
         if not any(hook is _rewrite_call for hook in model._forward_pre_hooks.values()):
             model.register_forward_pre_hook(_rewrite_call, with_kwargs=True)
+        if not self.causal:
+            length_buckets.install(model)
 
     def virtual(self) -> torch.Tensor:
         """Prompt: [P, d] embeddings. Prefix: [P, layers, 2 (key, value), kv heads, head size]."""
@@ -293,8 +296,8 @@ def _rewrite_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     if x is None:
         raise SequenceError("prompt and prefix adapters need input_ids or inputs_embeds in the model call")
     rows = _row_deltas(registry, deltas, x.shape[0])
-    if all(d is None for d in rows):
-        return None
+    if all(d is None for d in rows) or length_buckets.prompt_widths(model, call, rows) is not None:
+        return None  # nothing to add, or the forward runs one pass per prompt length (each call rewritten then)
     layout = _Layout(rows, next(iter(deltas.values())), x.device)
     past = call.get("past_key_values")
     if getattr(past, UNCACHED, False):  # our own prefix cache, handed back by `generate(use_cache=False)`: drop it

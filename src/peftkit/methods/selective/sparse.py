@@ -233,27 +233,31 @@ def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, size: tuple[int, int]) 
 class _SparseProduct(torch.autograd.Function):
     """x ΔWᵀ for x [rows, in] and a sparse ΔW (out, in) holding `values` on a CSR layout:
 
-        forward  y = (ΔW xᵀ)ᵀ,   dx = (ΔWᵀ gᵀ)ᵀ   (sparse × dense products)
-        dvalues_k = Σ_rows g[:, out_k] x[:, in_k]    (gᵀx sampled at the selected entries only)
+        y = (ΔW xᵀ)ᵀ,   dx = (ΔWᵀ gᵀ)ᵀ,   dvalues_k = Σ_rows g[:, out_k] x[:, in_k]   (gᵀx sampled at the mask)
+
+    CPU kernels are fast only for a sparse matrix on the left and dense operands stored transposed ([in, rows],
+    [out, rows]), so xᵀ and gᵀ are made contiguous once; xᵀ, not x, is kept for backward (the same memory).
+    Results are transposed back to contiguous [rows, ·] before anything adds them (mixed-layout adds are slow).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, layout: CsrLayout) -> torch.Tensor:
-        ctx.save_for_backward(x, values)
+        x_t = x.t().contiguous()
+        ctx.save_for_backward(x_t, values)
         ctx.layout = layout
-        return (layout.matrix(values) @ x.t().contiguous()).t()
+        return (layout.matrix(values) @ x_t).t().contiguous()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, values = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_t, values = ctx.saved_tensors
         layout: CsrLayout = ctx.layout
         grad_t = grad.t().contiguous()
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            dx = (layout.matrix(values, transposed=True) @ grad_t).t()
+            dx = (layout.matrix(values, transposed=True) @ grad_t).t().contiguous()
         if ctx.needs_input_grad[1]:
-            sampled = torch.sparse.sampled_addmm(layout.matrix(values), grad_t, x.contiguous(), beta=0).values()
+            sampled = torch.sparse.sampled_addmm(layout.matrix(values), grad_t, x_t.t(), beta=0).values()
             dvalues = torch.empty_like(values).index_copy_(0, layout.order, sampled)
         return dx, dvalues, None
 
@@ -312,17 +316,26 @@ class SparseDelta(Delta):
         return out
 
     def _add_weight_term(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
-        """out + f(x; ΔW): on a Linear or Conv1D, slices cost only their rows or columns and sparse elements go
-        through sparse products; dense blocks, dense-ish element masks and the other hosts use ΔW as a tensor."""
+        """out + f(x; ΔW). On a Linear or Conv1D: slices cost only their rows or columns; few selected elements
+        add out[..., r] += x[..., c]·v per entry (r, c) when that [rows, entries] product needs less memory than
+        ΔW plus an output; more, up to `SPARSE_MAX_DENSITY`, go through sparse products. Else ΔW as a tensor."""
         if self.kind in ("linear", "conv1d"):
             if diff.dim is not None:
                 return self._add_slices(x, diff, out)
             if diff.is_elements and diff.size() <= SPARSE_MAX_DENSITY * diff.shape.numel():
-                _, values = diff.elements()
-                layout = diff.csr_layout(self.kind == "conv1d")
-                x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-                return out + _SparseProduct.apply(x2, values, layout).reshape(out.shape).to(out.dtype)
+                return self._add_elements(x, diff, out)
         return out + self._weight_term(x, diff.dense()).to(out.dtype)
+
+    def _add_elements(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
+        indices, values = diff.elements()
+        x = x.to(values.dtype)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows * diff.size() <= diff.shape.numel() + out.numel():
+            first, second = indices // diff.shape[1], indices % diff.shape[1]
+            read, write = (second, first) if self.kind == "linear" else (first, second)  # Conv1D keeps W as (in, out)
+            return out.index_add(-1, write, (x.index_select(-1, read) * values).to(out.dtype))
+        product = _SparseProduct.apply(x.reshape(rows, -1), values, diff.csr_layout(self.kind == "conv1d"))
+        return out + product.view(out.shape).to(out.dtype)
 
     def _add_slices(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
         """Whole output rows: out[..., idx] += x V^T; whole input columns: out += x[..., idx] V^T (V in (out, in))."""
