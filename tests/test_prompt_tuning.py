@@ -278,6 +278,8 @@ def test_encoder_rows_run_one_pass_per_prompt_length(ids: torch.Tensor) -> None:
         out = model(input_ids=ids, output_hidden_states=True)
     assert sorted(lengths) == [(1, 8), (2, 6), (2, 11)]  # none and the prefix: 6 tokens; short: 2 + 6; long: 5 + 6
     assert out.logits.shape == (5, 3) and out.hidden_states[-1].shape == (5, 11, 16)
+    with peftkit.routed(model, rows):  # tuple outputs merge alike
+        torch.testing.assert_close(model(input_ids=ids, return_dict=False)[0], out.logits)
     assert_routed_rows(model, ids, rows)
     lengths.clear()
     with peftkit.routed(model, rows):
