@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
 from peftkit.core.io import PEFTKIT_WEIGHTS, adapter_tensors
+from peftkit.train import run_training
 from peftkit.train.concurrent import Job
 from peftkit.train.distributed import (AdapterGradSync, DistContext, EmptyAdapterError, NoAdapterParametersError,
                                        ShardedAdapterError,
@@ -83,6 +86,35 @@ def test_two_process_gloo_run_equals_one_process(tmp_path) -> None:
         for key, value in alone.items():
             torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-6, msg=key)
         assert any(not torch.allclose(alone[k], initial[name][k]) for k in alone), f"{name} did not train"
+
+
+def test_config_trainer_under_torchrun_equals_one_process(tmp_path) -> None:
+    """`run_training(CONFIG)` in 2 gloo processes (batches of 6 over 22 rows: uneven shards, a 4-row last batch)
+    saves the adapter one process trains on the same batches; rank 0 alone writes the metrics and checkpoints."""
+    from tests.train_models import tiny_config, write  # not at the top: torchrun loads this file as a job builder
+
+    config = tiny_config(tmp_path, schedule={"epochs": 2, "batch_size": 6, "grad_accum": 2},
+                         optimizer={"lr": 5e-2, "name": "adamw"}, output={"dir": str(tmp_path / "ddp")})
+    config["data"].update(train_limit=22, eval_limit=9)
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "train_ddp_entry.py"), str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1",
+                                                       "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_training({**config, "output": {**config["output"], "dir": str(tmp_path / "alone")}})
+    ddp_dir = tmp_path / "ddp"
+    saved, expected = (load_file(str(d / "adapter" / PEFTKIT_WEIGHTS)) for d in (ddp_dir, tmp_path / "alone"))
+    assert saved.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    ddp, one = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+                for d in (ddp_dir, tmp_path / "alone"))
+    assert [(r["kind"], r["step"]) for r in ddp] == [(r["kind"], r["step"]) for r in one]  # written once, by rank 0
+    for mine, theirs in zip(ddp, one):  # training losses and the sharded evaluations sum to the whole batch's / set's
+        assert abs(mine["loss"] - theirs["loss"]) < 1e-5 and mine.get("accuracy") == theirs.get("accuracy")
+    assert (ddp_dir / "checkpoints" / "best").is_dir()
 
 
 def _shard_like_zero3(model: nn.Module, name: str) -> None:

@@ -13,6 +13,7 @@ unless it is gathered first), instead of writing an empty adapter file.
     torchrun --nproc_per_node 2 -m peftkit.train.distributed my_jobs.py:build --output runs/dp
 
 `build()` returns `(model, jobs)`: the model with the jobs' adapters attached and a list of `Job`s.
+The config trainer (`peftkit train CONFIG.yaml`) uses the same gradient sum under torchrun.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from ..api import adapter_parameters
 from ..core.io import adapter_tensors, save
-from ..core.registry import get_registry
-from ..core.slot import SLOT_ATTR
+from ..core.registry import adapter_deltas
 from .concurrent import Job, JobState, MultiJobTrainer
 
 BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket size
@@ -119,11 +119,9 @@ def _coalesced(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor],
 
 def _adapter_tensors(model: nn.Module, names: Iterable[str]) -> list[torch.Tensor]:
     """Parameters and buffers of the adapters (frozen random factors too: LoRA-FA's A)."""
-    registry = get_registry(model)
     tensors = []
     for name in names:
-        for host_name in registry.hosts[name]:
-            delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
+        for _, _, delta in adapter_deltas(model, name):
             tensors.extend(t.data for t in delta.parameters())
             tensors.extend(t for t in delta.buffers())
     return tensors

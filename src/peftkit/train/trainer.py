@@ -4,6 +4,12 @@ Gradient accumulation (the loss of a step is normalised over the whole accumulat
 equals one large batch), bf16 autocast, evaluation each epoch, a JSONL metrics file and a loss plot,
 atomic checkpoints (adapter + optimizer + scheduler + RNG + data position), resume to the same
 result as an uninterrupted run, best-checkpoint selection and early stopping.
+
+Under torchrun (`torchrun --nproc_per_node N -m peftkit train CONFIG.yaml`) it trains data-parallel:
+every process takes its contiguous share of each micro-batch, the loss is normalised by the global
+unit count, and the adapter gradients are summed across processes (`train.distributed`), so the
+result equals one process on the same batches. Evaluation is sharded and summed alike; rank 0 alone
+writes metrics, plots, checkpoints and the adapter (into one shared output directory).
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import attach
-from ..core.io import write_dir_atomically, adapter_files, save
+from ..core.io import adapter_files, write_dir_atomically
 from ..core.slot import SLOT_ATTR
 from .config import TrainConfig, TrainConfigError, config_from_mapping, load_config
+from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
 
 STATE_FILE = "trainer_state.json"
@@ -143,16 +150,24 @@ class Trainer:
     """Trains the adapters attached to `model` on `data` as `config` says; see `fit`."""
 
     def __init__(self, model: nn.Module, task: Task, data: TaskData, config: TrainConfig,
-                 callbacks: Sequence[Callback] = (), processor: Any = None):
+                 callbacks: Sequence[Callback] = (), processor: Any = None, ctx: DistContext | None = None):
         self.model, self.task, self.data, self.config = model, task, data, config
         self.callbacks, self.processor = list(callbacks), processor
-        self.device = _resolve_device(config.device)
+        self.ctx = ctx or DistContext()
+        parallel = self.ctx.world_size > 1
+        if parallel and config.schedule.batch_size < self.ctx.world_size:
+            raise TrainConfigError(f"schedule.batch_size {config.schedule.batch_size} is smaller than the "
+                                   f"{self.ctx.world_size} processes that share each batch")
+        self.device = self.ctx.device if parallel else _resolve_device(config.device)
         self.bf16 = _resolve_bf16(config.precision, self.device)
         self.metric = config.eval.metric or task.metric
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise TrainConfigError("the model has no trainable parameters: attach an adapter first")
         self.model.to(self.device)
+        self.sync = AdapterGradSync(model, [config.adapter_name]) if parallel else None
+        if parallel:
+            broadcast_adapters(model, [config.adapter_name])  # every process starts from rank 0's initialisation
         self.optimizer = _make_optimizer(config, params)
         schedule = config.schedule
         batches = math.ceil(num_rows(data.train) / schedule.batch_size)
@@ -179,6 +194,16 @@ class Trainer:
     def _batch(self, rows: Rows, idx: torch.Tensor) -> Rows:
         return {k: v.to(self.device) for k, v in self.task.collate(rows, idx).items()}
 
+    def _shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous share of the rows `idx` (all of them in a single process)."""
+        return idx.tensor_split(self.ctx.world_size)[self.ctx.rank] if self.sync is not None else idx
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        """Sums over all processes (the values themselves in a single process)."""
+        if self.sync is None:
+            return values
+        return self.sync.sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float] | None:
         """Loss (per unit: row or answer token) and accuracy (classification) on the eval rows."""
@@ -189,7 +214,9 @@ class Trainer:
         self.model.eval()
         loss = units = correct = 0.0
         n = num_rows(rows)
-        for idx in torch.arange(n).split(self.config.eval.batch_size):
+        for idx in map(self._shard, torch.arange(n).split(self.config.eval.batch_size)):
+            if not len(idx):
+                continue
             with self._autocast():
                 stats = self.task.row_stats(self.model, self._batch(rows, idx))
             loss += stats.loss_sum.sum().item()
@@ -197,6 +224,7 @@ class Trainer:
             if stats.correct is not None:
                 correct += stats.correct.sum().item()
         self.model.train(was_training)
+        loss, units, correct = self._global_sum([loss, units, correct])
         metrics = {"loss": loss / max(units, 1.0)}
         if self.task.metric == "accuracy":
             metrics["accuracy"] = correct / n
@@ -215,8 +243,9 @@ class Trainer:
 
     def _optimizer_step(self, group: list[torch.Tensor]) -> float:
         """One optimizer step over micro-batches `group`; returns the step's mean loss per unit."""
-        batches = [self._batch(self.data.train, idx) for idx in group]
-        total_units = sum(self.task.units(batch) for batch in batches)  # accumulation == one large batch
+        batches = [self._batch(self.data.train, idx) for idx in map(self._shard, group) if len(idx)]
+        # accumulation (and data parallelism) == one large batch: normalise by the whole group's units
+        [total_units] = self._global_sum([sum(self.task.units(batch) for batch in batches)])
         loss_value = 0.0
         for batch in batches:
             with self._autocast():
@@ -224,12 +253,15 @@ class Trainer:
             loss = stats.loss_sum.sum() / total_units
             loss.backward()
             loss_value += loss.item()
+        [loss_value] = self._global_sum([loss_value])
         for callback in self.callbacks:
             extra = callback.extra_loss(self)
-            if extra is not None:
+            if extra is not None and self.ctx.is_main:  # once: the gradients are summed over processes next
                 extra.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.sync is not None:
+            self.sync.grads(params)
         if self.config.optimizer.max_grad_norm is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
         self.optimizer.step()
         self.step += 1
@@ -259,7 +291,7 @@ class Trainer:
         self._train_mode()
         generator = torch.Generator().manual_seed(config.seed)
         with tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                  disable=not config.progress) as bar:
+                  disable=not config.progress or not self.ctx.is_main) as bar:
             for epoch in range(config.schedule.epochs):
                 order = torch.randperm(num_rows(self.data.train), generator=generator)  # drawn every epoch: resumes see the same orders
                 if epoch < self.epoch or self.step >= self.total_steps or self.stopped_early:
@@ -315,8 +347,9 @@ class Trainer:
             after = self.last_eval["metrics"]
         else:
             after = self.evaluate()
-        adapter_dir = save(self.model, self.output / "adapter", name=self.config.adapter_name) \
-            if self.config.output.save else None
+        adapter_dir = self.output / "adapter" if self.config.output.save else None
+        if adapter_dir is not None:
+            save_from_main(self.model, adapter_dir, self.config.adapter_name, self.ctx)
         return TrainResult(self.before, after, self.best, self.step, self.epoch, self.stopped_early, self.train_seconds,
                            self.output, adapter_dir, self.data.labels, self.model, self.processor)
 
@@ -327,16 +360,19 @@ class Trainer:
         return self.output / "metrics.jsonl"
 
     def _log(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.ctx.is_main:
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         self.metric_lines += 1
 
     def _start_fresh(self) -> None:
         """A new run in `output.dir`: earlier metrics and checkpoints there are replaced."""
-        self.output.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
-        self.metrics_path.unlink(missing_ok=True)
-        self._atomic_write(self.output / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if self.ctx.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
+            self.metrics_path.unlink(missing_ok=True)
+            self._atomic_write(self.output / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        self.ctx.barrier()
         if self.config.eval.before:
             self.before = self.evaluate()
             if self.before is not None:
@@ -370,8 +406,10 @@ class Trainer:
         tensors: dict[str, torch.Tensor] = {}
         state = self._state(tensors)
         path = self.output / "checkpoints" / which
-        write_dir_atomically(path, {**adapter_files(self.model, self.config.adapter_name),
-                                     STATE_FILE: state, TENSORS_FILE: tensors})
+        if self.ctx.is_main:
+            write_dir_atomically(path, {**adapter_files(self.model, self.config.adapter_name),
+                                        STATE_FILE: state, TENSORS_FILE: tensors})
+        self.ctx.barrier()  # every process may read it next (the best epoch's adapter, a resume)
         return path
 
     def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -407,11 +445,13 @@ class Trainer:
         for key in ("step", "epoch", "step_in_epoch", "before", "best", "last_eval", "bad_epochs", "stopped_early", "train_seconds",
                     "metric_lines"):
             setattr(self, key, state[key])
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True) if self.metrics_path.exists() else []
-        self._atomic_write(self.metrics_path, "".join(lines[:self.metric_lines]))  # drop records after the checkpoint
+        if self.ctx.is_main:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True) if self.metrics_path.exists() else []
+            self._atomic_write(self.metrics_path, "".join(lines[:self.metric_lines]))  # drop records after the checkpoint
+        self.ctx.barrier()
 
     def _plot(self) -> None:
-        if not self.config.output.plot:
+        if not self.config.output.plot or not self.ctx.is_main:
             return
         import matplotlib
 
@@ -466,5 +506,10 @@ def run_training(config: TrainConfig | dict[str, Any] | str | os.PathLike, resum
         config = config_from_mapping(config)
     elif not isinstance(config, TrainConfig):
         config = load_config(config)
-    model, processor, task, data = prepare(config)
-    return Trainer(model, task, data, config, callbacks, processor).fit(resume=resume)
+    ctx = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
+    try:
+        model, processor, task, data = prepare(config)
+        return Trainer(model, task, data, config, callbacks, processor, ctx).fit(resume=resume)
+    finally:
+        if ctx is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
