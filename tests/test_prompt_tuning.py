@@ -274,9 +274,12 @@ def test_encoder_rows_run_one_pass_per_prompt_length(ids: torch.Tensor) -> None:
     rows = ["long", None, "short", "prefix", "long"]
     lengths = []  # (rows, tokens) of every pass through the encoder
     model.bert.embeddings.register_forward_hook(lambda module, args, out: lengths.append(tuple(out.shape[:2])))
+    root_calls = []
+    model.register_forward_hook(lambda module, args, out: root_calls.append(out[0].shape))
     with peftkit.routed(model, rows):
         out = model(input_ids=ids, output_hidden_states=True)
     assert sorted(lengths) == [(1, 8), (2, 6), (2, 11)]  # none and the prefix: 6 tokens; short: 2 + 6; long: 5 + 6
+    assert root_calls == [(5, 3)]  # the root's hooks see the one call and its merged outputs
     assert out.logits.shape == (5, 3) and out.hidden_states[-1].shape == (5, 11, 16)
     with peftkit.routed(model, rows):  # tuple outputs merge alike
         torch.testing.assert_close(model(input_ids=ids, return_dict=False)[0], out.logits)

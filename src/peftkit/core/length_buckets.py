@@ -6,11 +6,12 @@ bucket's rows (each under its own routing plan) and the outputs are put back in 
 at the end ([virtual][real][pads], the encoder layout of `core.sequence`). Each row's outputs at
 its own tokens equal running it alone, as in one padded pass; the batch costs the tokens it has.
 
-Only plain forward passes are bucketed: a call with labels (one loss over the whole batch),
-a key/value cache, or attention weights requested (their key layout differs between buckets)
-runs as one padded pass. The returned outputs carry no key/value cache, which an encoder never
-continues. Installed on the model's instance `forward` when a sequence adapter is attached to an
-encoder, and removed when the last one is gone.
+Forward hooks on the root model run once, on the merged outputs. Only plain forward passes are
+bucketed: a call with labels (one loss over the whole batch), a key/value cache, or attention
+weights requested (their key layout differs between buckets) runs as one padded pass. The returned
+outputs carry no key/value cache, which an encoder never continues. Installed on the model's
+instance `forward` when a sequence adapter is attached to an encoder, and removed when the last
+one is gone.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def prompt_widths(model: nn.Module, call: dict[str, Any], rows: list[Any]) -> li
 
 
 def _bucketed_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from .sequence import _bind, _row_deltas, _sequence_deltas  # that module installs this one
+    from .sequence import _bind, _rewrite_call, _row_deltas, _sequence_deltas  # that module installs this one
 
     forward = type(model).forward
     deltas = _sequence_deltas(model)
@@ -69,7 +70,9 @@ def _bucketed_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             rows = torch.tensor([i for i, w in enumerate(widths) if w == width], device=x.device)
             registry.plan = RoutingPlan([plan.row_adapters[i] for i in rows.tolist()])
             sub_call = {k: v.index_select(0, rows) if _is_batched(v, batch) else v for k, v in call.items()}
-            parts.append((rows, model(**sub_call)))  # the whole call: hooks rewrite it for this bucket
+            # the root's hooks ran once for the whole call; this bucket only needs its virtual tokens added
+            rewritten = _rewrite_call(model, (), sub_call)
+            parts.append((rows, forward(model, **(sub_call if rewritten is None else rewritten[1]))))
             registry.plan.release()
     finally:
         registry.plan = outer
