@@ -44,5 +44,6 @@ def randomize(model: nn.Module, name: str | None = None, scale: float = 0.3) -> 
     """Give adapter parameters non-zero values so an adapter really changes outputs."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
+            pname = f".{pname}"  # a root delta's parameters (prompts, prefixes) start with "peftkit."
             if ".peftkit." in pname and (name is None or f".peftkit.{name}." in pname):
                 p.copy_(torch.randn_like(p) * scale)

@@ -1,6 +1,6 @@
 """Learning on real data: prompt tuning, P-tuning and prefix tuning on MiniLM + BBC News beat chance (0.2).
 
-fit_bbc also trains the classifier head, which alone reaches about 0.85 here, so each test also puts the
+fit_bbc also trains the classifier head, which alone reaches about 0.83 at lr 3e-2, so each test also puts the
 virtual tokens back to their start values after training: accuracy must fall, i.e. the head relies on
 what the tokens learned. A prompt on a small encoder learns slowly, hence the large learning rates
 (Lester et al. used 0.3)."""
