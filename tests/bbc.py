@@ -13,6 +13,7 @@ from peftkit.train.classify import ClassifyConfig, ClassifyResult, train_classif
 
 TRAIN_ROWS, TEST_ROWS = 320, 200
 MAX_LENGTH = 32  # tokens per article: the headline and the first sentence
+BEATS_HEAD_ALONE = 0.75  # accuracy a method must pass: the classifier head alone reaches 0.71 (lr 1e-2, 32 tokens)
 
 
 @lru_cache(maxsize=1)

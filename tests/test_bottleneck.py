@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import peftkit
 from peftkit import Bottleneck, LoRA
 
-from .bbc import fit_bbc
+from .bbc import BEATS_HEAD_ALONE, fit_bbc
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows
 from .conftest import randomize
 
@@ -191,9 +191,9 @@ def test_houlsby_on_bert_is_a_noop_then_changes_outputs() -> None:
 
 def test_pfeiffer_serial_adapter_learns_bbc_topics() -> None:
     result, _, _ = fit_bbc(Bottleneck.preset("pfeiffer", bottleneck=64))
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE
 
 
 def test_scaled_parallel_adapter_learns_bbc_topics() -> None:
     result, _, _ = fit_bbc(Bottleneck.preset("parallel", bottleneck=64))
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE

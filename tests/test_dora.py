@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 import peftkit
 from peftkit import DoRA, LoRA, TargetError
 
-from .bbc import fit_bbc
+from .bbc import BEATS_HEAD_ALONE, fit_bbc
 from .checks import (assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows,
                      model_output, row_alone)
 from .conftest import randomize
@@ -253,5 +253,5 @@ def test_dropout_in_training_matches_peft(tmp_path: Path) -> None:
 
 def test_dora_learns_bbc() -> None:
     result, model, _ = fit_bbc(DoRA(r=8, alpha=16, targets=["query", "value"]))
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))  # DoRA itself trained

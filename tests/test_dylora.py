@@ -11,7 +11,7 @@ import peftkit
 from peftkit import DyLoRA, LoRA, dylora_sample_rank, dylora_truncate, set_rank
 from peftkit.train.classify import accuracy, encode
 
-from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
+from .bbc import BEATS_HEAD_ALONE, MAX_LENGTH, bbc_subset, fit_bbc
 from .conftest import randomize
 from .checks import assert_routed_matches_rows
 
@@ -163,7 +163,7 @@ def test_dylora_learns_bbc_at_full_and_truncated_rank() -> None:
         return {"on_step": lambda step: drawn.append(dylora_sample_rank(model, "default"))}
 
     result, model, tokenizer = fit_bbc(DyLoRA(r_min=1, r_max=8, alpha=16, targets=["query", "value"]), on_attach=hooks)
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE
     assert len(set(drawn)) > 4  # the training really ran at many ranks
     test = bbc_subset()[1]
     set_rank(model, "default", 2)

@@ -16,7 +16,7 @@ from peftkit.methods.additive.fusion import FusionError
 from peftkit.models import load_minilm
 from peftkit.train.classify import ClassifyConfig, train_classifier
 
-from .bbc import MAX_LENGTH, bbc_subset
+from .bbc import BEATS_HEAD_ALONE, MAX_LENGTH, bbc_subset
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
 from .conftest import randomize
 
@@ -168,6 +168,6 @@ def test_fusion_of_two_bbc_adapters_learns() -> None:
                               ClassifyConfig(epochs=2, batch_size=16, lr=3e-3, max_length=MAX_LENGTH), progress=False)
     print(f"fusion: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
           f"in {result.train_seconds:.1f}s")
-    assert result.accuracy_after > 0.6 and result.accuracy_after > result.accuracy_before + 0.2  # chance: 0.2
+    assert result.accuracy_after > BEATS_HEAD_ALONE and result.accuracy_after > result.accuracy_before + 0.2  # chance: 0.2
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], value) for n, value in trained.items())  # stage 1 stays as trained

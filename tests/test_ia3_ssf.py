@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import peftkit
 from peftkit import IA3, SSF, LoRA, TargetError
 
-from .bbc import fit_bbc
+from .bbc import BEATS_HEAD_ALONE, fit_bbc
 from .checks import (assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows,
                      model_output)
 from .conftest import randomize
@@ -258,11 +258,11 @@ def test_our_ia3_loads_in_peft_with_same_outputs(case: str, tmp_path: Path) -> N
 
 def test_ia3_learns_bbc() -> None:
     result, model, _ = fit_bbc(IA3(targets=["key", "value", "output.dense"], feedforward=["output.dense"]), lr=1e-2)
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE
     assert any(not torch.all(p == 1) for n, p in model.named_parameters() if n.endswith("ia3_l"))  # (IA)³ trained
 
 
 def test_ssf_learns_bbc() -> None:
     result, model, _ = fit_bbc(SSF(targets=["type:Linear", "type:LayerNorm"], exclude=["classifier"]), lr=1e-2)
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith(".shift"))  # SSF trained

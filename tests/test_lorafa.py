@@ -10,7 +10,7 @@ from torch import nn
 import peftkit
 from peftkit import LoRA, LoRAFA
 
-from .bbc import fit_bbc
+from .bbc import BEATS_HEAD_ALONE, fit_bbc
 from .conftest import randomize
 from .checks import assert_routed_matches_rows
 
@@ -107,4 +107,4 @@ def test_embedding_is_not_a_host(tiny) -> None:
 
 def test_lorafa_learns_bbc() -> None:
     result, _, _ = fit_bbc(LoRAFA(r=8, alpha=16, targets=["query", "value"]))
-    assert result.accuracy_after > 0.6
+    assert result.accuracy_after > BEATS_HEAD_ALONE
