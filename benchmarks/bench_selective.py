@@ -199,8 +199,8 @@ def _state_bytes(c: Contender) -> int:
 
 def _is_unstructured(c: Contender) -> bool:
     """True when the adapter holds scattered element masks (the 1.2x-LoRA speed target applies)."""
-    return c.adapter and any(isinstance(d, SparseDelta) and any(diff.is_elements for _, diff in d.diffs())
-                             for _, _, d in adapter_deltas(c.model, NAME))
+    return c.adapter and any(isinstance(d, SparseDelta) and any(diff.is_elements and diff.size() for _, diff in d.diffs())
+                             for _, _, d in adapter_deltas(c.model, NAME))  # empty masks count as nothing
 
 
 @lru_cache(maxsize=1)

@@ -27,10 +27,11 @@ Embedding, LayerNorm. How f(x; ΔW) is computed depends on the storage form (V: 
 - slices of a Linear / Conv1D weight: whole output rows add out[..., idx] += x Vᵀ, whole input
   columns add x[..., idx] Vᵀ (V in (out, in) orientation); forward and backward cost only the
   selected share of a matmul, and no weight-sized ΔW exists;
-- elements of a Linear / Conv1D weight, at most `SPARSE_MAX_DENSITY` of it: ΔW is a CSR matrix
-  over fixed index patterns (built once per mask); forward and dX are sparse × dense products,
+- elements of a Linear / Conv1D weight: at most min(in, out) entries add out[..., r] += x[..., c]·v
+  per entry (r, c) by gathers; more, up to `SPARSE_MAX_DENSITY` of the weight, make ΔW a CSR matrix
+  over fixed index patterns (built once per mask), forward and dX are sparse × dense products and
   dV is gᵀx sampled at the selected entries (`torch.sparse.sampled_addmm`), so neither the dense
-  ΔW nor the dense gᵀx is formed;
+  ΔW nor the dense gᵀx is formed; frozen Fish-Dip entries ride along in both;
 - everything else (dense blocks, denser element masks, Conv2d, Embedding, LayerNorm): ΔW as a
   tensor of the parameter's shape (zeros with the entries scattered in, differentiable in V) and
   one more call of the host's function on it.
@@ -128,7 +129,7 @@ class ParamDiff(nn.Module):
         # Fish-Dip: entries trained earlier and since dropped from the mask keep their change, frozen.
         self.register_buffer("frozen_indices", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("frozen_values", torch.zeros(0, **factory), persistent=False)
-        self._csr: tuple[tuple, CsrLayout] | None = None  # (the index tensors and versions it was built from, layout)
+        self._csr: tuple[tuple, tuple, CsrLayout] | None = None  # (index tensors, their versions, layout built from them)
 
     def _slice_shape(self, count: int) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -153,11 +154,11 @@ class ParamDiff(nn.Module):
         """The CSR layout of this element mask, frozen Fish-Dip entries included (in the order of `elements()`),
         rebuilt only when the index tensors change. `in_out`: the parameter is stored (in, out), as Conv1D's."""
         sources = (self.indices, self.frozen_indices)
-        stamp = tuple((id(t), t._version) for t in sources)
-        if self._csr is None or self._csr[0][1] != stamp or any(a is not b for a, b in zip(self._csr[0][0], sources)):
-            layout = CsrLayout.of(torch.cat(sources), self.shape, in_out)
-            self._csr = (sources, stamp), layout
-        return self._csr[1]
+        versions = tuple(t._version for t in sources)
+        cached = self._csr
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], sources)):
+            self._csr = sources, versions, CsrLayout.of(torch.cat(sources), self.shape, in_out)
+        return self._csr[2]
 
     def size(self) -> int:
         """How many entries of the parameter this diff changes (frozen Fish-Dip entries included)."""
@@ -316,9 +317,9 @@ class SparseDelta(Delta):
         return out
 
     def _add_weight_term(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
-        """out + f(x; ΔW). On a Linear or Conv1D: slices cost only their rows or columns; few selected elements
-        add out[..., r] += x[..., c]·v per entry (r, c) when that [rows, entries] product needs less memory than
-        ΔW plus an output; more, up to `SPARSE_MAX_DENSITY`, go through sparse products. Else ΔW as a tensor."""
+        """out + f(x; ΔW). On a Linear or Conv1D: slices cost only their rows or columns; at most min(in, out) selected
+        elements add out[..., r] += x[..., c]·v per entry (r, c) (a few gathers beat the sparse kernels' fixed
+        costs); more, up to `SPARSE_MAX_DENSITY`, go through sparse products. Else ΔW as a tensor."""
         if self.kind in ("linear", "conv1d"):
             if diff.dim is not None:
                 return self._add_slices(x, diff, out)
@@ -329,12 +330,11 @@ class SparseDelta(Delta):
     def _add_elements(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
         indices, values = diff.elements()
         x = x.to(values.dtype)
-        rows = x.numel() // max(x.shape[-1], 1)
-        if rows * diff.size() <= diff.shape.numel() + out.numel():
+        if diff.size() <= min(x.shape[-1], out.shape[-1]):  # the [rows, entries] product is no larger than x or out
             first, second = indices // diff.shape[1], indices % diff.shape[1]
             read, write = (second, first) if self.kind == "linear" else (first, second)  # Conv1D keeps W as (in, out)
             return out.index_add(-1, write, (x.index_select(-1, read) * values).to(out.dtype))
-        product = _SparseProduct.apply(x.reshape(rows, -1), values, diff.csr_layout(self.kind == "conv1d"))
+        product = _SparseProduct.apply(x.reshape(-1, x.shape[-1]), values, diff.csr_layout(self.kind == "conv1d"))
         return out + product.view(out.shape).to(out.dtype)
 
     def _add_slices(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
