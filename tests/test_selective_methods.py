@@ -217,3 +217,27 @@ def test_selective_adapters_route_per_row_with_each_other(tiny, ids) -> None:
     peftkit.select(tiny, "fish", [(ids, LABELS)])
     randomize(tiny)
     assert_routed_matches_rows(tiny, ids, ["fish", "child", None, "child", "fish", None])
+
+
+def test_layernorm_tuning_on_rmsnorms_equals_the_changed_weights() -> None:
+    """Llama's RMSNorms (transformers' class) and torch's nn.RMSNorm: h = (w0 + Δw) ⊙ x / rms(x); merging equals it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    plain = nn.Sequential(nn.Linear(8, 8), nn.RMSNorm(8, eps=1e-5))
+    for model, targets, x in ((llama, ["input_layernorm", "post_attention_layernorm", "norm"], torch.randint(0, 40, (2, 5))),
+                              (plain, ["1"], torch.randn(3, 8))):
+        reference = copy.deepcopy(model)
+        peftkit.attach(model, LayerNormTuning(targets=targets))
+        changed = 0
+        with torch.no_grad():
+            for name, delta in ((n, m.peftkit["default"]) for n, m in model.named_modules() if hasattr(m, "peftkit")):
+                delta.weight.values.normal_()
+                reference.get_submodule(name).weight += delta.weight.values
+                changed += 1
+        assert changed == (5 if model is llama else 1)
+        run = (lambda m: m(x).logits) if model is llama else (lambda m: m(x))
+        torch.testing.assert_close(run(model), run(reference), rtol=1e-5, atol=1e-5)
+        peftkit.merge(model)
+        torch.testing.assert_close(run(model), run(reference), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ Every weight-delta method (LoRA and its variants) speaks in one layout: ΔW has 
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,15 @@ except ImportError:  # pragma: no cover
     Conv1D = None
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+
+
+class RMSNormLike(abc.ABC):
+    """Any RMS normalisation layer, h = w ⊙ x / rms(x): torch's nn.RMSNorm and transformers' per-model classes
+    (LlamaRMSNorm, Qwen2RMSNorm, ...), which share no base class but the name, for isinstance checks."""
+
+    @classmethod
+    def __subclasshook__(cls, subclass: type) -> bool:
+        return any(c.__name__.endswith("RMSNorm") for c in subclass.__mro__) or NotImplemented
 WEIGHT_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding)
 
 

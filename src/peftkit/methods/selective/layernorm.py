@@ -1,9 +1,10 @@
 """LayerNorm tuning: train only the normalisation layers' gain and bias
 (as studied in Zhao et al., 2023, "Tuning LayerNorm in Attention", arXiv:2312.11420; a BitFit-like rule).
 
-    h = (γ0 + Δγ) ⊙ (x − μ)/σ + (β0 + Δβ)
+    h = (γ0 + Δγ) ⊙ (x − μ)/σ + (β0 + Δβ)        RMSNorm (Llama family): h = (w0 + Δw) ⊙ x / rms(x)
 
-Each Δγ, Δβ is a dense block; merges into the LayerNorm exactly. Targets default to every LayerNorm.
+Each Δγ, Δβ is a dense block; merges into the norm exactly. Targets default to every LayerNorm; RMSNorms
+(torch's and transformers' per-model classes) are named, e.g. ["input_layernorm", "post_attention_layernorm", "norm"].
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import ClassVar
 from torch import nn
 
 from ...core.config import TargetSpec, register_method
+from ...core.hosts import RMSNormLike
 from .sparse import Mask, SelectiveConfig, whole_masks
 
 
@@ -23,7 +25,7 @@ class LayerNormTuning(SelectiveConfig):
     targets: TargetSpec = ["type:LayerNorm"]
 
     def host_types(self) -> tuple[type[nn.Module], ...]:
-        return (nn.LayerNorm,)
+        return (nn.LayerNorm, RMSNormLike)
 
     def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask]:
         return whole_masks(hosts, self.param_names)

@@ -50,9 +50,9 @@ from torch.autograd.function import once_differentiable
 
 from ...core.config import AdapterConfig
 from ...core.delta import Delta
-from ...core.hosts import LINEAR_TYPES, Conv1D
+from ...core.hosts import LINEAR_TYPES, Conv1D, RMSNormLike
 
-SPARSE_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding, nn.LayerNorm)
+SPARSE_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding, nn.LayerNorm, RMSNormLike)
 # Element masks of a Linear / Conv1D weight up to this share of its entries run as sparse products; above it,
 # ΔW as a dense tensor is faster (CPU, batch 2048 x 384..1536: the CSR products cost about one dense matmul
 # each at 15% and less than half of one at 5%).
@@ -358,6 +358,9 @@ class SparseDelta(Delta):
             return x @ dw
         if self.kind == "layernorm":
             return F.layer_norm(x, args["normalized_shape"], dw, None, args["eps"])
+        if self.kind == "rmsnorm":  # Δw ⊙ x / rms(x), normalised in float32 as transformers' RMSNorms do
+            eps = torch.finfo(x.dtype).eps if args["eps"] is None else args["eps"]
+            return dw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
         if args["pad"] is not None:
             x = F.pad(x, args["pad"][0], mode=args["pad"][1])
         return F.conv2d(x, dw, None, **args["conv"])
@@ -403,7 +406,8 @@ def _flat_view(param: torch.Tensor) -> torch.Tensor:
 def _host_kind(host: nn.Module) -> str:
     if Conv1D is not None and isinstance(host, Conv1D):
         return "conv1d"
-    for kind, cls in (("linear", nn.Linear), ("conv2d", nn.Conv2d), ("embedding", nn.Embedding), ("layernorm", nn.LayerNorm)):
+    for kind, cls in (("linear", nn.Linear), ("conv2d", nn.Conv2d), ("embedding", nn.Embedding), ("layernorm", nn.LayerNorm),
+                      ("rmsnorm", RMSNormLike)):
         if isinstance(host, cls):
             return kind
     supported = ", ".join(t.__name__ for t in SPARSE_HOST_TYPES)
@@ -416,6 +420,8 @@ def _host_args(host: nn.Module, kind: str) -> dict:
         return {"padding_idx": host.padding_idx}
     if kind == "layernorm":
         return {"normalized_shape": tuple(host.normalized_shape), "eps": host.eps}
+    if kind == "rmsnorm":
+        return {"eps": getattr(host, "variance_epsilon", getattr(host, "eps", None))}
     if kind == "conv2d":
         conv = {k: getattr(host, k) for k in ("stride", "padding", "dilation", "groups")}
         pad = None if host.padding_mode == "zeros" else (host._reversed_padding_repeated_twice, host.padding_mode)
