@@ -3,8 +3,9 @@ step time, against full fine-tuning and LoRA.
 
 Every selective method in peftkit's registry is a scenario (a method added later appears by itself),
 plus `full` (every parameter trains, no adapter), `lora` (LoRA r=8, alpha=16 on query, value),
-`ltsft-phase1` (LT-SFT's dense first phase) and `diff_pruning-projected` (after the projection, the
-fixed-mask phase; `diff_pruning` itself is the gated phase, its L0 penalty in the loss). Each trains
+`ltsft-phase1` (LT-SFT's dense first phase), `child_tuning_d-5%` (at the learning test's fraction) and
+`diff_pruning-projected` (after the projection, the fixed-mask phase; `diff_pruning` itself is the gated
+phase, its L0 penalty in the loss). Each trains
 with a copy of the classifier head (`modules_to_save`), 5 labels, batch 16 x seq 128, train mode.
 Methods without their own default targets go on every encoder Linear (the head excluded), at their
 default fraction; data-driven masks are chosen on 8 random examples (Fisher) or after one step of the
@@ -122,9 +123,9 @@ def _default_config(method: str, **fields) -> SelectiveConfig:
     return cls(**{**targets, **FIELDS.get(method, {}), **fields, "modules_to_save": HEAD})
 
 
-def _selective(method: str) -> Contender:
-    """Attach `method` at its defaults and choose its mask the way its config asks."""
-    model = _attach(_default_config(method))
+def _selective(method: str, **fields) -> Contender:
+    """Attach `method` at its defaults (or `fields`) and choose its mask the way its config asks."""
+    model = _attach(_default_config(method, **fields))
     prepare = PREPARE.get(method)
     if prepare is not None:
         return Contender(model, prepare(model))
@@ -166,7 +167,8 @@ def _builders() -> dict[str, Callable[[], Contender]]:
     selective = sorted(m for m, cls in METHODS.items() if issubclass(cls, SelectiveConfig))
     return {"full": _full, "lora": _lora, **{m: (lambda m=m: _selective(m)) for m in selective},
             "ltsft-phase1": lambda: Contender(_attach(_default_config("ltsft"))),
-            "diff_pruning-projected": _diff_pruning_projected}
+            "diff_pruning-projected": _diff_pruning_projected,
+            "child_tuning_d-5%": lambda: _selective("child_tuning_d", fraction=0.05)}  # the learning test's fraction
 
 
 # --------------------------------------------------------------------------- measuring
