@@ -231,6 +231,7 @@ def _peer_run(out: Path) -> None:
         plain = _lora_only()
         plain.load_state_dict(full)
         save_from_main(plain, out / "fsdp2", "lora", DistContext())
+    ctx.barrier()  # rank 1 must not tear the group down while rank 0 still saves (gloo then aborts at exit)
     dist.destroy_process_group()
 
 
