@@ -35,6 +35,7 @@ class DeltaSlot(nn.ModuleDict):
         self._module_name = module_name
         self._read_input = Delta.read_input  # how the hook takes `x` from the host's call, shared by its deltas
         self._scaled_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (s ⊙ x, x) of the running call
+        self._scalers: set[str] = set()  # names of input-scaling deltas: most hosts have none, and skip the pre-hook
 
     def __setitem__(self, name: str, delta: Delta) -> None:
         reader = type(delta).read_input
@@ -43,6 +44,12 @@ class DeltaSlot(nn.ModuleDict):
                              f"the deltas already on it ({', '.join(self)}); they cannot share the module")
         self._read_input = reader
         super().__setitem__(name, delta)
+        if delta.scales_input:
+            self._scalers.add(name)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self._scalers.discard(name)
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """s ⊙ x for the input-scaling deltas that apply (each row its own under routing); None when none does.
@@ -53,8 +60,7 @@ class DeltaSlot(nn.ModuleDict):
             return None
         plan = registry.plan
         names = plan.names if plan is not None else registry.active
-        present = tuple(name for name in names if (d := self._modules.get(name)) is not None and d.scales_input
-                        and not d.merged)
+        present = tuple(name for name in names if name in self._scalers and not self._modules[name].merged)
         if not present:
             return None
         scales = [self._modules[name].input_scale() for name in present]
@@ -120,6 +126,8 @@ def _row_scales(plan: RoutingPlan, names: tuple[str, ...], scales: list[torch.Te
 def _slot_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
     """Run the host on s ⊙ x when an input-scaling delta applies; remember x for the output hook's deltas."""
     slot: DeltaSlot = getattr(module, SLOT_ATTR)
+    if not slot._scalers:
+        return None
     x = args[0] if args else next(iter(kwargs.values()), None)  # a linear host's input, however passed
     scaled = None if x is None else slot.scale_input(x)
     if scaled is None:
