@@ -14,9 +14,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-from peftkit import BitFit, FishMask, LoRA, Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError
+from peftkit import IA3, BitFit, FishMask, LoRA, Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError
 from peftkit.methods.selective.selection import fisher_scores, install_masks, top_fraction
-from peftkit.methods.selective.sparse import SPARSE_MAX_DENSITY
+from peftkit.methods.selective.sparse import SPARSE_MAX_DENSITY, SparseDelta, folds_into_weight
 
 from .checks import assert_merge_roundtrip, assert_routed_grads_match_rows, assert_routed_matches_rows
 from .conftest import randomize
@@ -86,6 +86,23 @@ def test_fisher_per_batch_squares_each_batch_mean_gradient() -> None:
     scores = fisher_scores(model, "default", batches, per_example=False)
     torch.testing.assert_close(scores["0.weight"], torch.stack(batch_grads).square().mean(0))
     assert not torch.allclose(scores["0.weight"], fisher_scores(model, "default", batches)["0.weight"])
+
+
+def test_fisher_of_a_selected_adapter_is_taken_at_the_changed_weights() -> None:
+    """Fish-Dip re-selects at W0 + ΔW: the gradient of the base weight flows though batches are big enough to fold."""
+    model, batches = _softmax_regression()
+    peftkit.attach(model, FishMask(targets=["0"], fraction=0.5))
+    install_masks(model, "default", {"0.weight": Mask.elements(torch.tensor([0, 5, 11])), "0.bias": Mask.whole()})
+    randomize(model)
+    delta = model[0].peftkit["default"]
+    w, b = model[0].weight + delta.weight.dense().detach(), model[0].bias + delta.bias.dense().detach()
+    batch_grads = []
+    for x, y in batches:
+        assert folds_into_weight(len(y), w.shape)
+        err = torch.softmax(x @ w.T + b, -1) - F.one_hot(y, 3).float()
+        batch_grads.append(err.T @ x / len(y))
+    scores = fisher_scores(model, "default", batches, per_example=False)
+    torch.testing.assert_close(scores["0.weight"], torch.stack(batch_grads).square().mean(0))
 
 
 def test_fisher_is_taken_in_eval_mode_and_leaves_the_model_as_it_was(tiny, ids) -> None:
@@ -160,6 +177,11 @@ def test_slices_and_dense_blocks_follow_the_same_formula() -> None:
     assert_merge_roundtrip(model, x, "0.weight")
 
 
+def _folded(out: torch.Tensor) -> bool:
+    """Whether the host's output came from a folded call (the host's output is a view of it)."""
+    return any(type(fn).__name__ == "_FoldedCallBackward" for fn, _ in out.grad_fn.next_functions)
+
+
 def _with_dense_delta(host: nn.Module, delta_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The host run on W0 + ΔW as one weight (Conv1D keeps it as (in, out))."""
     weight = host.weight + delta_weight
@@ -188,12 +210,119 @@ def test_sparse_products_and_slices_equal_the_dense_delta_formula(kind: str, for
     if diff.is_elements:
         assert diff.size() <= SPARSE_MAX_DENSITY * n  # not the dense fallback
         assert (diff.size() > 24) == (count == 38)  # which of the two element paths runs
+    assert not folds_into_weight(12, host.weight.shape)  # these 12 rows take the output hook's paths
     out = model(x)
+    assert not _folded(out)
     grad = torch.randn_like(out)
     expected = _with_dense_delta(host, diff.dense(), x)
     torch.testing.assert_close(out, expected)
     for got, want in zip(torch.autograd.grad(out, (x, diff.values), grad), torch.autograd.grad(expected, (x, diff.values), grad)):
         torch.testing.assert_close(got, want)
+
+
+_FOLD_MASKS = {
+    "few elements": {"0.weight": Mask.elements(torch.arange(0, 760, 40))},  # 19 entries: per-entry gradient
+    "sparse elements": {"0.weight": Mask.elements(torch.arange(0, 760, 20))},  # 38: sampled at the mask
+    "dense elements": {"0.weight": Mask.elements(torch.arange(0, 760, 3))},  # 254: dense gradient, gathered
+    "frozen elements": {"0.weight": Mask.elements(torch.arange(0, 760, 20))},
+    "rows": {"0.weight": Mask.slices(0, torch.tensor([1, 4, 9]))},
+    "columns": {"0.weight": Mask.slices(1, torch.tensor([0, 5, 6, 20]))},
+    "whole and bias elements": {"0.weight": Mask.whole(), "0.bias": Mask.elements(torch.tensor([2, 3]))},
+    "bias only": {"0.bias": Mask.whole()},
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("form", list(_FOLD_MASKS))
+def test_a_folded_host_call_equals_the_formula_in_value_and_gradients(kind: str, form: str) -> None:
+    """A training-size batch runs the host once on W0 + ΔW: output, dx, dV and dΔb equal those of f(x; W0 + ΔW, b0 + Δb)."""
+    host = nn.Linear(32, 24) if kind == "linear" else Conv1D(24, 32)
+    model = nn.Sequential(host)
+    peftkit.attach(model, FishMask(targets=["0"]))
+    install_masks(model, "default", _FOLD_MASKS[form])
+    delta = host.peftkit["default"]
+    randomize(model)
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    if form == "frozen elements":
+        delta.weight.frozen_indices, delta.weight.frozen_values = torch.tensor([1, 2, 701]), torch.randn(3)
+    assert folds_into_weight(128, host.weight.shape)
+    out = model(x)
+    assert _folded(out)
+    weight, bias = host.weight + delta.weight.dense(), host.bias + delta.bias.dense()
+    expected = F.linear(x, weight, bias) if kind == "linear" else x @ weight + bias
+    torch.testing.assert_close(out, expected)
+    trained = [x] + [d.values for _, d in delta.diffs() if d.values.numel()]
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, trained, grad), torch.autograd.grad(expected, trained, grad)):
+        torch.testing.assert_close(got, want)
+
+
+def _fold_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each call that tries to fold a selective delta into its host, whether it did."""
+    calls, host_call = [], SparseDelta.host_call
+
+    def spy(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        out = host_call(self, host, x)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(SparseDelta, "host_call", spy)
+    return calls
+
+
+def test_folding_keeps_every_other_delta_and_the_order_of_those_that_read_the_base_output(monkeypatch) -> None:
+    """LoRA adds to the output, so a selective delta after it folds; an (IA)³ scale before it reads the output
+    without the change, so the change is then added after the host, as in any unfolded pass."""
+    host = nn.Linear(32, 24)
+    model = nn.Sequential(host)
+    for config, name in ((PaFi(targets=["0"], fraction=0.05), "sparse"), (LoRA(r=2, targets=["0"]), "lora"),
+                         (IA3(targets=["0"]), "scale")):
+        peftkit.attach(model, config, name)
+    randomize(model)
+    slot, x = host.peftkit, torch.randn(8, 16, 32)
+    base = F.linear(x, host.weight, host.bias)
+    change, increment, scale = F.linear(x, slot["sparse"].weight.dense()), slot["lora"].increment(x), slot["scale"].ia3_l.flatten()
+    calls = _fold_calls(monkeypatch)
+    expected = {("lora", "sparse"): (base + change + increment, [True]),
+                ("sparse", "scale"): ((base + change) * scale, [True]),
+                ("scale", "sparse"): (base * scale + change, []),
+                ("sparse",): (base + change, [True])}
+    for order, (want, folded) in expected.items():
+        peftkit.activate(model, list(order))
+        calls.clear()
+        torch.testing.assert_close(model(x), want)
+        assert calls == folded, order
+
+
+def test_small_batches_routed_rows_and_autocast_do_not_fold(monkeypatch, tiny, ids) -> None:
+    peftkit.attach(tiny, PaFi(targets=["q", "ffn.0"], fraction=0.1))
+    randomize(tiny)
+    calls = _fold_calls(monkeypatch)
+    tiny(ids)
+    assert calls == [True, True]
+    calls.clear()
+    tiny(ids[:1, :2])  # 2 rows: a weight-sized copy would cost more than the activations
+    with peftkit.routed(tiny, ["default"] * 6):
+        tiny(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny(ids)
+    assert not any(calls)
+
+
+def test_a_deep_copy_folds_its_own_weights_and_remove_restores_the_plain_forward() -> None:
+    model = nn.Sequential(nn.Linear(32, 24))
+    peftkit.attach(model, PaFi(targets=["0"], fraction=0.05))
+    randomize(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.add_(1.0)
+        twin[0].peftkit["default"].weight.values.mul_(2.0)
+    x = torch.randn(8, 16, 32)
+    for m in (model, twin):
+        torch.testing.assert_close(m(x), F.linear(x, m[0].weight + m[0].peftkit["default"].weight.dense(), m[0].bias))
+    peftkit.remove(model, "default")
+    assert "forward" not in model[0].__dict__ and "forward" in twin[0].__dict__
+    torch.testing.assert_close(model(x), F.linear(x, model[0].weight, model[0].bias))
 
 
 def test_sparse_products_and_slices_route_rows_like_rows_alone(tiny, ids) -> None:

@@ -17,7 +17,7 @@ from .core.delta import Delta, ModuleCopy
 from .core.registry import REGISTRY_ATTR, AdapterRegistry, adapter_deltas, get_registry
 from .core.routing import RoutingPlan
 from .core.shared_input import SharedInputGroup
-from .core.slot import SLOT_ATTR, DeltaSlot, detach_slot, get_or_create_slot
+from .core.slot import SLOT_ATTR, DeltaSlot, add_delta, remove_delta
 from .core.targets import match_targets
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
@@ -55,7 +55,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
             except ValueError as err:  # a delta checks its host's shape without knowing the module's name
                 raise ValueError(f"{config.method} cannot adapt module {host_name!r}: {err}") from err
             delta.train(host.training)  # a new module starts in training mode: follow the model's (dropout, DyLoRA's rank)
-            get_or_create_slot(host, registry, host_name)[name] = delta
+            add_delta(host, registry, host_name, name, delta)
             placed.append(host_name)
     except Exception:
         _remove_deltas(model, name, placed)
@@ -89,15 +89,12 @@ def _link_shared_inputs(model: nn.Module, host_names: list[str], name: str) -> N
 def _remove_deltas(model: nn.Module, name: str, host_names: list[str]) -> None:
     for host_name in host_names:
         host = model.get_submodule(host_name)
-        slot = getattr(host, SLOT_ATTR)
-        delta = slot[name]
+        delta = getattr(host, SLOT_ATTR)[name]
         if delta.merged:
             delta.unmerge_from(host)
         if delta.rewrites_base:
             delta.restore_base(host)
-        del slot[name]
-        if len(slot) == 0:
-            detach_slot(host)
+        remove_delta(host, name)
 
 
 def remove(model: nn.Module, name: str) -> nn.Module:

@@ -26,6 +26,7 @@ class Delta(nn.Module):
     on_sequence: bool = False  # virtual tokens (prompt, prefix): core.sequence applies it at the model input, not the slot
     scales_input: bool = False  # the host runs on input_scale() ⊙ x, scaled before the host's forward
     reads_input: bool = True  # False: transform ignores `x` (gets None under routing, which then skips gathering it)
+    folds_into_host: bool = False  # host_call can replace the host's own call (un-routed passes)
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -38,6 +39,11 @@ class Delta(nn.Module):
     def input_scale(self) -> torch.Tensor:
         """s over the host's input features (input-scaling deltas only)."""
         raise NotImplementedError
+
+    def host_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The host's output for `x` with this delta folded into the host's own computation (`folds_into_host`
+        deltas), or None when this call cannot fold: the delta then acts on the host's output as usual."""
+        return None
 
     @property
     def acts_on_output(self) -> bool:

@@ -2,13 +2,18 @@
 
 Input-scaling deltas ((IA)³'s feed-forward vectors) act in a pre-forward hook, so the host's
 own matmul runs on s ⊙ x and they cost one elementwise product; every other delta acts in the
-forward hook on the host's output, reading the host's unscaled input.
+forward hook on the host's output, reading the host's unscaled input. A delta that can fold
+itself into the host's own computation (a selective change of a Linear's weight: one matmul on
+W0 + ΔW instead of the host's plus the delta's) replaces the host's call in un-routed passes:
+the host then runs `_folding_forward`, installed on its instance `forward` while such a delta
+sits on it, and the output hook applies the other deltas.
 
 Deltas live *beside* the host (`<module>.peftkit.<adapter>.<param>`) instead of wrapping it, so
 the base model's parameter names never change and a base checkpoint loads as it is.
 """
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +41,8 @@ class DeltaSlot(nn.ModuleDict):
         self._read_input = Delta.read_input  # how the hook takes `x` from the host's call, shared by its deltas
         self._scaled_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (s ⊙ x, x) of the running call
         self._scalers: set[str] = set()  # names of input-scaling deltas: most hosts have none, and skip the pre-hook
+        self._folders: set[str] = set()  # names of deltas that can replace the host's call (`Delta.host_call`)
+        self._folded: str | None = None  # the delta folded into the running call, which the output hook skips
 
     def __setitem__(self, name: str, delta: Delta) -> None:
         reader = type(delta).read_input
@@ -46,10 +53,36 @@ class DeltaSlot(nn.ModuleDict):
         super().__setitem__(name, delta)
         if delta.scales_input:
             self._scalers.add(name)
+        if delta.folds_into_host:
+            self._folders.add(name)
 
     def __delitem__(self, name: str) -> None:
         super().__delitem__(name)
         self._scalers.discard(name)
+        self._folders.discard(name)
+
+    def folded_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The host's output for `x` with the first active delta that can fold into the host's call folded in,
+        or None when none can (the host then runs as it is).
+
+        Only un-routed, unscaled calls fold (each routed row group adds its own change), and only a delta that
+        no output-reading delta precedes: those must see the base output without it."""
+        self._folded = None
+        registry = self._registry
+        if registry.disabled or registry.plan is not None or self._scaled_input is not None:
+            return None
+        for name in registry.active:
+            delta = self._modules.get(name)
+            if delta is None or not delta.acts_on_output:
+                continue
+            if name in self._folders:
+                out = delta.host_call(host, x)
+                if out is not None:
+                    self._folded = name
+                    return out
+            if not delta.additive:
+                return None
+        return None
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """s ⊙ x for the input-scaling deltas that apply (each row its own under routing); None when none does.
@@ -73,13 +106,14 @@ class DeltaSlot(nn.ModuleDict):
 
     def apply_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         registry = self._registry
+        folded, self._folded = self._folded, None
         if registry.disabled:
             return out
         if registry.plan is not None:
             return self._apply_routed(x, out)
         for name in registry.active:
             delta = self._modules.get(name)
-            if delta is None or not delta.acts_on_output:
+            if delta is None or name == folded or not delta.acts_on_output:
                 continue
             out = delta.add_increment_(x, out) if delta.additive else delta.transform(x, out)
         return out
@@ -151,14 +185,40 @@ def _slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     return slot.apply_deltas(x, output)
 
 
-def get_or_create_slot(module: nn.Module, registry: AdapterRegistry, module_name: str) -> DeltaSlot:
+def _folding_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The host's call, or one that folds a delta into it (`DeltaSlot.folded_call`); gone with the last such delta."""
+    forward = type(module).forward
+    slot: DeltaSlot | None = getattr(module, SLOT_ATTR, None)
+    if slot is None or not slot._folders:
+        del module.__dict__["forward"]
+        return forward(module, *args, **kwargs)
+    out = slot.folded_call(module, slot._read_input(args, kwargs))
+    return forward(module, *args, **kwargs) if out is None else out
+
+
+def _installed_folding(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _folding_forward
+
+
+def add_delta(module: nn.Module, registry: AdapterRegistry, module_name: str, name: str, delta: Delta) -> None:
+    """Put `delta` into the module's slot (made on first use), folding it into the module's call where it can."""
     slot = getattr(module, SLOT_ATTR, None)
     if slot is None:
         slot = DeltaSlot(registry, module_name)
         setattr(module, SLOT_ATTR, slot)
         module.register_forward_pre_hook(_slot_pre_hook, with_kwargs=True)
         module.register_forward_hook(_slot_hook, with_kwargs=True)
-    return slot
+    slot[name] = delta
+    if delta.folds_into_host and "forward" not in module.__dict__:  # not over another library's patched forward
+        module.forward = types.MethodType(_folding_forward, module)  # a bound method: deep copies rebind it
+
+
+def remove_delta(module: nn.Module, name: str) -> None:
+    """Take `name` out of the module's slot; the last one out takes the slot and its hooks along."""
+    slot: DeltaSlot = getattr(module, SLOT_ATTR)
+    del slot[name]
+    if len(slot) == 0:
+        detach_slot(module)
 
 
 def detach_slot(module: nn.Module) -> None:
@@ -175,4 +235,6 @@ def detach_slot(module: nn.Module) -> None:
         if hook is _slot_pre_hook:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
+    if _installed_folding(module):
+        del module.__dict__["forward"]
     delattr(module, SLOT_ATTR)

@@ -77,6 +77,8 @@ class DiffPruning(SelectiveConfig):
 class GatedDiff(ParamDiff):
     """A whole-tensor change δ = z ⊙ w (w: `values`) with one hard-concrete gate per entry."""
 
+    folds = False  # the change is z ⊙ w, not `values`
+
     def __init__(self, shape: torch.Size, device: torch.device, config: DiffPruning):
         super().__init__(shape, device, Mask.whole())
         self.log_alpha = nn.Parameter(torch.full(shape, config.log_alpha_init, dtype=torch.float32, device=device))

@@ -35,6 +35,12 @@ Embedding, LayerNorm. How f(x; ΔW) is computed depends on the storage form (V: 
 - everything else (dense blocks, denser element masks, Conv2d, Embedding, LayerNorm): ΔW as a
   tensor of the parameter's shape (zeros with the entries scattered in, differentiable in V) and
   one more call of the host's function on it.
+
+In an un-routed pass over a batch whose activations outweigh the weight (training, batched
+inference), a Linear / Conv1D host instead runs once on W0 + ΔW (`host_call`, one copy of W0
+with the entries added): forward and dx cost what the bare host costs, and only dV is extra,
+gᵀx picked at the entries (per entry, sampled at the mask, or dense and gathered, by the same
+density rules; the selected rows or columns of slices; all of it for dense blocks).
 """
 from __future__ import annotations
 
@@ -112,6 +118,8 @@ EMPTY = Mask(torch.zeros(0, dtype=torch.long))  # nothing selected (yet)
 class ParamDiff(nn.Module):
     """The change of one host parameter: `values` at `indices` (or the whole tensor), zero elsewhere."""
 
+    folds: ClassVar[bool] = True  # ΔW is `values` at the entries, so the host can run on W0 + ΔW (a gated change is not)
+
     def __init__(self, shape: torch.Size, device: torch.device, mask: Mask):
         super().__init__()
         self.shape = shape
@@ -129,7 +137,8 @@ class ParamDiff(nn.Module):
         # Fish-Dip: entries trained earlier and since dropped from the mask keep their change, frozen.
         self.register_buffer("frozen_indices", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("frozen_values", torch.zeros(0, **factory), persistent=False)
-        self._csr: tuple[tuple, tuple, CsrLayout] | None = None  # (index tensors, their versions, layout built from them)
+        # with / without frozen entries: (index tensors, their versions, layout built from them)
+        self._csr: dict[bool, tuple[tuple, tuple, CsrLayout]] = {}
 
     def _slice_shape(self, count: int) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -150,15 +159,16 @@ class ParamDiff(nn.Module):
             return self.indices, self.values
         return torch.cat([self.indices, self.frozen_indices]), torch.cat([self.values, self.frozen_values])
 
-    def csr_layout(self, in_out: bool) -> "CsrLayout":
-        """The CSR layout of this element mask, frozen Fish-Dip entries included (in the order of `elements()`),
-        rebuilt only when the index tensors change. `in_out`: the parameter is stored (in, out), as Conv1D's."""
-        sources = (self.indices, self.frozen_indices)
+    def csr_layout(self, in_out: bool, frozen: bool = True) -> "CsrLayout":
+        """The CSR layout of this element mask, frozen Fish-Dip entries included (in the order of `elements()`)
+        unless `frozen` is False, rebuilt only when the index tensors change. `in_out`: the parameter is stored
+        (in, out), as Conv1D's."""
+        sources = (self.indices, self.frozen_indices) if frozen else (self.indices,)
         versions = tuple(t._version for t in sources)
-        cached = self._csr
+        cached = self._csr.get(frozen)
         if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], sources)):
-            self._csr = sources, versions, CsrLayout.of(torch.cat(sources), self.shape, in_out)
-        return self._csr[2]
+            cached = self._csr[frozen] = sources, versions, CsrLayout.of(torch.cat(sources), self.shape, in_out)
+        return cached[2]
 
     def size(self) -> int:
         """How many entries of the parameter this diff changes (frozen Fish-Dip entries included)."""
@@ -172,6 +182,24 @@ class ParamDiff(nn.Module):
             return self.values.new_zeros(self.shape).index_copy(self.dim, self.indices, self.values)
         indices, values = self.elements()
         return self.values.new_zeros(self.shape.numel()).index_copy(0, indices, values).view(self.shape)
+
+    def added_to(self, base: torch.Tensor) -> torch.Tensor:
+        """base + ΔW as a new tensor, without forming ΔW (values only, no graph: the folded host call's weight)."""
+        values = self.values.detach()
+        if self.indices is None:
+            return base + values
+        if self.dim is not None:
+            return base.index_add(self.dim, self.indices, values)
+        indices, values = self.elements()
+        return base.reshape(-1).index_add(0, indices, values.detach()).view(self.shape)
+
+    def pick(self, full: torch.Tensor) -> torch.Tensor:
+        """The trainable entries (shaped like `values`) of a tensor of the parameter's shape, e.g. its gradient."""
+        if self.indices is None:
+            return full
+        if self.dim is not None:
+            return full.index_select(self.dim, self.indices)
+        return full.reshape(-1)[self.indices]
 
     def flat_change(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat indices, values) of every entry this diff changes, frozen ones included."""
@@ -246,7 +274,8 @@ class _SparseProduct(torch.autograd.Function):
         x_t = x.t().contiguous()
         ctx.save_for_backward(x_t, values)
         ctx.layout = layout
-        return (layout.matrix(values) @ x_t).t().contiguous()
+        with torch.autocast(x.device.type, enabled=False):  # the sparse kernels have no bfloat16 form
+            return (layout.matrix(values) @ x_t).t().contiguous()
 
     @staticmethod
     @once_differentiable
@@ -261,6 +290,79 @@ class _SparseProduct(torch.autograd.Function):
             sampled = torch.sparse.sampled_addmm(layout.matrix(values), grad_t, x_t.t(), beta=0).values()
             dvalues = torch.empty_like(values).index_copy_(0, layout.order, sampled)
         return dx, dvalues, None
+
+
+def folds_into_weight(rows: int, shape: torch.Size) -> bool:
+    """Whether a pass over `rows` input rows runs a Linear / Conv1D host once on W0 + ΔW: when its activations,
+    rows·(in + out), outweigh the weight-sized copy that costs, in·out (a training batch does, a decoding step not)."""
+    return rows * (shape[0] + shape[1]) >= shape[0] * shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class _Fold:
+    """A Linear / Conv1D host with its diffs folded in: f(x; W0 + ΔW, b0 + Δb) and the gradients of that call."""
+
+    weight: torch.Tensor  # W0, in the host's layout
+    bias: torch.Tensor | None
+    weight_diff: ParamDiff | None  # None: the weight is not changed
+    bias_diff: ParamDiff | None
+    in_out: bool  # the host stores W as (in, out), as Conv1D
+
+    def linear_weight(self) -> torch.Tensor:
+        """W0 + ΔW in Linear orientation (out, in); recomputed for backward rather than kept."""
+        weight = self.weight if self.weight_diff is None else self.weight_diff.added_to(self.weight)
+        return weight.t() if self.in_out else weight
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.bias_diff is None else self.bias_diff.added_to(self.bias)
+        return F.linear(x, self.linear_weight(), bias)
+
+    def weight_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """dV: the gradient of W (aᵀb in the host's layout) at the diff's trainable entries only, for x [rows, in]
+        and grad [rows, out]; the same density rules as the output hook's paths decide how it is computed."""
+        diff = self.weight_diff
+        a, b = (x, grad) if self.in_out else (grad, x)
+        if diff.dim is not None:  # slices: the selected rows or columns of aᵀb
+            if diff.dim == 0:
+                return a.index_select(1, diff.indices).t() @ b
+            return a.t() @ b.index_select(1, diff.indices)
+        count, shape = diff.values.numel(), diff.shape
+        if diff.is_elements and count <= min(shape):
+            first, second = diff.indices // shape[1], diff.indices % shape[1]
+            return (a.index_select(1, first) * b.index_select(1, second)).sum(0)
+        if diff.is_elements and count <= SPARSE_MAX_DENSITY * shape.numel():
+            layout = diff.csr_layout(self.in_out, frozen=False)
+            sampled = torch.sparse.sampled_addmm(layout.matrix(diff.values.detach()), grad.t().contiguous(), x,
+                                                 beta=0).values()
+            return torch.empty_like(diff.values).index_copy_(0, layout.order, sampled)
+        return diff.pick(a.t() @ b)
+
+
+class _FoldedCall(torch.autograd.Function):
+    """y = f(x; W0 + ΔW, b0 + Δb) in one host call, for x [rows, in]:
+
+        dx = g (W0 + ΔW),   dV = (gᵀx) at the trainable entries,   dΔb = (Σ_rows g) at the entries
+
+    Rows in, rows out: the caller shapes them, so the output is no view made inside the function and the
+    deltas after it may add to it in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_values: torch.Tensor | None, bias_values: torch.Tensor | None,
+                fold: _Fold) -> torch.Tensor:
+        ctx.fold = fold
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None)  # only dV reads x
+        return fold.call(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        fold: _Fold = ctx.fold
+        dx = grad @ fold.linear_weight() if ctx.needs_input_grad[0] else None
+        dweight = fold.weight_grad(x, grad) if ctx.needs_input_grad[1] else None
+        dbias = fold.bias_diff.pick(grad.sum(0)) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None
 
 
 class SparseDelta(Delta):
@@ -280,6 +382,7 @@ class SparseDelta(Delta):
             raise ValueError("an Embedding with max_norm renormalises its weight in place; a sparse change cannot follow it")
         self.param_names = present
         self.kind = _host_kind(host)
+        self.folds_into_host = self.kind in ("linear", "conv1d")
         self._host_args = _host_args(host, self.kind)
         self._shapes = {n: getattr(host, n).shape for n in present}
         self._device = getattr(host, present[0]).device
@@ -315,6 +418,25 @@ class SparseDelta(Delta):
             db = bias.dense()
             out = out + (db.view(-1, 1, 1) if self.kind == "conv2d" else db).to(out.dtype)
         return out
+
+    def host_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """f(x; W0 + ΔW, b0 + Δb) as one call of a Linear / Conv1D host, when this pass folds: a batch that
+        `folds_into_weight`, no autocast, one dtype throughout, and a frozen base (Fisher scoring takes
+        gradients of the base weights, which the folded call does not give)."""
+        if not self.selected or torch.is_autocast_enabled(x.device.type):
+            return None
+        diffs = {name: diff for name, diff in self.diffs() if diff.size()}
+        base = [p for p in (host.weight, host.bias) if p is not None]
+        if not diffs or any(p.requires_grad or p.dtype != x.dtype for p in base) or \
+                any(not d.folds or d.values.dtype != x.dtype for d in diffs.values()):
+            return None
+        weight, bias = diffs.get("weight"), diffs.get("bias")
+        if weight is not None and not folds_into_weight(x.numel() // x.shape[-1], weight.shape):
+            return None
+        fold = _Fold(host.weight, host.bias, weight, bias, self.kind == "conv1d")
+        values = (None if diff is None else diff.values for diff in (weight, bias))
+        out = _FoldedCall.apply(x.reshape(-1, x.shape[-1]), *values, fold)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _add_weight_term(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
         """out + f(x; ΔW). On a Linear or Conv1D: slices cost only their rows or columns; at most min(in, out) selected
