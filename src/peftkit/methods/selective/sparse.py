@@ -331,9 +331,9 @@ class _Fold:
             first, second = diff.indices // shape[1], diff.indices % shape[1]
             return (a.index_select(1, first) * b.index_select(1, second)).sum(0)
         if diff.is_elements and count <= SPARSE_MAX_DENSITY * shape.numel():
-            layout = diff.csr_layout(self.in_out, frozen=False)
-            sampled = torch.sparse.sampled_addmm(layout.matrix(diff.values.detach()), grad.t().contiguous(), x,
-                                                 beta=0).values()
+            layout = diff.csr_layout(self.in_out, frozen=False)  # both operands transposed: each entry one contiguous dot
+            sampled = torch.sparse.sampled_addmm(layout.matrix(diff.values.detach()), grad.t().contiguous(),
+                                                 x.t().contiguous().t(), beta=0).values()
             return torch.empty_like(diff.values).index_copy_(0, layout.order, sampled)
         return diff.pick(a.t() @ b)
 
