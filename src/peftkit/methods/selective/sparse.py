@@ -47,7 +47,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -185,11 +185,10 @@ class ParamDiff(nn.Module):
 
     def added_to(self, base: torch.Tensor) -> torch.Tensor:
         """base + ΔW as a new tensor, without forming ΔW (values only, no graph: the folded host call's weight)."""
-        values = self.values.detach()
         if self.indices is None:
-            return base + values
+            return base + self.values.detach()
         if self.dim is not None:
-            return base.index_add(self.dim, self.indices, values)
+            return base.index_add(self.dim, self.indices, self.values.detach())
         indices, values = self.elements()
         return base.reshape(-1).index_add(0, indices, values.detach()).view(self.shape)
 
@@ -292,6 +291,20 @@ class _SparseProduct(torch.autograd.Function):
         return dx, dvalues, None
 
 
+def element_path(count: int, shape: torch.Size) -> Literal["entries", "sparse", "dense"]:
+    """How `count` scattered entries of a Linear / Conv1D weight are computed: one product per entry (at most
+    min(in, out): a few gathers beat the sparse kernels' fixed costs), sparse kernels (up to
+    `SPARSE_MAX_DENSITY`), or one dense matmul."""
+    if count <= min(shape):
+        return "entries"
+    return "sparse" if count <= SPARSE_MAX_DENSITY * shape.numel() else "dense"
+
+
+def _coordinates(indices: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) positions of flat indices into a 2-D parameter, in its own layout."""
+    return indices // shape[1], indices % shape[1]
+
+
 def folds_into_weight(rows: int, shape: torch.Size) -> bool:
     """Whether a pass over `rows` input rows runs a Linear / Conv1D host once on W0 + ΔW: when its activations,
     rows·(in + out), outweigh the weight-sized copy that costs, in·out (a training batch does, a decoding step not)."""
@@ -326,11 +339,11 @@ class _Fold:
             if diff.dim == 0:
                 return a.index_select(1, diff.indices).t() @ b
             return a.t() @ b.index_select(1, diff.indices)
-        count, shape = diff.values.numel(), diff.shape
-        if diff.is_elements and count <= min(shape):
-            first, second = diff.indices // shape[1], diff.indices % shape[1]
+        path = element_path(diff.values.numel(), diff.shape) if diff.is_elements else "dense"
+        if path == "entries":
+            first, second = _coordinates(diff.indices, diff.shape)
             return (a.index_select(1, first) * b.index_select(1, second)).sum(0)
-        if diff.is_elements and count <= SPARSE_MAX_DENSITY * shape.numel():
+        if path == "sparse":
             layout = diff.csr_layout(self.in_out, frozen=False)  # both operands transposed: each entry one contiguous dot
             sampled = torch.sparse.sampled_addmm(layout.matrix(diff.values.detach()), grad.t().contiguous(),
                                                  x.t().contiguous().t(), beta=0).values()
@@ -439,21 +452,20 @@ class SparseDelta(Delta):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _add_weight_term(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
-        """out + f(x; ΔW). On a Linear or Conv1D: slices cost only their rows or columns; at most min(in, out) selected
-        elements add out[..., r] += x[..., c]·v per entry (r, c) (a few gathers beat the sparse kernels' fixed
-        costs); more, up to `SPARSE_MAX_DENSITY`, go through sparse products. Else ΔW as a tensor."""
+        """out + f(x; ΔW). On a Linear or Conv1D: slices cost only their rows or columns; scattered elements take
+        their `element_path`: out[..., r] += x[..., c]·v per entry (r, c), or sparse products. Else ΔW as a tensor."""
         if self.kind in ("linear", "conv1d"):
             if diff.dim is not None:
                 return self._add_slices(x, diff, out)
-            if diff.is_elements and diff.size() <= SPARSE_MAX_DENSITY * diff.shape.numel():
+            if diff.is_elements and element_path(diff.size(), diff.shape) != "dense":
                 return self._add_elements(x, diff, out)
         return out + self._weight_term(x, diff.dense()).to(out.dtype)
 
     def _add_elements(self, x: torch.Tensor, diff: ParamDiff, out: torch.Tensor) -> torch.Tensor:
         indices, values = diff.elements()
         x = x.to(values.dtype)
-        if diff.size() <= min(x.shape[-1], out.shape[-1]):  # the [rows, entries] product is no larger than x or out
-            first, second = indices // diff.shape[1], indices % diff.shape[1]
+        if element_path(diff.size(), diff.shape) == "entries":  # the [rows, entries] product is no larger than x or out
+            first, second = _coordinates(indices, diff.shape)
             read, write = (second, first) if self.kind == "linear" else (first, second)  # Conv1D keeps W as (in, out)
             return out.index_add(-1, write, (x.index_select(-1, read) * values).to(out.dtype))
         product = _SparseProduct.apply(x.reshape(-1, x.shape[-1]), values, diff.csr_layout(self.kind == "conv1d"))
