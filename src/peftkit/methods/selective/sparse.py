@@ -40,7 +40,8 @@ In an un-routed pass over a batch whose activations outweigh the weight (trainin
 inference), a Linear / Conv1D host instead runs once on W0 + ΔW (`host_call`, one copy of W0
 with the entries added): forward and dx cost what the bare host costs, and only dV is extra,
 gᵀx picked at the entries (per entry, sampled at the mask, or dense and gathered, by the same
-density rules; the selected rows or columns of slices; all of it for dense blocks).
+density rules; the selected rows or columns of slices; all of it for dense blocks). Sampling reads g and x
+transposed; those copies come from `core.kernels.transposed`, which is most of what a sampled dV costs.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from torch.autograd.function import once_differentiable
 from ...core.config import AdapterConfig
 from ...core.delta import Delta
 from ...core.hosts import LINEAR_TYPES, Conv1D, RMSNormLike
+from ...core.kernels import transposed
 
 SPARSE_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding, nn.LayerNorm, RMSNormLike)
 # Element masks of a Linear / Conv1D weight up to this share of its entries run as sparse products; above it,
@@ -264,27 +266,28 @@ class _SparseProduct(torch.autograd.Function):
         y = (ΔW xᵀ)ᵀ,   dx = (ΔWᵀ gᵀ)ᵀ,   dvalues_k = Σ_rows g[:, out_k] x[:, in_k]   (gᵀx sampled at the mask)
 
     CPU kernels are fast only for a sparse matrix on the left and dense operands stored transposed ([in, rows],
-    [out, rows]), so xᵀ and gᵀ are made contiguous once; xᵀ, not x, is kept for backward (the same memory).
+    [out, rows]), so xᵀ and gᵀ are made contiguous once (`transposed`: a compiled copy, several times torch's
+    eager one); xᵀ, not x, is kept for backward (the same memory).
     Results are transposed back to contiguous [rows, ·] before anything adds them (mixed-layout adds are slow).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, layout: CsrLayout) -> torch.Tensor:
-        x_t = x.t().contiguous()
+        x_t = transposed(x)
         ctx.save_for_backward(x_t, values)
         ctx.layout = layout
         with torch.autocast(x.device.type, enabled=False):  # the sparse kernels have no bfloat16 form
-            return (layout.matrix(values) @ x_t).t().contiguous()
+            return transposed(layout.matrix(values) @ x_t)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_t, values = ctx.saved_tensors
         layout: CsrLayout = ctx.layout
-        grad_t = grad.t().contiguous()
+        grad_t = transposed(grad)
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            dx = (layout.matrix(values, transposed=True) @ grad_t).t().contiguous()
+            dx = transposed(layout.matrix(values, transposed=True) @ grad_t)
         if ctx.needs_input_grad[1]:
             sampled = torch.sparse.sampled_addmm(layout.matrix(values), grad_t, x_t.t(), beta=0).values()
             dvalues = torch.empty_like(values).index_copy_(0, layout.order, sampled)
@@ -345,8 +348,8 @@ class _Fold:
             return (a.index_select(1, first) * b.index_select(1, second)).sum(0)
         if path == "sparse":
             layout = diff.csr_layout(self.in_out, frozen=False)  # both operands transposed: each entry one contiguous dot
-            sampled = torch.sparse.sampled_addmm(layout.matrix(diff.values.detach()), grad.t().contiguous(),
-                                                 x.t().contiguous().t(), beta=0).values()
+            sampled = torch.sparse.sampled_addmm(layout.matrix(diff.values.detach()), transposed(grad),
+                                                 transposed(x).t(), beta=0).values()
             return torch.empty_like(diff.values).index_copy_(0, layout.order, sampled)
         return diff.pick(a.t() @ b)
 
