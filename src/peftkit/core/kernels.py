@@ -2,7 +2,7 @@
 
 Torch's eager CPU transpose copies element by element: a 2048 x 1536 float32 activation takes ~4 ms, ten
 times a plain copy of it. The kernel Inductor generates for the same copy moves tiles through vector registers
-(~0.8 ms). Sampled weight gradients need both operands transposed, so this is most of what they cost.
+(~1 ms). Sampled weight gradients need both operands transposed, so this is most of what they cost.
 
 The compiled kernel is used where it is safe and pays: large CPU floating-point tensors, outside a region that
 is itself being compiled, on the thread that compiled it (torch.compile is not thread safe). Everything else, a
