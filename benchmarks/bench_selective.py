@@ -3,7 +3,9 @@ step time, against full fine-tuning and LoRA.
 
 Every selective method in peftkit's registry is a scenario (a method added later appears by itself),
 plus `full` (every parameter trains, no adapter), `lora` (LoRA r=8, alpha=16 on query, value),
-`ltsft-phase1` (LT-SFT's dense first phase), `child_tuning_d-5%` (at the learning test's fraction) and
+`ltsft-phase1` (LT-SFT's dense first phase), `child_tuning_d-5%` (at the learning test's fraction),
+`child_tuning_d-100%` (every targeted entry: the dense weight gradient any exact method pays once a mask covers
+most of a layer's entries) and
 `diff_pruning-projected` (after the projection, the fixed-mask phase; `diff_pruning` itself is the gated
 phase, its L0 penalty in the loss). Each trains
 with a copy of the classifier head (`modules_to_save`), 5 labels, batch 16 x seq 128, train mode.
@@ -168,7 +170,8 @@ def _builders() -> dict[str, Callable[[], Contender]]:
     return {"full": _full, "lora": _lora, **{m: (lambda m=m: _selective(m)) for m in selective},
             "ltsft-phase1": lambda: Contender(_attach(_default_config("ltsft"))),
             "diff_pruning-projected": _diff_pruning_projected,
-            "child_tuning_d-5%": lambda: _selective("child_tuning_d", fraction=0.05)}  # the learning test's fraction
+            "child_tuning_d-5%": lambda: _selective("child_tuning_d", fraction=0.05),  # the learning test's fraction
+            "child_tuning_d-100%": lambda: _selective("child_tuning_d", fraction=1.0)}  # every entry: the dense floor
 
 
 # --------------------------------------------------------------------------- measuring

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit import models
+from peftkit.core.cache import cached
 from peftkit.data import (
     FASHION_MNIST_CLASSES,
     load_bbc_news,
@@ -58,7 +59,7 @@ def test_cached_builds_once_and_never_leaves_partial_copies(monkeypatch, tmp_pat
         calls.append(tmp)
         (tmp / "weights").write_text("ok")
 
-    assert models._cached("m", build) == models._cached("m", build) == tmp_path / "m"
+    assert cached("m", build) == cached("m", build) == tmp_path / "m"
     assert len(calls) == 1 and (tmp_path / "m" / "weights").read_text() == "ok"
 
     def broken(tmp: Path) -> None:
@@ -66,7 +67,7 @@ def test_cached_builds_once_and_never_leaves_partial_copies(monkeypatch, tmp_pat
         raise RuntimeError("conversion failed")
 
     with pytest.raises(RuntimeError):
-        models._cached("n", broken)
+        cached("n", broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no target, no temp folder
 
 
@@ -78,7 +79,7 @@ def test_cached_uses_the_copy_of_a_process_that_won_the_race(monkeypatch, tmp_pa
         (tmp_path / "m").mkdir()  # meanwhile another process finished its copy
         (tmp_path / "m" / "weights").write_text("theirs")
 
-    assert models._cached("m", slow_build) == tmp_path / "m"
+    assert cached("m", slow_build) == tmp_path / "m"
     assert (tmp_path / "m" / "weights").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 

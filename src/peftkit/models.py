@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .core.cache import cache_dir, cached
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,34 +62,6 @@ def _package_dir(module_name: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
-    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit").expanduser()
-
-
-def _cached(name: str, build: Callable[[Path], None]) -> Path:
-    """``cache_dir()/name``, built once by ``build(tmp)``.
-
-    Building into a temporary folder beside the target and renaming it into place means a
-    reader never sees a half-written copy, and concurrent builders cannot corrupt each other.
-    """
-    target = cache_dir() / name
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        build(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        # Another process renamed its complete copy into place first: use theirs.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars, whose findings are expected here
@@ -124,7 +95,7 @@ def load_minilm(
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(tmp)
 
-    folder = _cached("all-MiniLM-L6-v2", extract)
+    folder = cached("all-MiniLM-L6-v2", extract)
     with _quiet_transformers():
         if num_labels is None:
             model = BertModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
@@ -169,7 +140,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
-        folder = _cached("SmolLM2-135M-Instruct-Q4_1-f32", _convert_smollm2)
+        folder = cached("SmolLM2-135M-Instruct-Q4_1-f32", _convert_smollm2)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer

@@ -39,9 +39,11 @@ Embedding, LayerNorm. How f(x; ΔW) is computed depends on the storage form (V: 
 In an un-routed pass over a batch whose activations outweigh the weight (training, batched
 inference), a Linear / Conv1D host instead runs once on W0 + ΔW (`host_call`, one copy of W0
 with the entries added): forward and dx cost what the bare host costs, and only dV is extra,
-gᵀx picked at the entries (per entry, sampled at the mask, or dense and gathered, by the same
-density rules; the selected rows or columns of slices; all of it for dense blocks). Sampling reads g and x
-transposed; those copies come from `core.kernels.transposed`, which is most of what a sampled dV costs.
+gᵀx picked at the entries: for element masks up to `COLUMN_DOTS_MAX_DENSITY`, one dot of a column of g
+with a column of x per entry (`core.kernels.column_dots`, which transposes 64 rows at a time in cache);
+denser masks take the dense gᵀx and gather it; the selected rows or columns of slices; all of it for
+dense blocks. Without that kernel (no C compiler, `PEFTKIT_COMPILE=0`) element masks follow the density
+rules above (per entry, sampled at the mask on transposed copies from `core.kernels.transposed`, dense).
 """
 from __future__ import annotations
 
@@ -58,13 +60,16 @@ from torch.autograd.function import once_differentiable
 from ...core.config import AdapterConfig
 from ...core.delta import Delta
 from ...core.hosts import LINEAR_TYPES, Conv1D, RMSNormLike
-from ...core.kernels import transposed
+from ...core.kernels import column_dots, transposed
 
 SPARSE_HOST_TYPES: tuple[type[nn.Module], ...] = LINEAR_TYPES + (nn.Conv2d, nn.Embedding, nn.LayerNorm, RMSNormLike)
 # Element masks of a Linear / Conv1D weight up to this share of its entries run as sparse products; above it,
 # ΔW as a dense tensor is faster (CPU, batch 2048 x 384..1536: the CSR products cost about one dense matmul
 # each at 15% and less than half of one at 5%).
 SPARSE_MAX_DENSITY = 0.1
+# In a folded call, element masks up to this share of a weight take their values' gradient from `core.kernels.
+# column_dots`; above it the dense gᵀx is faster (CPU, 2048 rows x 384..1536: the two are even at ~13-15%).
+COLUMN_DOTS_MAX_DENSITY = 0.12
 
 
 class MaskError(ValueError):
@@ -335,13 +340,18 @@ class _Fold:
 
     def weight_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """dV: the gradient of W (aᵀb in the host's layout) at the diff's trainable entries only, for x [rows, in]
-        and grad [rows, out]; the same density rules as the output hook's paths decide how it is computed."""
+        and grad [rows, out]. Element masks up to `COLUMN_DOTS_MAX_DENSITY` take one dot per entry (`column_dots`);
+        otherwise, or without that kernel, the output hook's density rules decide how it is computed."""
         diff = self.weight_diff
         a, b = (x, grad) if self.in_out else (grad, x)
         if diff.dim is not None:  # slices: the selected rows or columns of aᵀb
             if diff.dim == 0:
                 return a.index_select(1, diff.indices).t() @ b
             return a.t() @ b.index_select(1, diff.indices)
+        if diff.is_elements and diff.values.numel() <= COLUMN_DOTS_MAX_DENSITY * diff.shape.numel():
+            dots = column_dots(a, b, *_coordinates(diff.indices, diff.shape))
+            if dots is not None:
+                return dots
         path = element_path(diff.values.numel(), diff.shape) if diff.is_elements else "dense"
         if path == "entries":
             first, second = _coordinates(diff.indices, diff.shape)
