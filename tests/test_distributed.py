@@ -205,7 +205,6 @@ def _peer_steps(model: nn.Module, optimizer, rank: int, world: int, backward=Non
 
 def _peer_run(out: Path) -> None:
     """Run by torchrun: train `lora` through accelerate's DDP, then through FSDP2 (gloo); rank 0 saves both."""
-    import torch.distributed as dist
     from accelerate import Accelerator
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -231,8 +230,12 @@ def _peer_run(out: Path) -> None:
         plain = _lora_only()
         plain.load_state_dict(full)
         save_from_main(plain, out / "fsdp2", "lora", DistContext())
-    ctx.barrier()  # rank 1 must not tear the group down while rank 0 still saves (gloo then aborts at exit)
-    dist.destroy_process_group()
+    ctx.barrier()  # rank 1 must not leave while rank 0 still saves
+    # Tearing gloo down (destroy_process_group, or its destructors at exit) now and then aborted one rank with
+    # "terminate called without an active exception" after all the work was done: leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_peer_data_parallel_recipes_on_cpu(tmp_path) -> None:
