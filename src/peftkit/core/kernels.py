@@ -37,6 +37,11 @@ COMPILE_ENV = "PEFTKIT_COMPILE"
 COMPILED_MIN_ELEMENTS = 1 << 18  # below this the eager copy costs well under a millisecond
 
 
+def _disabled() -> bool:
+    """`PEFTKIT_COMPILE=0`: every kernel here leaves the work to torch."""
+    return os.environ.get(COMPILE_ENV, "1") == "0"
+
+
 def _transpose(x: torch.Tensor) -> torch.Tensor:
     return x.t().contiguous()
 
@@ -52,7 +57,7 @@ class _CompiledTranspose:
         self._lock = threading.Lock()
 
     def usable(self, x: torch.Tensor) -> bool:
-        if self._failed or os.environ.get(COMPILE_ENV, "1") == "0":
+        if self._failed or _disabled():
             return False
         if x.device.type != "cpu" or not x.is_floating_point() or x.dim() != 2 or min(x.shape) < 2 \
                 or not x.is_contiguous() or x.numel() < COMPILED_MIN_ELEMENTS:
@@ -175,13 +180,15 @@ class _ColumnDots:
         self._lock = threading.Lock()
 
     def usable(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        if self._failed or os.environ.get(COMPILE_ENV, "1") == "0":
+        if self._failed or _disabled():
             return False
         return len(a) == len(b) and all(
             t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and t.is_contiguous()
             and not (t.requires_grad and torch.is_grad_enabled()) for t in (a, b))  # the kernel records no graph
 
     def _load(self) -> None:
+        if self._fn is not None or self._failed:  # loaded (or given up) already: no lock on the hot path
+            return
         with self._lock:
             if self._fn is not None or self._failed:
                 return
