@@ -1,13 +1,19 @@
 """Shared checks: a routed mixed batch equals each row run alone; merge/unmerge round trips."""
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
 import peftkit
+
+# Tests that compare with Hugging Face `peft` carry this mark: without peft only they skip (CI installs it, and
+# fails on any skip), never a whole module of tests that do not need it.
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="Hugging Face peft is not installed")
 
 
 def model_output(model: nn.Module, inputs: Any) -> torch.Tensor:

@@ -17,7 +17,7 @@ from peftkit.core.registry import adapter_deltas
 from peftkit.core.delta import ModuleCopy
 from peftkit.train.classify import encode
 
-from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, assert_beats_controls, bbc_subset, fit_bbc
 
 FISHER_ROWS = 64  # training examples the Fisher is computed on
 
@@ -59,7 +59,7 @@ def assert_phase_change_refuses_bad_calls(model: nn.Module, change: Callable[[nn
                                           done: str) -> None:
     """`change` (a method's switch of adapter "default" to its sparse phase) refuses another method's adapter,
     a merged adapter, and a second call (message `done`)."""
-    peftkit.attach(model, LoRA(r=2, targets=["attn.k"]), "lora")
+    peftkit.attach(model, LoRA(r=2, targets=["attn.k"]), "lora", activate=False)
     with pytest.raises(SelectionError, match=f"not {method}"):
         change(model, "lora")
     peftkit.merge(model, "default")
@@ -98,11 +98,13 @@ def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, switch: Callable[[nn.Mo
                           sparse_epochs: int = 2) -> tuple[Any, Any, float, float]:
     """A dense phase on BBC (1 epoch, lr 1e-4), `switch(model)`, then the sparse phase (lr 1e-2).
 
+    The controls: the head alone for one epoch more at lr 1e-2 than the sparse phase (more than the run's head
+    got: its dense epoch is at lr 1e-4), and the sparse change switched off after training.
     Returns both phases' results, the share of the base the sparse phase trains, and the saved size in KiB.
     """
     from peftkit.train.classify import ClassifyConfig, train_classifier
 
-    dense, model, tokenizer = fit_bbc(config, lr=1e-4, epochs=1, on_attach=on_attach)
+    dense, model, tokenizer = fit_bbc(config, lr=1e-4, epochs=1, on_attach=on_attach, margin=None)
     switch(model)
     train, test = bbc_subset()
     sparse = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
@@ -110,4 +112,5 @@ def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, switch: Callable[[nn.Mo
     share, kib = trainable_share(model), saved_kib(model, path)
     print(f"{config.method}: dense phase accuracy {dense.accuracy_after:.3f}; sparse phase {sparse.accuracy_before:.3f} "
           f"-> {sparse.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
+    assert_beats_controls(sparse, model, tokenizer, lr=1e-2, epochs=sparse_epochs + 1, label=config.method)
     return dense, sparse, share, kib

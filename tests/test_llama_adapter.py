@@ -131,7 +131,7 @@ def test_a_delta_reading_the_call_differently_cannot_share_the_attention() -> No
 def test_merge_is_a_named_error() -> None:
     model = _llama()
     peftkit.attach(model, LlamaAdapter(adapter_layers=1))
-    with pytest.raises(ValueError, match="cannot merge adapter 'default': method 'llama_adapter'"):
+    with pytest.raises(peftkit.MergeError, match="cannot merge adapter 'default' \\(llama_adapter\\).*depends on the input"):
         peftkit.merge(model)
 
 
@@ -254,8 +254,12 @@ def test_smollm2_starts_at_the_base_generates_with_cache_and_learns_chatterbot()
         optimizer.step()
     model.eval()
     after = _chat_losses(model, test)
-    print(f"llama_adapter: SmolLM2 chatterbot held-out loss {before:.3f} -> {after:.3f}")
-    assert after < before - 0.1
+    with peftkit.disabled(model):  # the control: no head trains here, so the adapter off is the base itself
+        off = _chat_losses(model, test)
+    print(f"llama_adapter: SmolLM2 chatterbot held-out loss {before:.3f} -> {after:.3f} (adapter off {off:.3f})")
+    assert abs(off - before) < 1e-4
+    # measured 3.95 -> 3.51; the held-out pairs and the base are fixed, so the whole gap is the adapter's
+    assert after < off - 0.2
     prompt = tokenizer(["Question: What is AI?\nAnswer:"], return_tensors="pt")
     cached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
     assert torch.equal(cached, model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False))

@@ -70,13 +70,13 @@ def test_embedding_forward_and_zero_init() -> None:
 @pytest.mark.parametrize("init", ["zero", "gaussian"])
 def test_fresh_adapter_is_exact_noop(tiny, ids, init: str) -> None:
     before = tiny(ids)
-    peftkit.attach(tiny, LoRA(r=4, targets="all-linear", init=init))
+    peftkit.attach(tiny, LoRA(r=4, targets="all-linear", init=init, rank_pattern={"head": 2}))
     assert torch.equal(tiny(ids), before)
 
 
 def test_merge_unmerge_roundtrip(tiny, ids) -> None:
     w0 = {n: p.detach().clone() for n, p in tiny.named_parameters()}
-    peftkit.attach(tiny, LoRA(r=4, alpha=8, targets="all-linear"))
+    peftkit.attach(tiny, LoRA(r=4, alpha=8, targets="all-linear", rank_pattern={"head": 2}))
     randomize(tiny)
     unmerged = tiny(ids)
     peftkit.merge(tiny)
@@ -101,7 +101,7 @@ def test_merge_twice_and_unmerge_unmerged_are_errors(tiny) -> None:
 
 
 def test_unload_returns_plain_merged_model(tiny, ids) -> None:
-    peftkit.attach(tiny, LoRA(r=4, targets="all-linear"))
+    peftkit.attach(tiny, LoRA(r=4, targets="all-linear", rank_pattern={"head": 2}))
     randomize(tiny)
     adapted = tiny(ids)
     plain = peftkit.unload(tiny)

@@ -15,7 +15,7 @@ ROWS = ["a", "b", None, "c", "a", "d"]
 
 def _four_adapters(tiny) -> None:
     peftkit.attach(tiny, LoRA(r=2, targets=["q", "v"]), "a")
-    peftkit.attach(tiny, LoRA(r=4, alpha=2, targets="all-linear", modules_to_save=[]), "b")
+    peftkit.attach(tiny, LoRA(r=4, alpha=2, targets="all-linear", modules_to_save=[], rank_pattern={"head": 2}), "b")
     peftkit.attach(tiny, LoRA(r=3, targets=["embed", "ffn.0"], rslora=True), "c")
     peftkit.attach(tiny, LoRA(r=1, targets=["k", "ffn.2"], modules_to_save=["head"]), "d")
     randomize(tiny)
@@ -68,6 +68,7 @@ def test_routing_errors(tiny, ids) -> None:
     with pytest.raises(ValueError, match="routing names 4 rows but module .* got 6 rows"):  # 6 is no multiple of 4
         with peftkit.routed(tiny, ["a", "b", "c", "d"]):
             tiny(ids)
+    peftkit.activate(tiny, "a")
     peftkit.merge(tiny, "a")
     with pytest.raises(ValueError, match="merged"):
         with peftkit.routed(tiny, ROWS):
@@ -78,12 +79,18 @@ def test_routing_errors(tiny, ids) -> None:
 
 
 def test_routing_is_restored_after_block(tiny, ids) -> None:
+    """Inside the block rows follow ROWS (not the active adapter); after it, even when it raised, the active
+    adapter is back for every row."""
     _four_adapters(tiny)
+    rows_alone = torch.stack([row_alone(tiny, ids, row, name) for row, name in enumerate(ROWS)])
     peftkit.activate(tiny, "b")
     before = tiny(ids)
+    assert not torch.allclose(rows_alone, before, atol=1e-4)  # so the check inside can tell routing from "b"
     with pytest.raises(RuntimeError):
         with peftkit.routed(tiny, ROWS):
+            torch.testing.assert_close(tiny(ids), rows_alone, rtol=1e-5, atol=1e-5)
             raise RuntimeError("boom")
+    assert peftkit.active_adapters(tiny) == ["b"]
     torch.testing.assert_close(tiny(ids), before)
 
 

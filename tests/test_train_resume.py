@@ -86,7 +86,7 @@ def test_resume_refuses_a_changed_config(tmp_path) -> None:
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted, monkeypatch) -> None:
     """The disk fills up half-way through writing the second checkpoint's training state."""
-    real_save_file = peftkit.core.io.save_file
+    real_save_file = peftkit.core.atomic.save_file
     writes = []
 
     def failing_save_file(tensors, filename, metadata=None):
@@ -98,10 +98,10 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
         real_save_file(tensors, filename, metadata=metadata)
 
     config = resumable_config(tmp_path, "resumed")
-    monkeypatch.setattr(peftkit.core.io, "save_file", failing_save_file)
+    monkeypatch.setattr(peftkit.core.atomic, "save_file", failing_save_file)
     with pytest.raises(OSError, match="No space left"):
         run_training(config)
-    monkeypatch.setattr(peftkit.core.io, "save_file", real_save_file)
+    monkeypatch.setattr(peftkit.core.atomic, "save_file", real_save_file)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last"]  # no temporary or half-written directory
     assert json.loads((checkpoints / "last" / "trainer_state.json").read_text())["step"] == 4

@@ -16,11 +16,13 @@ from .api import (
 )
 from .core.config import AdapterConfig, config_from_dict
 from .core.io import AdapterFileError, load, read_adapter, save
+from .core.merging import MergeError
 from .core.registry import UnknownAdapterError
 from .core.sequence import SequenceError, SequenceLengthError
 from .core.targets import TargetError
 from .methods import AdaLoRA, AdaLoRAController, Compacter, KronA, LoRA
 from .methods import DoRA, VeRA
+from .methods import LoHa, LoKr, OFT
 from .methods import Bottleneck
 from .methods import IA3, SSF
 from .methods import PrefixTuning, PromptTuning, PTuning
@@ -43,10 +45,11 @@ __all__ = [
     "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",
     "DiffPruning", "LTSFT", "StructuredMask", "StructureError", "diff_pruning_penalty", "diff_pruning_project",
     "ltsft_select", "select_units",
-    "AdaLoRA", "AdaLoRAController", "AdapterConfig", "AdapterFileError", "Compacter", "KronA", "LoRA", "TargetError", "UnknownAdapterError",
+    "AdaLoRA", "AdaLoRAController", "AdapterConfig", "AdapterFileError", "MergeError", "Compacter", "KronA", "LoRA", "TargetError", "UnknownAdapterError",
     "activate", "active_adapters", "adapter_parameters", "adapters", "attach", "config_from_dict", "disabled",
     "load", "merge", "read_adapter", "remove", "routed", "save", "set_trainable", "summary", "unload", "unmerge",
     "DyLoRA", "LoRAFA", "SoRA", "dylora_sample_rank", "dylora_truncate", "loraplus_param_groups", "relora_restart",
     "set_rank", "sora_proximal_step", "sora_prune",
     "DoRA", "VeRA",
+    "LoHa", "LoKr", "OFT",
 ]

@@ -9,11 +9,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .core.config import AdapterConfig
+from .core import merging
 from .core.delta import Delta, ModuleCopy
+from .core.merging import MergeError
 from .core.registry import REGISTRY_ATTR, AdapterRegistry, adapter_deltas, get_registry
 from .core.routing import RoutingPlan
 from .core.shared_input import SharedInputGroup
@@ -32,7 +33,8 @@ def _check_name(name: str) -> None:
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activate: bool = True) -> nn.Module:
     """Attach a new named adapter built from `config`; freeze the base; return the model.
 
-    The new adapter is trainable and, unless `activate=False`, becomes the only active one.
+    The new adapter is trainable and, unless `activate=False`, becomes the only active one beside the merged
+    adapters (they act on every pass while they sit in the weights).
     """
     _check_name(name)
     registry = get_registry(model, create=True)
@@ -67,8 +69,29 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
         if f".{SLOT_ATTR}." not in f".{param_name}":
             param.requires_grad_(False)
     if activate:
-        registry.active = [name]
+        activate_new(model, name)
     return model
+
+
+def activate_new(model: nn.Module, name: str) -> None:
+    """Make a just attached adapter the only active one beside the merged adapters (they act on every pass while
+    they sit in the weights); if that cannot give the unmerged outputs, detach it again and raise `MergeError`."""
+    registry = get_registry(model)
+    active = [n for n in registry.active if n in registry.merged and n != name] + [name]
+    try:
+        _set_state(model, registry, active, registry.merged, f"activating {name!r} beside merged {active[:-1]}", [])
+    except MergeError:
+        remove(model, name)
+        raise
+
+
+def _set_state(model: nn.Module, registry: AdapterRegistry, active: list[str], merged: set[str], what: str,
+               changing: Sequence[str]) -> None:
+    """Make (`active`, `merged`) the model's state, refusing before any change if the merged forward would differ
+    from the unmerged one; `changing`: the adapters whose hosts' fold stacks may move."""
+    merging.check(model, registry, active, merged, what)
+    merging.rewrite(model, registry, active, merged, changing, what)
+    registry.active, registry.merged = list(active), set(merged)
 
 
 def _link_shared_inputs(model: nn.Module, host_names: list[str], name: str) -> None:
@@ -90,8 +113,6 @@ def _remove_deltas(model: nn.Module, name: str, host_names: list[str]) -> None:
     for host_name in host_names:
         host = model.get_submodule(host_name)
         delta = getattr(host, SLOT_ATTR)[name]
-        if delta.merged:
-            delta.unmerge_from(host)
         if delta.rewrites_base:
             delta.restore_base(host)
         remove_delta(host, name)
@@ -101,21 +122,28 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     """Detach an adapter (unmerging it first if merged); the base weights are left as before attach."""
     registry = get_registry(model)
     registry.require(name)
+    if name in registry.merged or name in registry.active:
+        _set_state(model, registry, [n for n in registry.active if n != name], registry.merged - {name},
+                   f"removing {name!r}", [name])
     _remove_deltas(model, name, registry.hosts.pop(name))
     del registry.configs[name]
-    registry.merged.discard(name)
-    registry.active = [n for n in registry.active if n != name]
     return model
 
 
 def activate(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make `names` the active adapters (their outputs add up) for un-routed forward passes."""
+    """Make `names` the active adapters (their outputs add up) for un-routed forward passes.
+
+    Merged adapters act on every pass while they sit in the weights, so they must stay active."""
     registry = get_registry(model)
-    names = [names] if isinstance(names, str) else list(names)
+    names = _names(names)
     for name in names:
         registry.require(name)
     _check_base_owner(registry, names, "activating")
-    registry.active = names
+    _set_state(model, registry, names, registry.merged, f"activating {names}", sorted(registry.merged))
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -170,44 +198,41 @@ def disabled(model: nn.Module) -> Iterator[None]:
         registry.disabled = previous
 
 
-@torch.no_grad()
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
-    """Fold adapters (default: the active ones) into the base weights for zero-overhead inference."""
+    """Fold adapters (default: the active ones) into the base weights for zero-overhead inference.
+
+    The merged forward equals the unmerged forward of the same active adapters, or this raises `MergeError` naming
+    the host and the reason before any weight changes (see core.merging for the rules)."""
     registry = get_registry(model)
-    names = registry.active if names is None else [names] if isinstance(names, str) else list(names)
+    if names is None:
+        names = [n for n in registry.active if n not in registry.merged]
+        if not names:
+            raise ValueError(f"no active adapter left to merge: active {registry.active}, already merged "
+                             f"{sorted(registry.merged)}")
+    names = _names(names)
     for name in names:
         registry.require(name)
         if name in registry.merged:
             raise ValueError(f"adapter {name!r} is already merged")
-    for name in names:
-        done: list[tuple[nn.Module, Delta]] = []
-        for _, host, delta in adapter_deltas(model, name):
-            try:
-                delta.merge_into(host)
-            except NotImplementedError as err:  # a non-linear method: undo this adapter's hosts, name the method
-                for merged_host, merged_delta in done:
-                    merged_delta.unmerge_from(merged_host)
-                    merged_delta.merged = False
-                raise ValueError(f"cannot merge adapter {name!r}: method {registry.configs[name].method!r} has no "
-                                 f"weight delta to fold into the base ({err})") from err
-            delta.merged = True
-            done.append((host, delta))
-        registry.merged.add(name)
+        if name not in registry.active:
+            raise MergeError(f"adapter {name!r} is not active: merging folds active adapters into the weights "
+                             f"(activate it first; active: {registry.active})")
+    _set_state(model, registry, registry.active, registry.merged | set(names), f"merging {names}", names)
 
 
-@torch.no_grad()
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
-    """Take merged adapters (default: all merged ones) back out of the base weights."""
+    """Take merged adapters (default: all merged ones) back out of the base weights, in any order or grouping.
+
+    Each host's merged deltas are unfolded from the top of its stack and the ones that stay are folded back, so
+    the base comes back to float rounding; a state whose outputs would differ from the unmerged forward (an adapter
+    left merged that rescales one taken out) raises `MergeError` before any change."""
     registry = get_registry(model)
-    names = sorted(registry.merged) if names is None else [names] if isinstance(names, str) else list(names)
+    names = sorted(registry.merged) if names is None else _names(names)
     for name in names:
         registry.require(name)
         if name not in registry.merged:
             raise ValueError(f"adapter {name!r} is not merged")
-        for _, host, delta in adapter_deltas(model, name):
-            delta.unmerge_from(host)
-            delta.merged = False
-        registry.merged.discard(name)
+    _set_state(model, registry, registry.active, registry.merged - set(names), f"unmerging {names}", names)
 
 
 def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
@@ -215,12 +240,11 @@ def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
     registry = get_registry(model)
     if merge_active:
         merge(model, [n for n in registry.active if n not in registry.merged])
+    for name in registry.merged:  # merged weights stay: forget them, so removing the deltas does not unfold them
+        for _, _, delta in adapter_deltas(model, name):
+            delta.merged, delta.rewrites_base, delta.merge_snapshot = False, False, None
+    registry.merged, registry.merge_stacks, registry.active = set(), {}, []
     for name in list(registry.configs):
-        if name in registry.merged:  # keep merged weights: drop the delta without unmerging
-            for _, host, delta in adapter_deltas(model, name):
-                delta.merged = False
-                delta.rewrites_base = False
-            registry.merged.discard(name)
         remove(model, name)
     del model.__dict__[REGISTRY_ATTR]
     return model

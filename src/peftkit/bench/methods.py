@@ -182,6 +182,11 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                 callbacks=_step_callback(lambda context, trainer: dylora_sample_rank(context.model, context.adapter))),
     BenchMethod("sora", _linear_only(r=8, alpha=16), LORA_LRS, skips={"cnn": f"SoRA: {LINEAR_ONLY}"},
                 callbacks=_step_callback(_sora_gate_step)),
+    BenchMethod("loha", _lora_like(r=4, alpha=8), LORA_LRS, peft=True),  # 2r(in + out) parameters: LoRA r=8's count
+    BenchMethod("lokr", _lora_like(r=8, alpha=16), LORA_LRS, peft=True),
+    BenchMethod("oft", _linear_only(oft_block_size=32), BLOCK_LRS, peft=True,
+                skips={"cnn": "OFT: Linear-only here (PEFT's Conv2d OFT rotates overlapping patches: its forward is "
+                              "not its merge)"}),
     BenchMethod("krona", _linear_only(a_shape=(16, 16), scale=4.0), LORA_LRS, skips={"cnn": f"KronA: {LINEAR_ONLY}"}),
     BenchMethod("compacter", _linear_only(phm_dim=4, phm_rank=4), LORA_LRS,
                 skips={"cnn": f"Compacter: {LINEAR_ONLY}"}),

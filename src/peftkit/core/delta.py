@@ -3,7 +3,8 @@
 A delta is either *additive* (it returns an increment added to the host's output, e.g.
 LoRA's s·BAx), *transforming* (it maps the input and the host's output to a new output,
 e.g. DoRA's rescaling, or a trainable copy of a classification head that ignores the base), or
-*input-scaling* (the host runs on s ⊙ x: (IA)³'s feed-forward vector). The host slot (`core.slot`)
+*input-transforming* (the host runs on t(x): (IA)³'s feed-forward vector s ⊙ x, OFT's blockwise rotation x·R).
+The host slot (`core.slot`)
 applies each for the rows routed to the delta and never needs to know which method it is running.
 """
 from __future__ import annotations
@@ -24,9 +25,11 @@ class Delta(nn.Module):
     merged: bool = False
     rewrites_base: bool = False  # True when attaching changed the host weight (PiSSA's residual)
     on_sequence: bool = False  # virtual tokens (prompt, prefix): core.sequence applies it at the model input, not the slot
-    scales_input: bool = False  # the host runs on input_scale() ⊙ x, scaled before the host's forward
+    transforms_input: bool = False  # the host runs on transform_input(x), applied before the host's forward
     reads_input: bool = True  # False: transform ignores `x` (gets None under routing, which then skips gathering it)
     folds_into_host: bool = False  # host_call can replace the host's own call (un-routed passes)
+    reads_base: bool = False  # the unmerged forward reads the host's weight itself (DoRA's norm): see core.merging
+    merge_snapshot: dict[str, torch.Tensor] | None = None  # the delta's tensors when merged, for an exact unmerge
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -37,8 +40,15 @@ class Delta(nn.Module):
         raise NotImplementedError
 
     def input_scale(self) -> torch.Tensor:
-        """s over the host's input features (input-scaling deltas only)."""
+        """s over the host's input features (input-scaling deltas: those that keep the default `transform_input`)."""
         raise NotImplementedError
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The host's input for rows `x` (`transforms_input` deltas); by default the scaling s ⊙ x.
+
+        A delta that keeps this default is a pure scale, which the slot applies with one gather for a routed batch."""
+        scale = self.input_scale()
+        return (x.to(scale.dtype) * scale).to(x.dtype)
 
     def host_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """The host's output for `x` with this delta folded into the host's own computation (`folds_into_host`
@@ -46,9 +56,25 @@ class Delta(nn.Module):
         return None
 
     @property
+    def adds_term(self) -> bool:
+        """Whether this delta adds a term f(x) to the host's output that reads neither that output nor the base
+        weight: such deltas commute with each other, so any of them may be merged while others run unmerged."""
+        return self.additive and not self.reads_base
+
+    def commutes_with(self, other: "Delta") -> bool:
+        """Whether this delta and `other`, on one host, give the same output in either order (core.merging)."""
+        return self.adds_term and other.adds_term
+
+    def merge_refusal(self, host: nn.Module) -> str | None:
+        """Why this delta cannot be folded into `host`'s weights now, or None (checked before anything changes)."""
+        if type(self).merge_into is Delta.merge_into and type(self).delta_weight is Delta.delta_weight:
+            return f"{type(self).__name__} has no weight delta to fold into the base weights"
+        return None
+
+    @property
     def acts_on_output(self) -> bool:
         """Whether the slot's output hook applies this delta (not one applied before the host or at the model input)."""
-        return not (self.merged or self.on_sequence or self.scales_input)
+        return not (self.merged or self.on_sequence or self.transforms_input)
 
     @staticmethod
     def read_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

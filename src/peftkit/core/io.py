@@ -4,25 +4,24 @@ Two layouts share one code path:
 - peftkit's own: `peftkit_adapter.json` + `adapter.safetensors`, tensor keys `<module>.<tensor>`;
 - Hugging Face PEFT's: `adapter_config.json` + `adapter_model.safetensors`, keys
   `base_model.model.<module>.lora_A.weight` (see `hf_peft.py` for the translation).
-A directory is written in a temporary sibling and renamed into place, so a crash leaves
-either the old adapter or the new one, never half of one (between the two renames that
-replace an existing directory, the old one waits in a `.<name>.<token>.old` sibling).
+A directory is written in a temporary sibling and swapped into place (`core.atomic`), so a
+process killed at any instant leaves either the old adapter or the new one, never half of one.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import hf_peft
+from .atomic import recover, write_dir_atomically
 from .config import AdapterConfig, config_from_dict
 from .registry import adapter_deltas, get_registry
 
@@ -42,37 +41,6 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         for key, value in delta.saved_tensors().items():
             tensors[f"{host_name}.{key}"] = value.contiguous().cpu()
     return tensors
-
-
-def write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
-    """Write {filename: json-able dict | tensor dict} into `path`, replacing it as a whole."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not an adapter directory; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp: the directory keeps the user's umask (mkdtemp's 0700 would lock out other readers).
-    token = uuid.uuid4().hex
-    tmp, old = path.parent / f".{path.name}.{token}.tmp", path.parent / f".{path.name}.{token}.old"
-    tmp.mkdir()
-    try:
-        for filename, content in files.items():
-            target = tmp / filename
-            if filename.endswith(".json"):
-                target.write_text(json.dumps(content, indent=2, sort_keys=True))
-            else:
-                save_file(content, str(target), metadata={"format": "pt"})
-        if path.exists():  # a directory cannot be renamed onto a non-empty one: move the old one aside first
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "peftkit") -> Path:
@@ -103,9 +71,17 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         hint = f"; {pickled.name} is a pickle, which peftkit never loads: re-save it as safetensors" if pickled.is_file() else ""
         raise AdapterFileError(f"adapter weights file {file} does not exist{hint}")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{file} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:  # a diverged run saved: loading it would turn every output it touches into NaN
+        raise AdapterFileError(f"{file}: tensor{'s' if len(bad) > 1 else ''} {_listed(sorted(bad))} hold NaN or inf values")
+    return tensors
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    return f"{keys[:limit]}{'...' if len(keys) > limit else ''}"
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -118,9 +94,14 @@ def _read_json(file: Path) -> dict[str, Any]:
     return content
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
-    """Read (config, `<module>.<tensor>` tensors, saved name) from either layout."""
+def read_adapter(path: str | os.PathLike,
+                 model: nn.Module | None = None) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
+    """Read (config, `<module>.<tensor>` tensors, saved name) from either layout.
+
+    A PEFT-format config targets the modules PEFT would pick in `model` (its target_modules rules); without a
+    model, the modules the file holds tensors for (PEFT's trained biases stay absolute, as `absolute_bias`)."""
     path = Path(path)
+    recover(path)  # a save killed between its renames left the old adapter beside the path
     if (path / PEFTKIT_CONFIG).is_file():
         meta = _read_json(path / PEFTKIT_CONFIG)
         try:
@@ -136,30 +117,40 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     if (path / hf_peft.CONFIG_FILE).is_file():
         raw = _read_tensors(path / hf_peft.WEIGHTS_FILE)
         try:
-            config, tensors = hf_peft.from_peft(_read_json(path / hf_peft.CONFIG_FILE), raw)
+            config, tensors = hf_peft.from_peft(_read_json(path / hf_peft.CONFIG_FILE), raw, model)
         except (TypeError, ValueError) as err:  # TypeError: a field of the wrong JSON type
             raise AdapterFileError(f"{path / hf_peft.CONFIG_FILE}: {err}") from None
         return config, tensors, None
     raise AdapterFileError(f"{path} holds no adapter: expected {PEFTKIT_CONFIG} or {hf_peft.CONFIG_FILE}")
 
 
-def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, activate: bool = True) -> str:
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, activate: bool = True,
+         strict: bool = True) -> str:
     """Attach the adapter saved at `path` under `name` (default: its saved name or "default").
 
+    The file must fit the adapter its config builds on this model: no tensors for modules outside its targets
+    (for a PEFT file: PEFT's target_modules rules), none missing for a targeted module. `strict=False` is PEFT's
+    leniency: it warns about those, ignores the extra tensors and leaves missing ones at their fresh init.
+    Targets that match nothing, wrong shapes or dtypes and NaN / inf values are errors either way.
     On any error the model is left as it was: no half-loaded adapter, the same active ones.
     """
-    from ..api import attach, remove
+    from ..api import activate_new, attach, remove
 
-    config, tensors, saved_name = read_adapter(path)
+    config, tensors, saved_name = read_adapter(path, model)
     name = name or saved_name or "default"
-    attach(model, config, name=name, activate=False)
     try:
-        _copy_into(model, name, tensors, Path(path))
+        attach(model, config, name=name, activate=False)
+    except ValueError as err:  # the file's targets do not fit this model (a module type, a rank)
+        if name in get_registry(model).configs:
+            raise
+        raise AdapterFileError(f"{path}: {err}") from err
+    try:
+        _copy_into(model, name, tensors, Path(path), strict)
     except BaseException:  # even on Ctrl-C: no half-loaded adapter
         remove(model, name)
         raise
     if activate:
-        get_registry(model).active = [name]
+        activate_new(model, name)
     return name
 
 
@@ -175,51 +166,84 @@ def _check_base_tensors(model: nn.Module, base: dict[str, torch.Tensor], path: P
     state = model.state_dict() if base else {}
     for key, saved in base.items():
         current = state.get(key)
-        if current is None:
-            raise AdapterFileError(f"{path}: tensor {key} is neither part of the adapter nor a weight of this model")
+        if current is None:  # reported with the other misfits
+            continue
         if saved.shape != current.shape:
             raise _shape_error(path, key, saved, current)
         if not torch.equal(saved, current.detach().to("cpu", saved.dtype)):  # compare at the file's precision
             raise AdapterFileError(
-                f"{path} carries base weight {key} (PEFT saves embedding layers that are targeted or resized) and it "
-                f"differs from this model's; peftkit never replaces base weights: load the base it was trained on"
+                f"{path} carries base weight {key} (PEFT saves embedding layers that are targeted or resized, and task "
+                f"heads) and it differs from this model's; peftkit never replaces base weights: load the base it was "
+                f"trained on"
             )
 
 
-def _by_host(tensors: dict[str, torch.Tensor], hosts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """host -> {key below it: tensor}, every file tensor under its deepest host: a file may hold tensors the
-    fresh delta lacks (a selective mask's indices), and a head copy must not receive its child's LoRA keys."""
+def _misfit(path: Path, what: str, strict: bool) -> None:
+    """A file that does not fit the adapter: an error, or with strict=False (PEFT's leniency) a warning."""
+    if strict:
+        raise AdapterFileError(f"{path} does not fit this model: {what} (strict=False loads the rest, as PEFT does)")
+    warnings.warn(f"{path} does not fit this model: {what}; loading the rest (strict=False)", stacklevel=3)
+
+
+def _by_host(tensors: dict[str, torch.Tensor], hosts: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """(host -> {key below it: tensor}, keys under no host). Every file tensor goes under its deepest host: a file may
+    hold tensors the fresh delta lacks (a selective mask's indices), and a head copy must not receive its child's
+    LoRA keys."""
     owned: dict[str, dict[str, torch.Tensor]] = {host: {} for host in hosts}
+    stray = []
     for key, value in tensors.items():
         owner = max((host for host in hosts if key.startswith(f"{host}.")), key=len, default=None)
-        if owner is not None:
+        if owner is None:
+            stray.append(key)
+        else:
             owned[owner][key[len(owner) + 1:]] = value
-    return owned
+    return owned, stray
+
+
+def _fit_report(expected: dict[str, torch.Tensor], provided: dict[str, torch.Tensor], stray: list[str],
+                empty: list[str], foreign: list[str]) -> str | None:
+    """What keeps the file from fitting the adapter: missing and unexpected tensors, and the modules behind them."""
+    missing, unexpected = sorted(expected.keys() - provided.keys()), sorted(provided.keys() - expected.keys())
+    if not (missing or unexpected or foreign):
+        return None
+    outside = sorted({key.partition(hf_peft.COPY_KEY)[0] if hf_peft.COPY_KEY in key else key.rpartition(".")[0]
+                      for key in stray})
+    parts = [f"missing tensors {_listed(missing)}" if missing else "",
+             f"targeted modules without any tensor {_listed(empty)}" if empty else "",
+             f"unexpected tensors {_listed(unexpected)}" if unexpected else "",
+             f"tensors for modules outside the adapter's targets {_listed(outside)}" if outside else "",
+             f"tensors {_listed(foreign)} are neither part of the adapter nor weights of this model" if foreign else ""]
+    return ", ".join(part for part in parts if part)
 
 
 @torch.no_grad()
-def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path, strict: bool = True) -> None:
     """Check every tensor first, then copy: a bad file must not leave a half-written adapter."""
     base = {k[len(hf_peft.BASE_MARK):]: v for k, v in tensors.items() if k.startswith(hf_peft.BASE_MARK)}
     tensors = {k: v for k, v in tensors.items() if not k.startswith(hf_peft.BASE_MARK)}
+    owned, stray = _by_host(tensors, get_registry(model).hosts[name])
     expected: dict[str, torch.Tensor] = {}
-    owned = _by_host(tensors, get_registry(model).hosts[name])
+    provided = {key: tensors[key] for key in stray}
+    empty = []
     for host_name, _, delta in adapter_deltas(model, name):
-        delta.prepare_load(owned[host_name])  # a delta whose shapes change in training (a pruned rank) takes the file's
-        for key, param in delta.state_dict(keep_vars=True).items():
-            expected[f"{host_name}.{key}"] = param
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        raise AdapterFileError(
-            f"{path} does not fit this model: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, param in expected.items():
-        saved = tensors[key]
+        saved = owned[host_name]
+        delta.prepare_load(saved)  # a delta whose shapes change in training (a pruned rank) takes the file's
+        state = delta.state_dict(keep_vars=True)
+        if state and not saved:
+            empty.append(host_name)
+        expected.update({f"{host_name}.{key}": param for key, param in state.items()})
+        provided.update({f"{host_name}.{key}": value for key, value in saved.items()})
+    foreign = sorted(base.keys() - model.state_dict().keys()) if base else []
+    report = _fit_report(expected, provided, stray, empty, foreign)
+    if report:
+        _misfit(path, report, strict)
+    loaded = {key: param for key, param in expected.items() if key in provided}
+    for key, param in loaded.items():
+        saved = provided[key]
         if saved.shape != param.shape:
             raise _shape_error(path, key, saved, param)
         if param.is_floating_point() and not saved.is_floating_point():  # copy_ would silently cast garbage
             raise AdapterFileError(f"{path}: tensor {key} has dtype {saved.dtype}; a floating-point tensor is needed")
     _check_base_tensors(model, base, path)
-    for key, param in expected.items():
-        param.copy_(tensors[key])
+    for key, param in loaded.items():
+        param.copy_(provided[key])

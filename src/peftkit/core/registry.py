@@ -29,6 +29,7 @@ class AdapterRegistry:
     hosts: dict[str, list[str]] = field(default_factory=dict)  # adapter -> host module names
     active: list[str] = field(default_factory=list)
     merged: set[str] = field(default_factory=set)
+    merge_stacks: dict[str, list[str]] = field(default_factory=dict)  # host -> merged deltas in fold order (core.merging)
     plan: RoutingPlan | None = None
     disabled: bool = False
 

@@ -72,6 +72,7 @@ class SequenceConfig(AdapterConfig):
     # without a module path, and task-head copies under `base_model.` rather than `base_model.model.`.
     peft_prefix: ClassVar[str] = "base_model."
     peft_needs_task_type: ClassVar[bool] = True  # PEFT's model class (where virtual tokens go) follows the task
+    peft_module_targets: ClassVar[bool] = False  # no target_modules: the virtual tokens sit on the model's input
     _PEFT_KEY: ClassVar[re.Pattern] = re.compile(r"()(prompt_embeddings)")
 
     @field_validator("exclude")
@@ -181,8 +182,8 @@ class SequenceDelta(Delta):
     def read_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         return None  # the slot never applies a sequence delta, so it reads nothing from the call
 
-    def merge_into(self, host: nn.Module) -> None:
-        raise NotImplementedError("virtual tokens are extra inputs, not a weight")
+    def merge_refusal(self, host: nn.Module) -> str | None:
+        return "virtual tokens are extra inputs, not a weight"
 
 
 # --- the call rewrite ----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The slot on a host module that holds its named deltas and applies them in forward hooks.
 
-Input-scaling deltas ((IA)³'s feed-forward vectors) act in a pre-forward hook, so the host's
-own matmul runs on s ⊙ x and they cost one elementwise product; every other delta acts in the
-forward hook on the host's output, reading the host's unscaled input. A delta that can fold
+Input-transforming deltas ((IA)³'s feed-forward vectors, OFT's rotations) act in a pre-forward hook, so the
+host's own matmul runs on t(x) (a pure scale costs one elementwise product); every other delta acts in the
+forward hook on the host's output, reading the host's untransformed input. A delta that can fold
 itself into the host's own computation (a selective change of a Linear's weight: one matmul on
 W0 + ΔW instead of the host's plus the delta's) replaces the host's call in un-routed passes:
 the host then runs `_folding_forward`, installed on its instance `forward` while such a delta
@@ -39,8 +39,8 @@ class DeltaSlot(nn.ModuleDict):
         self._registry = registry  # plain attribute: shared model-level state, not a submodule
         self._module_name = module_name
         self._read_input = Delta.read_input  # how the hook takes `x` from the host's call, shared by its deltas
-        self._scaled_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (s ⊙ x, x) of the running call
-        self._scalers: set[str] = set()  # names of input-scaling deltas: most hosts have none, and skip the pre-hook
+        self._transformed_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (t(x), x) of the running call
+        self._input_transforms: set[str] = set()  # names of input-transforming deltas: most hosts have none
         self._folders: set[str] = set()  # names of deltas that can replace the host's call (`Delta.host_call`)
         self._folded: str | None = None  # the delta folded into the running call, which the output hook skips
 
@@ -51,25 +51,25 @@ class DeltaSlot(nn.ModuleDict):
                              f"the deltas already on it ({', '.join(self)}); they cannot share the module")
         self._read_input = reader
         super().__setitem__(name, delta)
-        if delta.scales_input:
-            self._scalers.add(name)
+        if delta.transforms_input:
+            self._input_transforms.add(name)
         if delta.folds_into_host:
             self._folders.add(name)
 
     def __delitem__(self, name: str) -> None:
         super().__delitem__(name)
-        self._scalers.discard(name)
+        self._input_transforms.discard(name)
         self._folders.discard(name)
 
     def folded_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """The host's output for `x` with the first active delta that can fold into the host's call folded in,
         or None when none can (the host then runs as it is).
 
-        Only un-routed, unscaled calls fold (each routed row group adds its own change), and only a delta that
-        no output-reading delta precedes: those must see the base output without it."""
+        Only un-routed calls with an untransformed input fold (each routed row group adds its own change), and
+        only a delta that no output-reading delta precedes: those must see the base output without it."""
         self._folded = None
         registry = self._registry
-        if registry.disabled or registry.plan is not None or self._scaled_input is not None:
+        if registry.disabled or registry.plan is not None or self._transformed_input is not None:
             return None
         for name in registry.active:
             delta = self._modules.get(name)
@@ -84,23 +84,30 @@ class DeltaSlot(nn.ModuleDict):
                 return None
         return None
 
-    def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
-        """s ⊙ x for the input-scaling deltas that apply (each row its own under routing); None when none does.
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The host's input for the input-transforming deltas that apply (each row its own under routing); None
+        when none does.
 
-        Several active at once multiply, as their folds into the weight do (and as HF PEFT's (IA)³)."""
+        Un-routed, the active ones apply in active order (pure scales multiply, as their folds into the weight do,
+        and as HF PEFT's (IA)³). When all are pure scales, one product (routed: one gather of per-row scales);
+        otherwise, routed, each adapter group's transform runs on its own rows, and rows of no such adapter pass."""
         registry = self._registry
         if registry.disabled:
             return None
         plan = registry.plan
         names = plan.names if plan is not None else registry.active
-        present = tuple(name for name in names if name in self._scalers and not self._modules[name].merged)
+        present = tuple(name for name in names if name in self._input_transforms and not self._modules[name].merged)
         if not present:
             return None
-        scales = [self._modules[name].input_scale() for name in present]
+        deltas = [self._modules[name] for name in present]
+        if plan is not None:
+            plan = plan.for_rows(x.shape[0], f"module '{self._module_name}'")
+        if not all(type(d).transform_input is Delta.transform_input for d in deltas):
+            return _transform_rows(plan, present, deltas, x)
+        scales = [d.input_scale() for d in deltas]
         if plan is None:
             scale = torch.stack(scales).prod(0) if len(scales) > 1 else scales[0]
         else:
-            plan = plan.for_rows(x.shape[0], f"module '{self._module_name}'")
             scale = _row_scales(plan, present, scales, x)
         return (x.to(scale.dtype) * scale).to(x.dtype)
 
@@ -157,16 +164,35 @@ def _row_scales(plan: RoutingPlan, names: tuple[str, ...], scales: list[torch.Te
     return table[plan.row_index(names).to(table.device)].view(like.shape[0], *[1] * (like.dim() - 2), -1)
 
 
+def _transform_rows(plan: RoutingPlan | None, names: tuple[str, ...], deltas: list[Delta], x: torch.Tensor) -> torch.Tensor:
+    """Input transforms that are not all pure scales: un-routed, each in turn; routed, each adapter group's on its
+    own rows (gathered, or sliced when the group's rows are one run), the other rows unchanged."""
+    if plan is None:
+        for delta in deltas:
+            x = delta.transform_input(x)
+        return x
+    perm, segments = plan.layout(names)
+    rows_in = plan.gather(x, perm)
+    out = x.clone()
+    for delta, (_, start, end) in zip(deltas, segments):
+        rows = delta.transform_input(rows_in[start:end]).to(x.dtype)
+        if perm is None:
+            out[start:end] = rows
+        else:
+            out.index_copy_(0, perm[start:end].to(x.device), rows)
+    return out
+
+
 def _slot_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-    """Run the host on s ⊙ x when an input-scaling delta applies; remember x for the output hook's deltas."""
+    """Run the host on t(x) when an input-transforming delta applies; remember x for the output hook's deltas."""
     slot: DeltaSlot = getattr(module, SLOT_ATTR)
-    if not slot._scalers:
+    if not slot._input_transforms:
         return None
     x = args[0] if args else next(iter(kwargs.values()), None)  # a linear host's input, however passed
-    scaled = None if x is None else slot.scale_input(x)
+    scaled = None if x is None else slot.transform_input(x)
     if scaled is None:
         return None
-    slot._scaled_input = (scaled, x)
+    slot._transformed_input = (scaled, x)
     if args:
         return (scaled, *args[1:]), kwargs
     return args, {**kwargs, next(iter(kwargs)): scaled}
@@ -175,10 +201,10 @@ def _slot_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 def _slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
     slot: DeltaSlot = getattr(module, SLOT_ATTR)
     x = slot._read_input(args, kwargs)
-    scaled = slot._scaled_input
+    scaled = slot._transformed_input
     if scaled is not None:
-        slot._scaled_input = None
-        if x is scaled[0]:  # this call's input was scaled before the host: the other deltas read it unscaled
+        slot._transformed_input = None
+        if x is scaled[0]:  # this call's input was transformed before the host: the other deltas read it as it came
             x = scaled[1]
     if isinstance(output, tuple):  # an attention module returns (hidden states, attention weights): deltas act on the first
         return (slot.apply_deltas(x, output[0]), *output[1:])

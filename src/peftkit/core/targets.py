@@ -72,6 +72,11 @@ def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str
     return found
 
 
+def module_names(model: nn.Module) -> list[str]:
+    """The model's own module names, in model order: no root, none of peftkit's deltas."""
+    return [n for n, _ in model.named_modules() if n and ".peftkit." not in f".{n}."]
+
+
 def match_targets(
     model: nn.Module,
     targets: str | list[str],
@@ -82,7 +87,7 @@ def match_targets(
 
     Raises TargetError when nothing matches or a matched module is not one of `host_types`.
     """
-    names = [n for n, _ in model.named_modules() if n and ".peftkit." not in f".{n}."]
+    names = module_names(model)
     chosen = _select(names, targets, model, "target")
     if exclude:
         chosen -= _select(names, exclude, model, "exclude")

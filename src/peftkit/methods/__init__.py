@@ -14,6 +14,9 @@ from .reparameterized.dora import DoRA
 from .reparameterized.vera import VeRA
 from .reparameterized.dylora import DyLoRA, dylora_sample_rank, dylora_truncate, set_rank
 from .reparameterized.lora import LoRA
+from .reparameterized.loha import LoHa
+from .reparameterized.lokr import LoKr
+from .reparameterized.oft import OFT
 from .reparameterized.lorafa import LoRAFA
 from .reparameterized.loraplus import loraplus_param_groups
 from .reparameterized.relora import relora_restart
@@ -25,7 +28,7 @@ from .selective import (DiffPruning, LTSFT, StructuredMask, StructureError, diff
 
 __all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
            "DyLoRA", "dylora_sample_rank", "dylora_truncate", "set_rank", "LoRAFA", "loraplus_param_groups",
-           "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA",
+           "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA", "LoHa", "LoKr", "OFT",
            "PromptTuning", "PTuning", "PrefixTuning",
            "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
            "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",

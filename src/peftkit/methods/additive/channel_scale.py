@@ -28,19 +28,27 @@ def _weight_view(host: nn.Module, axis: Axis) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _check_invertible(scale: torch.Tensor, what: str) -> None:
+def fold_refusal(host: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None = None) -> str | None:
+    """Why `fold_` cannot fold these vectors into `host` (so that `unfold_` undoes it), or None."""
     if not bool((scale != 0).all()):
-        raise ValueError(f"{what}: the scale has {int((scale == 0).sum())} zero entries, so folding it into the "
-                         "weights cannot be undone; keep this adapter unmerged")
+        return (f"the scale has {int((scale == 0).sum())} zero entries, so folding it into the weights could not be "
+                "undone; keep this adapter unmerged")
+    if shift is not None and host.bias is None:
+        return f"a shift cannot be folded into a {type(host).__name__} without a bias; keep this adapter unmerged"
+    return None
+
+
+def _check_foldable(host: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None, what: str) -> None:
+    refusal = fold_refusal(host, scale, shift)
+    if refusal is not None:
+        raise ValueError(f"{what}: {refusal}")
 
 
 @torch.no_grad()
 def fold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor | None = None) -> None:
     """W ← diag(s) W, b ← s ⊙ b + t (axis "out"); W ← W diag(s) (axis "in"). In place."""
-    _check_invertible(scale, "cannot merge")
+    _check_foldable(host, scale, shift, "cannot merge")
     weight, bias = host.weight, host.bias
-    if shift is not None and bias is None:
-        raise ValueError(f"cannot merge a shift into a {type(host).__name__} without a bias; keep this adapter unmerged")
     weight.data.mul_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
     if axis == "out" and bias is not None:
         bias.data.mul_(scale.reshape(bias.shape).to(bias.dtype))
@@ -51,7 +59,7 @@ def fold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor 
 @torch.no_grad()
 def unfold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor | None = None) -> None:
     """The inverse of `fold_`: b ← (b − t) / s, W ← W / s."""
-    _check_invertible(scale, "cannot unmerge")
+    _check_foldable(host, scale, shift, "cannot unmerge")
     weight, bias = host.weight, host.bias
     weight.data.div_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
     if axis == "out" and bias is not None:

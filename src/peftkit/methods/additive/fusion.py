@@ -122,5 +122,5 @@ class FusionDelta(Delta):
         mixed = (torch.softmax(scores, dim=-1).unsqueeze(-1) * self.value(outputs)).sum(-2)
         return (h + mixed).to(out.dtype)
 
-    def merge_into(self, host: nn.Module) -> None:
-        raise NotImplementedError("the attention over adapters depends on the input, so it has no weight delta")
+    def merge_refusal(self, host: nn.Module) -> str | None:
+        return "the attention over adapters depends on the input, so it has no weight delta"

@@ -25,7 +25,7 @@ from ...core.delta import Delta
 from ...core.hf_peft import PeftKeys
 from ...core.hosts import LINEAR_TYPES, host_shape
 from ...core.targets import TYPE_PREFIX
-from .channel_scale import Axis, fold_, unfold_
+from .channel_scale import Axis, fold_, fold_refusal, unfold_
 
 
 @register_method
@@ -84,7 +84,7 @@ class IA3(PeftKeys, AdapterConfig):
             "modules_to_save": self.modules_to_save or None, "task_type": None, "inference_mode": True,
         }
 
-    def pack_peft(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def pack_peft(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Pin both module lists by full name: PEFT matches feedforward by plain suffix and wants it ⊆ targets."""
         hosts = [key.rpartition(".")[0] for key in tensors if key.endswith(".ia3_l")]
         feedforward = self.feedforward_hosts(hosts)
@@ -114,7 +114,7 @@ class IA3Delta(Delta):
     def __init__(self, host: nn.Module, feedforward: bool):
         super().__init__()
         shape = host_shape(host)
-        self.feedforward = self.scales_input = feedforward
+        self.feedforward = self.transforms_input = feedforward
         self.reads_input = feedforward  # the output form rescales the host output only
         size = (1, shape.in_features) if feedforward else (shape.out_features, 1)  # PEFT's layout
         # float32 on a half-precision base, as in HF PEFT
@@ -129,6 +129,13 @@ class IA3Delta(Delta):
     @property
     def _axis(self) -> Axis:
         return "in" if self.feedforward else "out"
+
+    def commutes_with(self, other: Delta) -> bool:
+        """Two diagonal scalings on the same side of W commute (no shift): l1 ⊙ (l2 ⊙ h) = l2 ⊙ (l1 ⊙ h)."""
+        return isinstance(other, IA3Delta) and other.feedforward == self.feedforward
+
+    def merge_refusal(self, host: nn.Module) -> str | None:
+        return fold_refusal(host, self.ia3_l.detach().flatten())
 
     def merge_into(self, host: nn.Module) -> None:
         fold_(host, self.ia3_l.detach().flatten(), self._axis)

@@ -63,6 +63,7 @@ class LlamaAdapter(PeftKeys, AdapterConfig):
 
     # --- Hugging Face PEFT interop (peft_type ADAPTION_PROMPT) -------------------------------
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+    peft_module_targets: ClassVar[bool] = False  # PEFT's own rule (last adapter_layers by attribute name): `choose_hosts`
     _PEFT_KEY: ClassVar[re.Pattern] = re.compile(r"(.*)\.(adaption_prompt|adaption_gate)")
 
     def to_peft(self) -> dict[str, Any]:
@@ -146,8 +147,8 @@ class LlamaAdapterDelta(Delta):
         mixed = (weights @ self._prompt_heads(host.v_proj)).transpose(1, 2).reshape(rows, tokens, -1)
         return F.linear(mixed, host.o_proj.weight)
 
-    def merge_into(self, host: nn.Module) -> None:
-        raise NotImplementedError("the prompt attention depends on the input, so it has no weight delta")
+    def merge_refusal(self, host: nn.Module) -> str | None:
+        return "the prompt attention depends on the input, so it has no weight delta"
 
 
 def _check_attention(host: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from ...core.config import AdapterConfig, register_method
 from ...core.delta import Delta
 from ...core.hosts import LINEAR_TYPES, host_shape
-from .channel_scale import fold_, unfold_
+from .channel_scale import fold_, fold_refusal, unfold_
 
 
 @register_method
@@ -58,6 +58,9 @@ class SSFDelta(Delta):
 
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, out.to(self.scale.dtype), self.scale).to(out.dtype)
+
+    def merge_refusal(self, host: nn.Module) -> str | None:
+        return fold_refusal(host, self.scale.detach().flatten(), self.shift.detach().flatten())
 
     def merge_into(self, host: nn.Module) -> None:
         fold_(host, self.scale.detach().flatten(), "out", self.shift.detach().flatten())

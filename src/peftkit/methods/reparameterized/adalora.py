@@ -89,7 +89,7 @@ class AdaLoRA(PeftKeys, AdapterConfig):
         return tensor_name  # PEFT keeps AdaLoRA's factors as bare parameters: no ".weight"
 
 
-    def pack_peft(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def pack_peft(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Drop the pruned triplets and list the kept ones; a pruned λ that grew back since is kept (exact output)."""
         pattern, out = {}, dict(tensors)
         for host in [k.removesuffix(".rank_mask") for k in tensors if k.endswith(".rank_mask")]:

@@ -33,6 +33,7 @@ class DoRA(LoRA):
 
     method: ClassVar[str] = "dora"
     init: Literal["zero", "gaussian"] = Field("zero", description="zero-B with Kaiming A (default) or gaussian A")
+    bias: Literal["none"] = Field("none", description="DoRA trains no biases")
 
     def host_types(self) -> tuple[type[nn.Module], ...]:
         return LINEAR_TYPES + (nn.Conv2d,)
@@ -43,6 +44,7 @@ class DoRA(LoRA):
     # --- Hugging Face PEFT interop: a LORA adapter with use_dora=True --------------------------
     peft_flags: ClassVar[tuple[str, ...]] = ("use_dora",)
     _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = tuple(o for o in LoRA._PEFT_UNSUPPORTED if o != "use_dora")
+    peft_bias_modes: ClassVar[tuple[str, ...]] = ("none",)  # DoRA rescales the output: a bias change is not wired in
     _PEFT_MAGNITUDE: ClassVar[re.Pattern] = re.compile(r"(.*)\.lora_magnitude_vector")
 
     def to_peft(self) -> dict[str, Any]:
@@ -66,6 +68,7 @@ class DoRADelta(LoRADelta):
     """LoRA's A, B for the direction plus the magnitude m; transforms the host output (not additive)."""
 
     additive = False
+    reads_base = True  # n = ‖W0 + s·BA‖_c: merged only onto the pristine base, and nothing merged under it unmerged
 
     def __init__(self, host: nn.Module, config: DoRA):
         super().__init__(host, config)

@@ -13,18 +13,29 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
-from ...core.hf_peft import PeftKeys
+from ...core.hf_peft import PEFT_RAW, PeftKeys
 from ...core.delta import Delta
 from ...core.hosts import WEIGHT_HOST_TYPES, host_shape, to_host_layout
 from ...core.shared_input import SharedInputGroup
+from ...core.targets import TargetError, match_targets, module_names
+from ..selective.sparse import SPARSE_HOST_TYPES, Mask, SparseDelta
+
+ABSOLUTE_BIAS = "absolute_bias"  # a PEFT file's trained bias (absolute), until `prepare_load` makes it a change
+_BIAS_CHANGE = "bias_change"  # the LoRADelta attribute holding its host's bias change
+
+
+def pattern_matches(key: str, name: str) -> bool:
+    """PEFT's `get_pattern_key` test: the key, as a regex, matches the module name or a dotted suffix of it."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
 
 
 @register_method
@@ -37,10 +48,74 @@ class LoRA(PeftKeys, AdapterConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of A")
     rslora: bool = Field(False, description="rank-stabilised scaling s = alpha/sqrt(r)")
     init: Literal["zero", "gaussian", "pissa"] = Field("zero", description="zero-B (default), gaussian A, or PiSSA")
+    rank_pattern: dict[str, int] = Field({}, description="module-name regex -> rank, overriding r (PEFT's rule)")
+    alpha_pattern: dict[str, float] = Field({}, description="module-name regex -> alpha, overriding alpha (PEFT's rule)")
+    bias: Literal["none", "lora_only", "all"] = Field(
+        "none", description="also train biases: of the LoRA hosts (lora_only) or of every module (all), as PEFT's bias")
+    _lora_hosts: frozenset[str] | None = PrivateAttr(None)  # bias="all": which hosts get LoRA (set by choose_hosts)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_valid(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, number in value.items():
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"pattern {key!r} is not a valid regex: {err}") from None
+            if number <= 0:
+                raise ValueError(f"pattern {key!r} gives {number}; ranks and alphas must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _pissa_is_plain(self) -> "LoRA":
+        if self.init == "pissa" and self.bias != "none":
+            raise ValueError("PiSSA init takes no bias training (bias must be 'none')")
+        return self
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def for_module(self, name: str) -> "LoRA":
+        """This config with the rank and alpha `rank_pattern` / `alpha_pattern` give module `name`.
+
+        PEFT takes the first matching key in order, but writes (as peftkit does) its JSON with sorted keys:
+        a module whose value would change with the order is a named error, not a silent change on saving."""
+        values = {}
+        for field, patterns in (("r", self.rank_pattern), ("alpha", self.alpha_pattern)):
+            keys = [key for key in patterns if pattern_matches(key, name)]
+            if len({patterns[key] for key in keys}) > 1 and keys[0] != min(keys):
+                raise ValueError(f"{field} patterns {keys} all match module {name!r} with different values; the first "
+                                 "wins, and saved files sort the keys: make the patterns disjoint")
+            if keys:
+                values[field] = patterns[keys[0]]
+        return self.model_copy(update=values) if values else self
+
+    def choose_hosts(self, model: nn.Module) -> list[str]:
+        """The LoRA targets; with bias="all" also every other module with a bias (PEFT trains them all)."""
+        targets = super().choose_hosts(model)
+        if self.bias != "all":
+            return targets
+        copies = match_targets(model, self.modules_to_save) if self.modules_to_save else []
+        modules = dict(model.named_modules())
+        biased = [n for n in module_names(model) if isinstance(modules[n]._parameters.get("bias"), nn.Parameter)
+                  and n not in targets and not any(n == c or n.startswith(f"{c}.") for c in copies)]
+        wrong = [f"{n} ({type(modules[n]).__name__})" for n in biased if not isinstance(modules[n], SPARSE_HOST_TYPES)]
+        if wrong:
+            raise TargetError(f"bias='all' would train biases peftkit cannot adapt: {', '.join(wrong[:5])}")
+        self._lora_hosts = frozenset(targets)
+        chosen = set(targets) | set(biased)
+        return [n for n in module_names(model) if n in chosen]
+
+    def build_all(self, hosts: dict[str, nn.Module]) -> Iterator[Delta]:
+        """One delta per host with its own rank and alpha; with bias="all", BitFit's bias change on the others."""
+        for name, host in hosts.items():
+            if self.bias == "all" and self._lora_hosts is not None and name not in self._lora_hosts:
+                yield BiasChange(host)
+                continue
+            config = self.for_module(name)
+            _check_rank(name, host, config.r)
+            yield config.build(host)
 
     @property
     def rewrites_base(self) -> bool:
@@ -58,10 +133,10 @@ class LoRA(PeftKeys, AdapterConfig):
     _PEFT_TENSOR_PREFIX: ClassVar[str] = "lora_"
     # PEFT options that change the math; loading them as plain LoRA would give wrong outputs.
     _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layers_to_transform", "layers_pattern",
-        "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora",
-        "alora_invocation_tokens",
+        "use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora",
+        "use_bdlora", "alora_invocation_tokens",
     )
+    peft_bias_modes: ClassVar[tuple[str, ...]] = ("none", "lora_only", "all")
 
     # Inits that leave W0 untouched; the others (pissa*, olora, corda, loftq, lora_ga) save factors for a rewritten base.
     _PEFT_BASE_PRESERVING_INITS: ClassVar[frozenset[str]] = frozenset({"gaussian", "orthogonal", "eva", "mica"})
@@ -70,9 +145,9 @@ class LoRA(PeftKeys, AdapterConfig):
         return {
             "peft_type": self.peft_type, "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "target_modules": self.targets, "exclude_modules": self.exclude, "use_rslora": self.rslora,
-            "init_lora_weights": True if self.init == "zero" else self.init, "bias": "none", "use_dora": False,
+            "init_lora_weights": True if self.init == "zero" else self.init, "bias": self.bias, "use_dora": False,
             "modules_to_save": self.modules_to_save or None, "task_type": None, "inference_mode": True,
-            "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+            "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern, "fan_in_fan_out": False,
         }
 
     @classmethod
@@ -84,7 +159,9 @@ class LoRA(PeftKeys, AdapterConfig):
                              "convert it to plain LoRA in PEFT first")
         return cls(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
                    targets=peft["target_modules"], exclude=peft.get("exclude_modules"),
-                   rslora=peft.get("use_rslora", False), modules_to_save=modules_to_save)
+                   rslora=peft.get("use_rslora", False), modules_to_save=modules_to_save,
+                   rank_pattern=peft.get("rank_pattern") or {}, alpha_pattern=peft.get("alpha_pattern") or {},
+                   bias=peft.get("bias", "none"))
 
     @staticmethod
     def peft_tensor_name(tensor_name: str, host: nn.Module) -> str:
@@ -92,13 +169,70 @@ class LoRA(PeftKeys, AdapterConfig):
             return tensor_name.replace("lora_", "lora_embedding_")
         return f"{tensor_name}.weight"
 
+    def pack_peft(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Bias changes become PEFT's trained biases: absolute values, under `base_layer.bias` on a LoRA host."""
+        out = {}
+        for key, value in tensors.items():
+            host_name, peft_name = _bias_key(key)
+            if peft_name is None:
+                out[key] = value
+            else:
+                base = model.get_submodule(host_name).bias.detach()
+                out[f"{PEFT_RAW}{host_name}.{peft_name}"] = (base.float() + value.float()).to(base.dtype).cpu()
+        return {}, out
+
+    @classmethod
+    def split_peft_bias(cls, key: str) -> tuple[str, str]:
+        """(module, our tensor name) for a bias PEFT trained (bias='lora_only' / 'all'): `<module>.bias`."""
+        return key.removesuffix(".bias"), ABSOLUTE_BIAS
 
     def saved_config(self) -> "LoRA":
         """PiSSA is saved as a plain rank-2r LoRA on the *original* W0 (see `LoRADelta.saved_tensors`)."""
         if self.init != "pissa":
             return self
         factor = math.sqrt(2) if self.rslora else 2.0  # keeps s unchanged at rank 2r
-        return self.model_copy(update={"r": 2 * self.r, "alpha": self.alpha * factor, "init": "zero"})
+        return self.model_copy(update={
+            "r": 2 * self.r, "alpha": self.alpha * factor, "init": "zero",
+            "rank_pattern": {k: 2 * v for k, v in self.rank_pattern.items()},
+            "alpha_pattern": {k: v * factor for k, v in self.alpha_pattern.items()}})
+
+
+def _bias_key(key: str) -> tuple[str, str | None]:
+    """(host, PEFT's name) for a saved bias change (`<host>.bias_change.bias.values` on a LoRA host,
+    `<host>.bias.values` on a bias-only host), or (key, None) for any other tensor."""
+    for suffix, peft_name in ((f".{_BIAS_CHANGE}.bias.values", "base_layer.bias"), (".bias.values", "bias")):
+        if key.endswith(suffix):
+            return key.removesuffix(suffix), peft_name
+    return key, None
+
+
+def _check_rank(name: str, host: nn.Module, r: int) -> None:
+    """A rank above the host's min(out, in·kernel) adds parameters but no expressiveness: a config mistake."""
+    shape = host_shape(host)
+    limit = min(shape.out_features, shape.in_features * math.prod(shape.kernel_size or (1,)))
+    if r > limit:
+        raise ValueError(f"LoRA rank {r} exceeds min(out, in) = {limit} of this {type(host).__name__} "
+                         f"{shape.in_features}->{shape.out_features}; lower r, or set its rank in rank_pattern")
+
+
+def _take_absolute_bias(saved: dict[str, torch.Tensor], host: nn.Module, key: str) -> None:
+    """A PEFT file's trained (absolute) bias as the change from this model's base bias, under `key`."""
+    absolute = saved.pop(ABSOLUTE_BIAS, None)
+    if absolute is not None:
+        base = host.bias.detach()
+        saved[key] = absolute.float() - base.float().cpu() if absolute.shape == base.shape else absolute
+
+
+class BiasChange(SparseDelta):
+    """BitFit's dense bias change on one host: PEFT's bias="all" on a module without LoRA."""
+
+    def __init__(self, host: nn.Module):
+        super().__init__(host, ("bias",), {"bias": Mask.whole()})
+        self._host = (host,)  # a tuple, not a submodule: the base bias is the model's
+
+    def prepare_load(self, saved: dict[str, torch.Tensor]) -> None:
+        _take_absolute_bias(saved, self._host[0], "bias.values")
+        super().prepare_load(saved)
 
 
 class LoRADelta(Delta):
@@ -108,8 +242,6 @@ class LoRADelta(Delta):
         super().__init__()
         shape = host_shape(host)
         r, self.kind, self.scaling = config.r, shape.kind, config.scaling
-        if r > min(shape.in_features, shape.out_features) and config.init == "pissa":
-            raise ValueError(f"PiSSA rank {r} exceeds min(in, out) = {min(shape.in_features, shape.out_features)}")
         kernel = shape.kernel_size or ()
         ones = (1,) * len(kernel)
         # Adapter weights stay float32 on a half-precision base (as in HF PEFT): AdamW on bf16 factors stalls.
@@ -126,6 +258,8 @@ class LoRADelta(Delta):
                 self._conv_args["padding"] = 0
         if self.kind == "embedding":
             self._embedding_args = {k: getattr(host, k) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")}
+        trains_bias = getattr(config, "bias", "none") != "none" and isinstance(getattr(host, "bias", None), nn.Parameter)
+        self.bias_change = BiasChange(host) if trains_bias else None  # Δb (PEFT's bias="lora_only" / "all")
         self._initialise(host, config.init)
 
     @torch.no_grad()
@@ -187,15 +321,31 @@ class LoRADelta(Delta):
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         down = self._down(x)  # [..., r] (conv: [N, r, H', W'])
         if self.kind == "conv2d":
-            return F.conv2d(down, self.lora_B) * self.scaling
-        return F.linear(down, self.lora_B) * self.scaling
+            out = F.conv2d(down, self.lora_B) * self.scaling
+        else:
+            out = F.linear(down, self.lora_B) * self.scaling
+        return out if self.bias_change is None else self.bias_change.transform(x, out)  # + Δb
+
+    def prepare_load(self, saved: dict[str, torch.Tensor]) -> None:
+        if self.bias_change is not None:
+            _take_absolute_bias(saved, self.bias_change._host[0], f"{_BIAS_CHANGE}.bias.values")
+
+    def merge_into(self, host: nn.Module) -> None:
+        super().merge_into(host)
+        if self.bias_change is not None:
+            self.bias_change.merge_into(host)
+
+    def unmerge_from(self, host: nn.Module) -> None:
+        super().unmerge_from(host)
+        if self.bias_change is not None:
+            self.bias_change.unmerge_from(host)
 
     def add_increment_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out += s·(A x)Bᵀ as one GEMM accumulating into the host output: no output-sized
         temporary, no separate scaling multiply, no separate add (the three cost ~15% of a
         MiniLM forward with LoRA on every linear layer)."""
         if (not _plain_lora(type(self)) or self.kind not in ("linear", "conv1d") or out.dtype != self.lora_B.dtype
-                or not out.is_contiguous()):
+                or not out.is_contiguous() or self.bias_change is not None):
             return out.add_(self.increment(x))  # subclasses that change the math (AdaLoRA, DyLoRA, SoRA...) keep theirs
         down = self._down(x)  # [..., r]; may be a strided slice of the shared q/k/v projection
         out.view(-1, out.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), self.lora_B.t(), alpha=self.scaling)
@@ -208,7 +358,8 @@ class LoRADelta(Delta):
         first = deltas[0]
         if (not _plain_lora(cls) or first.kind != "linear" or out.dtype != first.lora_B.dtype or not out.is_contiguous()
                 or any(d.lora_A.shape != first.lora_A.shape or d.lora_B.shape != first.lora_B.shape
-                       or (d.training and isinstance(d.dropout, nn.Dropout)) for d in deltas)):
+                       or (d.training and isinstance(d.dropout, nn.Dropout)) or d.bias_change is not None
+                       for d in deltas)):
             return False
         # index G (rows with no adapter on this layer) picks an all-zero pair
         a = torch.stack([*(d.lora_A for d in deltas), first.lora_A.new_zeros(first.lora_A.shape)])  # [G+1, r, in]

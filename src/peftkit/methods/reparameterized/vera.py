@@ -79,7 +79,6 @@ class VeRA(PeftKeys, AdapterConfig):
     # --- Hugging Face PEFT interop -------------------------------------------------------
     peft_type: ClassVar[str] = "VERA"
     _PEFT_KEY: ClassVar[re.Pattern] = re.compile(r"(.*)\.(vera_lambda_[bd])")
-    _PEFT_UNSUPPORTED: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")  # change which modules
 
     def to_peft(self) -> dict[str, Any]:
         return {
