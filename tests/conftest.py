@@ -1,9 +1,45 @@
-"""Tiny random models shared by the tests (no downloads: built from configs)."""
+"""Tiny random models shared by the tests (no downloads: built from configs), and the skip policy for CI."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
+
+pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs pytest on a file of its own
+
+
+class SkipsFailCI:
+    """With the environment variable CI set, any skipped test fails the run and is listed.
+
+    CI installs every extra (peft included), so there a skip can only hide a failure: a broken import, a missing
+    bundled model. Locally a skip stays a skip (a machine without peft skips only the tests marked needs_peft)."""
+
+    def __init__(self) -> None:
+        self.skipped: list[str] = []
+
+    def _note(self, report: pytest.CollectReport | pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.skipped.append(f"{report.nodeid}: {reason}")
+
+    pytest_runtest_logreport = pytest_collectreport = _note
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.skipped and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.skipped:
+            terminalreporter.section("skipped tests fail under CI", red=True)
+            for line in self.skipped:
+                terminalreporter.write_line(line)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        config.pluginmanager.register(SkipsFailCI(), "skips-fail-ci")
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from peftkit.bench.tasks import BENCH_TASKS
 from peftkit.bench.worker import run_cell
 from peftkit.cli import main
 from peftkit.core.config import METHODS, config_from_dict
+from peftkit.models import load_efficientnet_lite0
 
 from .bench_tiny import tiny_bert, write_task
 
@@ -60,7 +61,7 @@ def _tiny_llama() -> nn.Module:
 
 
 def _efficientnet() -> nn.Module:
-    return pytest.importorskip("peftkit.models").load_efficientnet_lite0(num_classes=10)
+    return load_efficientnet_lite0(num_classes=10)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

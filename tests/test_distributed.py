@@ -240,7 +240,7 @@ def _peer_run(out: Path) -> None:
 
 def test_peer_data_parallel_recipes_on_cpu(tmp_path) -> None:
     """The README's recipes: accelerate (DDP) and FSDP2, both on gloo, train the adapter as one process does."""
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  a hard dependency: missing, this fails here rather than in the workers
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(Path(__file__)), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,

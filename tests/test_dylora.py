@@ -9,9 +9,8 @@ from torch import nn
 
 import peftkit
 from peftkit import DyLoRA, LoRA, dylora_sample_rank, dylora_truncate, set_rank
-from peftkit.train.classify import accuracy, encode
 
-from .bbc import BEATS_HEAD_ALONE, MAX_LENGTH, bbc_subset, fit_bbc
+from .bbc import LEARNS, MARGIN, bbc_accuracy, fit_bbc, head_only
 from .conftest import randomize
 from .checks import assert_routed_matches_rows
 
@@ -163,10 +162,9 @@ def test_dylora_learns_bbc_at_full_and_truncated_rank() -> None:
         return {"on_step": lambda step: drawn.append(dylora_sample_rank(model, "default"))}
 
     result, model, tokenizer = fit_bbc(DyLoRA(r_min=1, r_max=8, alpha=16, targets=["query", "value"]), on_attach=hooks)
-    assert result.accuracy_after > BEATS_HEAD_ALONE
+    assert result.accuracy_after > LEARNS
     assert len(set(drawn)) > 4  # the training really ran at many ranks
-    test = bbc_subset()[1]
     set_rank(model, "default", 2)
-    truncated = accuracy(model, encode(tokenizer, test["text"], MAX_LENGTH), torch.tensor(test["label"]))
-    print(f"dylora at rank 2: {truncated:.3f}")
-    assert truncated > 0.6
+    truncated, control = bbc_accuracy(model, tokenizer), head_only(3e-3).accuracy_after
+    print(f"dylora at rank 2: {truncated:.3f} (head alone at lr 3e-3: {control:.3f})")
+    assert truncated >= control + MARGIN  # the truncated adapter still carries what was learned

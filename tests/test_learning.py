@@ -1,4 +1,4 @@
-"""Learning on real data: MiniLM-L6 + LoRA on BBC News clearly beats chance within seconds."""
+"""Learning on real data: MiniLM-L6 + LoRA on BBC News clearly beats the head alone within seconds."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +13,7 @@ from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
 def test_lora_on_minilm_learns_bbc_topics(tmp_path) -> None:
     result, model, tokenizer = fit_bbc(peftkit.LoRA(r=8, alpha=16, targets=["query", "value"]))
     assert result.accuracy_before < 0.45  # a fresh head: near chance (0.2)
-    assert result.accuracy_after > 0.80
-    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert result.accuracy_after > 0.80  # fit_bbc also held it to the head alone and to the adapter switched off
     # the saved adapter reproduces the trained model's predictions on a fresh base
     peftkit.save(model, tmp_path / "bbc")
     fresh, _ = load_minilm(num_labels=5)

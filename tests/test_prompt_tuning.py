@@ -11,11 +11,11 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 import peftkit
 from peftkit import IA3, LoRA, Bottleneck, PrefixTuning, PromptTuning, PTuning, SequenceError, SequenceLengthError
 
+from .checks import needs_peft
 from .conftest import TinyNet, randomize
 from .sequence_checks import (VOCAB, assert_routed_grads, assert_routed_rows, logits, tiny_bert, tiny_gpt2,
                               tiny_llama)
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
@@ -195,23 +195,25 @@ def test_named_errors(ids: torch.Tensor) -> None:
 
 # --- Hugging Face PEFT interop -------------------------------------------------------------------------------------
 
-PEFT_CONFIGS = {
-    "prompt": lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3, prompt_tuning_init="RANDOM"),
-    "p_tuning_mlp": lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=8),
-    "p_tuning_lstm": lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=8,
-                                                           encoder_reparameterization_type="LSTM"),
-    "prefix": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
-    "prefix_projection": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3,
-                                                              prefix_projection=True, encoder_hidden_size=8),
+PEFT_CONFIGS = {  # kind: (the peft module, task type) -> peft's config (peft is imported in the tests)
+    "prompt": lambda peft, task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3, prompt_tuning_init="RANDOM"),
+    "p_tuning_mlp": lambda peft, task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=8),
+    "p_tuning_lstm": lambda peft, task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=8,
+                                                                 encoder_reparameterization_type="LSTM"),
+    "prefix": lambda peft, task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
+    "prefix_projection": lambda peft, task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3,
+                                                                    prefix_projection=True, encoder_hidden_size=8),
 }
 
 
+@needs_peft
 @pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
 @pytest.mark.parametrize("make, task", [(tiny_bert, "SEQ_CLS"), (tiny_llama, "CAUSAL_LM")])
 def test_peft_interop_outputs_match_peft(kind: str, make, task: str, ids: torch.Tensor, tmp_path) -> None:
     """A peft-trained adapter loads here with peft's outputs; ours saved in PEFT format loads in peft likewise."""
+    import peft
     base = make()
-    theirs = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind](task)).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind](peft, task)).eval()
     with torch.no_grad():  # move peft's trainable state away from its start (zero classifier rows etc.)
         for p in theirs.parameters():
             if p.requires_grad:
@@ -240,13 +242,15 @@ def tiny_roberta() -> RobertaForSequenceClassification:
     return RobertaForSequenceClassification(config).eval()
 
 
+@needs_peft
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_roberta_positions_follow_its_numbering(kind: str, tmp_path) -> None:
     """A peft adapter on RoBERTa gives peft's outputs here (peft leaves RoBERTa to number the positions), and a
     right-padded row equals the same row unpadded (its pads take RoBERTa's pad position)."""
+    import peft
     base = tiny_roberta()
     ids = torch.randint(3, VOCAB, (2, 6))
-    theirs = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind]("SEQ_CLS")).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind](peft, "SEQ_CLS")).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:

@@ -13,7 +13,7 @@ from peftkit import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedul
                      PaFi)
 from peftkit.train.classify import encode
 
-from .bbc import BEATS_HEAD_ALONE, MAX_LENGTH, bbc_subset, fit_bbc
+from .bbc import LEARNS, MAX_LENGTH, bbc_subset, fit_bbc
 from .selective_checks import fisher_batches, saved_kib, trainable_share
 
 ENCODER_LINEAR = {"targets": ["type:Linear"], "exclude": ["classifier"]}
@@ -33,13 +33,13 @@ def _fishdip(model: nn.Module) -> dict:
 CASES = {  # name: (config, lr, on_attach, lowest accepted accuracy, tokens per article)
     "bitfit": (BitFit(targets=["type:Linear", "type:LayerNorm"], exclude=["classifier"]), 1e-2, None, 0.88,
                64),  # 0.845 at 32 tokens
-    "layernorm": (LayerNormTuning(), 1e-2, None, BEATS_HEAD_ALONE, MAX_LENGTH),
-    "lastk": (LastK(k=1), 1e-3, None, BEATS_HEAD_ALONE, MAX_LENGTH),
-    "pafi": (PaFi(fraction=0.005, **ENCODER_LINEAR), 1e-2, None, BEATS_HEAD_ALONE, MAX_LENGTH),
+    "layernorm": (LayerNormTuning(), 1e-2, None, LEARNS, MAX_LENGTH),
+    "lastk": (LastK(k=1), 1e-3, None, LEARNS, MAX_LENGTH),
+    "pafi": (PaFi(fraction=0.005, **ENCODER_LINEAR), 1e-2, None, LEARNS, MAX_LENGTH),
     "fishmask": (FishMask(fraction=0.005, **ENCODER_LINEAR), 1e-2, _select, 0.88, MAX_LENGTH),
-    "fishdip": (FishDip(fraction=0.005, every=20, samples=16, **ENCODER_LINEAR), 1e-2, _fishdip, BEATS_HEAD_ALONE, MAX_LENGTH),
-    "child_tuning_d": (ChildTuningD(fraction=0.05, **ENCODER_LINEAR), 1e-3, _select, BEATS_HEAD_ALONE, MAX_LENGTH),
-    "child_tuning_f": (ChildTuningF(p=0.3, targets=["query", "value"]), 1e-3, None, BEATS_HEAD_ALONE, MAX_LENGTH),
+    "fishdip": (FishDip(fraction=0.005, every=20, samples=16, **ENCODER_LINEAR), 1e-2, _fishdip, LEARNS, MAX_LENGTH),
+    "child_tuning_d": (ChildTuningD(fraction=0.05, **ENCODER_LINEAR), 1e-3, _select, LEARNS, MAX_LENGTH),
+    "child_tuning_f": (ChildTuningF(p=0.3, targets=["query", "value"]), 1e-3, None, LEARNS, MAX_LENGTH),
 }
 
 
@@ -49,7 +49,7 @@ def test_selective_method_learns_bbc(case: str, tmp_path: Path) -> None:
     result, model, tokenizer = fit_bbc(config, lr=lr, on_attach=on_attach, max_length=max_length)
     share, kib = trainable_share(model), saved_kib(model, tmp_path / case)
     print(f"{case}: accuracy {result.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
-    assert result.accuracy_after > lowest and sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert result.accuracy_after > lowest  # and fit_bbc's controls: the head alone, the adapter switched off
     # save -> load -> merge on a fresh base reproduces the trained model's outputs
     from peftkit.models import load_minilm
 

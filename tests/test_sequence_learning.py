@@ -1,18 +1,17 @@
-"""Learning on real data: prompt tuning, P-tuning and prefix tuning on MiniLM + BBC News beat chance (0.2).
+"""Learning on real data: prompt tuning, P-tuning and prefix tuning on MiniLM + BBC News beat the head alone.
 
-fit_bbc also trains the classifier head, which alone reaches about 0.83 at lr 3e-2, so each test also puts the
-virtual tokens back to their start values after training: accuracy must fall, i.e. the head relies on
-what the tokens learned. A prompt on a small encoder learns slowly, hence the large learning rates
-(Lester et al. used 0.3)."""
+fit_bbc also trains the classifier head, which alone reaches 0.825 at lr 3e-2 (32 tokens), so fit_bbc holds each
+run to that control (and to the virtual tokens switched off), and each test also puts the virtual tokens back to
+their start values after training: accuracy must fall, i.e. the head relies on what the tokens learned. A prompt
+on a small encoder learns slowly, hence the large learning rates (Lester et al. used 0.3)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import peftkit
-from peftkit.train.classify import accuracy, encode
 
-from .bbc import MAX_LENGTH, bbc_subset, fit_bbc
+from .bbc import MAX_LENGTH, bbc_accuracy, fit_bbc
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -33,10 +32,8 @@ def test_sequence_adapter_on_minilm_learns_bbc_topics(config: peftkit.AdapterCon
     result, model, tokenizer = fit_bbc(config, lr=lr, on_attach=keep_start, max_length=max_length)
     assert result.accuracy_before < 0.45  # a fresh head: near chance (0.2)
     assert result.accuracy_after > 0.8
-    assert sum(result.losses[-5:]) < sum(result.losses[:5])
-    test = bbc_subset()[1]
     model.peftkit["default"].load_state_dict(start)
-    reset = accuracy(model, encode(tokenizer, test["text"], max_length), torch.tensor(test["label"]))
+    reset = bbc_accuracy(model, tokenizer, max_length)
     print(f"{config.method}: accuracy with the virtual tokens at their start values {reset:.3f}")
     # measured drops: prompt 0.945 -> 0.630, P-tuning 0.875 -> 0.720, prefix 0.910 -> 0.810 (tokens that never trained: no drop)
     assert reset < result.accuracy_after - 0.04

@@ -29,7 +29,22 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--output", default="runs/bench", help="report and cache folder (default: runs/bench)")
     bench.add_argument("--compare-peft", action="store_true",
                        help="also run Hugging Face PEFT's version of each method it has, side by side")
+    bench.add_argument("--budget", action="append", default=[], metavar="FIELD=VALUE",
+                       help="replace a field of the profile's budget on every task, e.g. --budget steps=8 --budget "
+                            "test_rows=100 (fields: steps, batch_size, train_rows, val_rows, test_rows, max_length, "
+                            "image_size; rows: a number or 'all'); repeatable. A cheaper run, not the profile's")
     bench.set_defaults(run=run, profile="quick")
+
+
+def budget_changes(pairs: list[str]) -> dict[str, int | None]:
+    """`["steps=8", "train_rows=all"]` -> {"steps": 8, "train_rows": None}; a malformed pair is a ValueError."""
+    changes: dict[str, int | None] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not (value.isdigit() or value == "all"):
+            raise ValueError(f"--budget takes FIELD=NUMBER (or FIELD=all for rows), got {pair!r}")
+        changes[key] = None if value == "all" else int(value)
+    return changes
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -43,6 +58,8 @@ def _command_line(args: argparse.Namespace) -> str:
     for flag, value in (("--seeds", args.seeds), ("--metric", args.metric)):
         if value is not None:
             words += [flag, str(value)]
+    for pair in args.budget:
+        words += ["--budget", pair]
     words += ["--output", args.output] + (["--compare-peft"] if args.compare_peft else [])
     return shlex.join(words)
 
@@ -54,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_bench(args.profile, tasks=args.tasks, methods=args.methods, seeds=args.seeds, output=args.output,
                       metric=args.metric, compare_peft=args.compare_peft,
-                      extra_tasks=[load_task_file(path) for path in args.task_file], command=_command_line(args))
+                      extra_tasks=[load_task_file(path) for path in args.task_file], command=_command_line(args),
+                      budget=budget_changes(args.budget))
     print(f"{plan.command}\n{plan.profile.describe()}; tasks: {', '.join(t.name for t in plan.tasks)}; "
           f"rows: {', '.join(plan.methods)}", flush=True)
     reports, paths = run_bench(plan)

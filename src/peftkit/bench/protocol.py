@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,10 @@ class BenchPlan:
 def plan_bench(profile: str = "quick", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                seeds: int | None = None, output: str | os.PathLike = "runs/bench", metric: str | None = None,
                compare_peft: bool = False, extra_tasks: Sequence[BenchTask] = (), command: str = "",
-               isolate: bool = True) -> BenchPlan:
-    """Check a request and return its plan; every bad name is a `BenchConfigError` before anything runs."""
+               isolate: bool = True, budget: Mapping[str, int | None] | None = None) -> BenchPlan:
+    """Check a request and return its plan; every bad name is a `BenchConfigError` before anything runs.
+
+    `budget` replaces fields of the profile's budget on every task (a cheaper run: CI's, a smoke test)."""
     if profile not in PROFILES:
         raise UnknownTaskError(unknown("profile", profile, list(PROFILES)))
     chosen = PROFILES[profile]
@@ -98,6 +100,8 @@ def plan_bench(profile: str = "quick", tasks: Sequence[str] | None = None, metho
             every = sorted({m for t in selected for m in t.metrics})
             raise UnknownMetricError(f"{unknown('metric', metric, every)} (tasks without it: {', '.join(missing)})")
         selected = [t.with_metric(metric) for t in selected]
+    if budget:
+        selected = [t.with_budget(chosen.name, budget) for t in selected]
     rows = list(methods) if methods else chosen.methods()
     for name in rows:
         if name not in METHODS and name not in REFERENCES:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,14 @@ class BenchTask:
         if metric not in self.metrics:
             raise UnknownMetricError(f"task {self.name}: " + unknown("metric", metric, list(self.metrics)))
         return replace(self, metric=metric)
+
+    def with_budget(self, profile: str, changes: Mapping[str, int | None]) -> "BenchTask":
+        """This task with some fields of one profile's budget replaced (`peftkit bench --budget steps=8`)."""
+        known = [f.name for f in fields(Budget)]
+        for key in changes:
+            if key not in known:
+                raise BenchConfigError(unknown("budget field", key, known))
+        return replace(self, budgets={**self.budgets, profile: replace(self.budgets[profile], **changes)})
 
 
 QUICK_BBC = Budget(steps=30, batch_size=16, train_rows=400, val_rows=80, test_rows=200, max_length=64)
