@@ -263,3 +263,14 @@ def test_smollm2_starts_at_the_base_generates_with_cache_and_learns_chatterbot()
     prompt = tokenizer(["Question: What is AI?\nAnswer:"], return_tensors="pt")
     cached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=True)
     assert torch.equal(cached, model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False))
+
+
+def test_merging_lora_into_the_projections_it_reads_is_refused() -> None:
+    """LLaMA-Adapter runs its prompts through the layer's own q/k/v/o weights: LoRA folded into them would move it."""
+    model = _llama()
+    peftkit.attach(model, peftkit.LoRA(r=2, targets=["o_proj", "v_proj"]), name="lora")
+    peftkit.attach(model, LlamaAdapter(adapter_layers=1), name="prompts", activate=False)
+    randomize(model)
+    peftkit.activate(model, ["lora", "prompts"])
+    with pytest.raises(peftkit.MergeError, match="'prompts' \\(LlamaAdapterDelta\\).*reads the base weights"):
+        peftkit.merge(model, "lora")

@@ -47,6 +47,22 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     overlap = set(host_names) & set(copy_names)
     if overlap:
         raise ValueError(f"modules both targeted and in modules_to_save: {sorted(overlap)}")
+    with merging.unfolded(model, registry, host_names + copy_names):  # built on the base, not on merged weights
+        _place(model, registry, config, name, host_names, copy_names)
+    registry.configs[name] = config
+    registry.hosts[name] = host_names + copy_names
+    _link_shared_inputs(model, registry.hosts[name], name)
+    for param_name, param in model.named_parameters():
+        if f".{SLOT_ATTR}." not in f".{param_name}":
+            param.requires_grad_(False)
+    if activate:
+        activate_new(model, name)
+    return model
+
+
+def _place(model: nn.Module, registry: AdapterRegistry, config: AdapterConfig, name: str, host_names: list[str],
+           copy_names: list[str]) -> None:
+    """Build and place one delta per host (a head copy per module to save); on any error, remove those placed."""
     placed: list[str] = []
     built = config.build_all({host_name: model.get_submodule(host_name) for host_name in host_names})
     try:
@@ -62,15 +78,6 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     except Exception:
         _remove_deltas(model, name, placed)
         raise
-    registry.configs[name] = config
-    registry.hosts[name] = placed
-    _link_shared_inputs(model, placed, name)
-    for param_name, param in model.named_parameters():
-        if f".{SLOT_ATTR}." not in f".{param_name}":
-            param.requires_grad_(False)
-    if activate:
-        activate_new(model, name)
-    return model
 
 
 def activate_new(model: nn.Module, name: str) -> None:
@@ -125,7 +132,8 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     if name in registry.merged or name in registry.active:
         _set_state(model, registry, [n for n in registry.active if n != name], registry.merged - {name},
                    f"removing {name!r}", [name])
-    _remove_deltas(model, name, registry.hosts.pop(name))
+    with merging.unfolded(model, registry, registry.hosts[name]):  # PiSSA restores W0 under no merged adapter
+        _remove_deltas(model, name, registry.hosts.pop(name))
     del registry.configs[name]
     return model
 

@@ -89,6 +89,8 @@ def _write(target: Path, content: Any) -> None:
 def write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
     """Write {filename: json-able dict | tensor dict} into directory `path`, replacing it as a whole."""
     path = Path(path)
+    if path.is_symlink():  # replace what the link points to, and keep the link
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not an adapter directory; refusing to replace it")
     try:

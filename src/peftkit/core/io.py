@@ -22,6 +22,7 @@ from torch import nn
 
 from . import hf_peft
 from .atomic import recover, write_dir_atomically
+from .merging import unfolded
 from .config import AdapterConfig, config_from_dict
 from .registry import adapter_deltas, get_registry
 
@@ -53,16 +54,16 @@ def adapter_files(model: nn.Module, name: str = "default", format: str = "peftki
     """{filename: JSON dict | tensor dict} of one saved adapter (the trainer adds its state beside them)."""
     registry = get_registry(model)
     config = registry.require(name).saved_config()
-    tensors = adapter_tensors(model, name)
-    if format == "peftkit":
-        files = {PEFTKIT_CONFIG: {"format_version": FORMAT_VERSION, "name": name, "config": config.to_dict()},
-                 PEFTKIT_WEIGHTS: tensors}
-    elif format == "peft":
-        peft_config, peft_tensors = hf_peft.to_peft(model, config, tensors)
-        files = {hf_peft.CONFIG_FILE: peft_config, hf_peft.WEIGHTS_FILE: peft_tensors}
-    else:
+    if format not in ("peftkit", "peft"):
         raise ValueError(f"unknown adapter format {format!r}; use 'peftkit' or 'peft'")
-    return files
+    # merged, a head copy holds the base's tensors and the base bias holds the change: read them unfolded
+    with unfolded(model, registry, registry.hosts[name] if name in registry.merged else []):
+        tensors = adapter_tensors(model, name)
+        if format == "peftkit":
+            return {PEFTKIT_CONFIG: {"format_version": FORMAT_VERSION, "name": name, "config": config.to_dict()},
+                    PEFTKIT_WEIGHTS: tensors}
+        peft_config, peft_tensors = hf_peft.to_peft(model, config, tensors)
+        return {hf_peft.CONFIG_FILE: peft_config, hf_peft.WEIGHTS_FILE: peft_tensors}
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -145,7 +146,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, act
             raise
         raise AdapterFileError(f"{path}: {err}") from err
     try:
-        _copy_into(model, name, tensors, Path(path), strict)
+        with unfolded(model, get_registry(model), [""]):  # bias changes and base tensors against the bare base
+            _copy_into(model, name, tensors, Path(path), strict)
     except BaseException:  # even on Ctrl-C: no half-loaded adapter
         remove(model, name)
         raise

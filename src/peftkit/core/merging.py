@@ -22,7 +22,7 @@ pushed, so unmerging subtracts what was added even if the adapter changed while 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -102,6 +102,52 @@ def check(model: nn.Module, registry: AdapterRegistry, active: Sequence[str], me
         reason = _conflict(slot, host_name, active, merged)
         if reason is not None:
             raise MergeError(f"{what}: {reason}")
+    reason = _subtree_conflict(model, registry, active, merged)
+    if reason is not None:
+        raise MergeError(f"{what}: {reason}")
+
+
+def _under(host_name: str, names: Iterable[str]) -> bool:
+    """Whether module `host_name` is one of `names` or sits below one ("" is the whole model)."""
+    return any(not name or host_name == name or host_name.startswith(f"{name}.") for name in names)
+
+
+@contextmanager
+@torch.no_grad()
+def unfolded(model: nn.Module, registry: AdapterRegistry, host_names: Iterable[str]) -> Iterator[None]:
+    """These modules and the modules below them with nothing folded in, for code that reads or rewrites their
+    weights (attaching: PiSSA's SVD, DoRA's norm, a head copy; removing: PiSSA's restore; loading: bias changes
+    and base-tensor checks; saving a merged head copy); everything is folded back afterwards."""
+    names = list(host_names)
+    popped: list[tuple[nn.Module, Delta, dict[str, torch.Tensor] | None]] = []
+    for host_name, stack in registry.merge_stacks.items():
+        if _under(host_name, names):
+            host = model.get_submodule(host_name)
+            slot = getattr(host, SLOT_ATTR)
+            popped += [(host, slot[name], _pop(host, slot[name])) for name in reversed(stack)]
+    try:
+        yield
+    finally:
+        for host, delta, snapshot in reversed(popped):
+            _push(host, delta, snapshot)
+
+
+def _subtree_conflict(model: nn.Module, registry: AdapterRegistry, active: Sequence[str], merged: set[str]) -> str | None:
+    """Deltas that read or swap the weights of the modules below their own: a head copy, when merged, swaps its
+    whole subtree; a delta that reads the base (LLaMA-Adapter's projections) needs it pristine while unmerged."""
+    folded = {host_name for name in merged for host_name in registry.hosts[name]}
+    for name in active:
+        for host_name, _, slot in _hosts(model, registry, [name]):
+            delta = slot[name]
+            swaps = isinstance(delta, ModuleCopy) and name in merged
+            if not (swaps or (delta.reads_base and name not in merged)):
+                continue
+            below = sorted(h for h in folded if h != host_name and _under(h, [host_name]))
+            if below:
+                what = "swaps the weights of" if swaps else "reads the base weights of"
+                return (f"'{name}' ({type(delta).__name__}) on '{host_name or 'the model'}' {what} the modules "
+                        f"below it, and {below[:3]} would hold merged adapters: merge or unmerge them apart")
+    return None
 
 
 @torch.no_grad()
@@ -126,7 +172,10 @@ def rewrite(model: nn.Module, registry: AdapterRegistry, active: Sequence[str], 
             stacks[host_name] = target
     except BaseException as err:
         for pushed, host, delta, snapshot in reversed(done):
-            _pop(host, delta) if pushed else _push(host, delta, snapshot)
+            if pushed:
+                _pop(host, delta)
+            else:
+                _push(host, delta, snapshot)
         if isinstance(err, Exception):
             raise MergeError(f"{what}: folding failed and every host was put back as it was: {err!r}") from err
         raise
@@ -135,7 +184,9 @@ def rewrite(model: nn.Module, registry: AdapterRegistry, active: Sequence[str], 
 
 def _push(host: nn.Module, delta: Delta, snapshot: dict[str, torch.Tensor] | None = None) -> None:
     """Fold the delta in (as it was at `snapshot`, when putting back a pop), remembering its tensors."""
-    delta.merge_snapshot = snapshot or (None if isinstance(delta, ModuleCopy) else _tensors(delta))  # a swap undoes itself
+    if snapshot is None and not isinstance(delta, ModuleCopy):  # a swap undoes itself exactly
+        snapshot = _tensors(delta)
+    delta.merge_snapshot = snapshot
     with _as_when_merged(delta):
         delta.merge_into(host)
     delta.merged = True

@@ -102,6 +102,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaAdapterDelta(Delta):
     """Adaption prompts and their gate on one attention module; additive on its output."""
 
+    reads_base = True  # the prompts go through the layer's own q/k/v/o weights: merging into them would move it
+
     def __init__(self, host: nn.Module, adapter_len: int):
         super().__init__()
         _check_attention(host)

@@ -130,12 +130,16 @@ class DoRADelta(LoRADelta):
         return self._rows(self.magnitude / self.weight_norm()) * (weight + self.lora_weight()) - weight
 
     def merge_into(self, host: nn.Module) -> None:
+        """W' = (m/n)·(W0 + s·BA), written directly (in float64: adding ΔW = W' − W0 would cancel digits)."""
         self.merged_norm = self.weight_norm()
-        super().merge_into(host)
+        scale = self._rows(self.magnitude / self.merged_norm).double()
+        weight = scale * (self.base_weight().double() + self.lora_weight().double())
+        host.weight.data.copy_(to_host_layout(host, weight))
 
     def unmerge_from(self, host: nn.Module) -> None:
-        """W0 = W'·(n/m) − s·BA, with the n stored at merge time."""
-        weight = self.base_weight() / self._rows(self.magnitude / self.merged_norm) - self.lora_weight()
+        """W0 = W'·(n/m) − s·BA, with the n stored at merge time (in float64, so the base comes back to rounding)."""
+        scale = self._rows(self.magnitude / self.merged_norm).double()
+        weight = self.base_weight().double() / scale - self.lora_weight().double()
         host.weight.data.copy_(to_host_layout(host, weight))
         self.merged_norm = None
 
