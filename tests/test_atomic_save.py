@@ -115,7 +115,7 @@ def test_a_save_killed_between_the_fallback_renames_is_put_back_by_the_next_save
     old, new = _old_and_new()
     path = tmp_path / "adapter"
     peftkit.save(old, path)
-    aside = tmp_path / f".adapter.{2 ** 22 + 1}-{'0' * 32}.old"  # as a dead writer's (no such pid) would be named
+    aside = tmp_path / f".adapter.{atomic._HOST}-{2 ** 22 + 1}-{'0' * 32}.old"  # a dead writer's (no such pid)
     os.replace(path, aside)
     atomic.recover(path)
     assert os.listdir(tmp_path) == ["adapter"]
@@ -123,14 +123,16 @@ def test_a_save_killed_between_the_fallback_renames_is_put_back_by_the_next_save
     torch.testing.assert_close(_output_after_load(old, path, x), old(x), rtol=0, atol=0)
 
 
-def test_a_live_writers_temporary_directory_is_left_alone(tmp_path: Path) -> None:
+def test_a_live_or_remote_writers_temporary_directory_is_left_alone(tmp_path: Path) -> None:
     old, _ = _old_and_new()
     path = tmp_path / "adapter"
     peftkit.save(old, path)
-    busy = tmp_path / f".adapter.{os.getppid()}-{'a' * 32}.tmp"  # a running process (our parent) is writing it
+    busy = tmp_path / f".adapter.{atomic._HOST}-{os.getppid()}-{'a' * 32}.tmp"  # our parent, alive, is writing it
+    remote = tmp_path / f".adapter.{'f' * 8}-{2 ** 22 + 1}-{'b' * 32}.tmp"  # another machine's: its pid means nothing here
     busy.mkdir()
+    remote.mkdir()
     peftkit.save(old, path)
-    assert busy.is_dir()
+    assert busy.is_dir() and remote.is_dir()
 
 
 def test_read_only_destination_is_a_named_error(tmp_path: Path) -> None:
@@ -214,3 +216,13 @@ def test_save_onto_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not an adapter directory"):
         peftkit.save(old, tmp_path / "adapter")
     assert (tmp_path / "adapter").read_text() == "not mine to replace"
+
+
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    old, new = _old_and_new()
+    peftkit.save(old, tmp_path / "ckpt1")
+    (tmp_path / "latest").symlink_to("ckpt1")
+    peftkit.save(new, tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and sorted(os.listdir(tmp_path)) == ["ckpt1", "latest"]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(_output_after_load(old, tmp_path / "ckpt1", x), new(x), rtol=0, atol=0)

@@ -1,12 +1,12 @@
 """Directories replaced as a whole: a process killed at any instant leaves the old one or the new one at the path.
 
-The new directory is written beside the target as `.<name>.<pid>-<token>.tmp`, every file flushed to disk, then
-swapped in. On Linux the swap is one `renameat2(RENAME_EXCHANGE)`: the path always names a complete directory,
+The new directory is written beside the target as `.<name>.<host>-<pid>-<token>.tmp`, every file flushed to disk,
+then swapped in. On Linux the swap is one `renameat2(RENAME_EXCHANGE)`: the path always names a complete directory,
 and the old one is left under the temporary name, to be deleted. Where the kernel or filesystem lacks the
-exchange, the old directory is first renamed aside to `.<name>.<pid>-<token>.old` and the new one renamed into
-place; a kill between the two renames leaves no directory at the path, and the next `recover(path)` (every save
-and load calls it) renames the old one back. `recover` also deletes what dead writers left behind; a sibling
-whose writer is still alive (another process saving to the same path) is left alone.
+exchange, the old directory is first renamed aside to `.<name>.<host>-<pid>-<token>.old` and the new one renamed
+into place; a kill between the two renames leaves no directory at the path, and the next `recover(path)` (every save
+and load calls it) renames the old one back. `recover` also deletes what dead writers on this machine left behind;
+a sibling whose writer is alive, or runs on another machine (a shared file system), is left alone.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,14 @@ from safetensors.torch import save_file
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV}
+# This machine, in temporary names: a writer's pid says whether it is alive only on the machine that runs it (the
+# directory may be on a file system that other machines write to as well)
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
 def _leftover(path: Path) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{32}}\.(tmp|old)")
+    """Temporary siblings of `path` that writers on this machine made: groups (pid, "tmp" | "old")."""
+    return re.compile(rf"\.{re.escape(path.name)}\.{_HOST}-(\d+)-[0-9a-f]{{32}}\.(tmp|old)")
 
 
 def _alive(pid: int) -> bool:
@@ -96,7 +102,7 @@ def write_dir_atomically(path: Path, files: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         recover(path)
-        tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex}.tmp"
         tmp.mkdir()  # not mkdtemp: the directory keeps the user's umask (mkdtemp's 0700 would lock out readers)
     except PermissionError as err:
         where = err.filename or path.parent
