@@ -32,7 +32,6 @@ from transformers import (  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit import LoRA  # noqa: E402
-from peftkit.core import io  # noqa: E402
 
 from .checks import model_output, needs_peft
 

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from peft import AdaptionPromptConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM, Qwen3Config,
                           Qwen3Model)
@@ -16,7 +15,8 @@ import peftkit
 from peftkit import LlamaAdapter
 from peftkit.methods.additive.llama_adapter import UnsupportedAttentionError
 
-from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
+from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output, needs_peft
+from .conftest import randomize
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
@@ -179,7 +179,10 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert torch.equal(model_output(base, ids), model_output(model, ids))
 
 
+@needs_peft
 def test_saved_for_peft_runs_the_same_in_peft(tmp_path) -> None:
+    from peft import PeftModel
+
     model, ids = _llama(), torch.randint(0, 64, (2, 7))
     base = copy.deepcopy(model)
     peftkit.attach(model, LlamaAdapter(adapter_len=4, adapter_layers=2))
@@ -189,7 +192,10 @@ def test_saved_for_peft_runs_the_same_in_peft(tmp_path) -> None:
     torch.testing.assert_close(model_output(theirs, {"input_ids": ids}), model_output(model, ids))
 
 
+@needs_peft
 def test_peft_adapter_loads_and_runs_the_same(tmp_path) -> None:
+    from peft import AdaptionPromptConfig, get_peft_model
+
     base, ids = _llama(), torch.randint(0, 64, (2, 7))
     theirs = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(adapter_len=4, adapter_layers=2,
                                                                       task_type="CAUSAL_LM")).eval()
