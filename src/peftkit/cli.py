@@ -1,11 +1,13 @@
 """`peftkit` command line.
 
 `peftkit train [CONFIG.yaml]` trains an adapter as the config says; without a config it runs the bundled
-default (MiniLM-L6 + LoRA on BBC News). Each subcommand is one `_add_<name>(commands)` function.
+default (MiniLM-L6 + LoRA on BBC News). Each subcommand is one `_add_<name>(commands)` function (`bench` in
+`bench.cli`; `inspect`, `convert` and `methods` in `cli_tools`).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -74,7 +76,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train", help="train an adapter from a YAML config (default: MiniLM-L6 + LoRA on BBC News)",
         description="Train an adapter as CONFIG.yaml says (see configs/). Without CONFIG: MiniLM-L6 + LoRA "
-                    "(r=8, alpha=16 on query,value) on BBC News, saved under runs/bbc-lora.")
+                    "(r=8, alpha=16 on query,value) on BBC News, saved under runs/bbc-lora. `peftkit methods` lists "
+                    "the methods and the keys of the config's method: section.")
     train.add_argument("config", nargs="?", help="training config (YAML); default: the bundled BBC News job")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -90,18 +93,47 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=_train)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (a config, a path, a file, a missing package), not a bug in peftkit: one line.
+    ValueError covers peftkit's own (AdapterFileError, MergeError, TargetError, ...) and pydantic's."""
+    from peftkit.core.registry import UnknownAdapterError
+    from peftkit.methods import MaskNotSelectedError
+
+    return (ValueError, ImportError, FileNotFoundError, FileExistsError, PermissionError, MaskNotSelectedError,
+            UnknownAdapterError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: pydantic's report spans lines and links its docs, so each bad field becomes
+    `path: message`; any other multi-line message is joined."""
+    from pydantic import ValidationError
+
+    from peftkit.core.config import validation_message
+
+    if isinstance(err, ValidationError):
+        return validation_message(err)
+    lines = [line.strip() for line in str(err).splitlines()]
+    return "; ".join(line for line in lines if line and not line.startswith("For further information visit"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from peftkit.bench.cli import add_bench
+    from peftkit.cli_tools import add_convert, add_inspect, add_methods
 
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
     add_bench(commands)
+    add_inspect(commands)
+    add_convert(commands)
+    add_methods(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, ImportError) as err:
-        print(f"peftkit: error: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        if os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0"):  # the traceback, for a report
+            raise
+        print(f"peftkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

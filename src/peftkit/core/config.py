@@ -9,7 +9,7 @@ import difflib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from .delta import Delta
@@ -24,9 +24,10 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: ClassVar[str]
-    targets: TargetSpec
-    exclude: TargetSpec | None = None
-    modules_to_save: list[str] = []
+    targets: TargetSpec = Field(description="modules to adapt: names / dotted suffixes / 'type:Linear', a regex, "
+                                            "or 'all-linear'")
+    exclude: TargetSpec | None = Field(None, description="modules to leave out, in the same syntax")
+    modules_to_save: list[str] = Field([], description="whole modules (a fresh head) trained as copies")
 
     @field_validator("targets", "exclude", "modules_to_save", mode="before")
     @classmethod
@@ -99,4 +100,15 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     try:
         return METHODS[method](**data)
     except ValidationError as err:
-        raise ValueError(f"invalid {method} config: {err}") from None
+        raise ValueError(f"invalid {method} config: {validation_message(err)}") from None
+
+
+def validation_message(err: ValidationError) -> str:
+    """Every bad field as `path: message` on one line: pydantic's own text spans lines and links its docs,
+    which buries the field name in a command-line error."""
+    parts = []
+    for error in err.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

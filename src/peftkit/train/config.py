@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from ..core.config import METHODS, AdapterConfig, config_from_dict
+from ..core.config import METHODS, AdapterConfig, config_from_dict, validation_message
 
 
 class TrainConfigError(ValueError):
@@ -173,13 +173,6 @@ def _known_name(what: str, name: str, known: dict[str, Any]) -> str:
     return name
 
 
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(part) for part in e["loc"])
-        message = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {message}" if where else message)
-    return "invalid training config: " + "; ".join(lines)
 
 
 def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -203,7 +196,7 @@ def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None =
     try:
         return TrainConfig(**data)
     except ValidationError as err:
-        raise TrainConfigError(_format(err)) from None
+        raise TrainConfigError(f"invalid training config: {validation_message(err)}") from None
     except ValueError as err:  # raised outside pydantic's field machinery
         raise TrainConfigError(f"invalid training config: {err}") from None
 
