@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"peftkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `peftkit methods | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
