@@ -154,7 +154,7 @@ def test_pruned_adapter_round_trip_is_exact(tiny, ids, tmp_path: Path) -> None:
     ("kwargs", "field"),
     [({"target_r": 5}, "target_r=5 is a budget larger than the total rank init_r=4"), ({"init_r": 0}, "init_r"),
      ({"tinit": 12, "tfinal": 8}, "tinit \\+ tfinal"), ({"beta1": 1.0}, "beta1"), ({"beta2": 0.0}, "beta2"),
-     ({"deltaT": 0}, "deltaT"), ({"orth_reg_weight": -1}, "orth_reg_weight"), ({"total_step": None}, "total_step"),
+     ({"deltaT": 0}, "deltaT"), ({"orth_reg_weight": -1}, "orth_reg_weight"), ({"total_step": 0}, "total_step"),
      ({"rank": 3}, "rank")],
 )
 def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:

@@ -1,5 +1,7 @@
 """The benchmark's one table of methods: per model family, each method's default config, its
-learning-rate list, why it does not apply (if so), and its training hooks.
+learning-rate list, why it does not apply (if so), and the bench-only steps around training (LT-SFT's
+two phases, Diff pruning's final projection). A method's own training steps (selection, per-step
+hooks, extra loss) come from its config, `AdapterConfig.training_steps`, as in `peftkit train`.
 
 Every method in `peftkit.core.config.METHODS` needs an entry here (a test fails otherwise), and
 every entry either configures a family or says why it is skipped for it: the report shows a
@@ -14,12 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..core.config import METHODS
-from ..methods import (AdaLoRAController, Bottleneck, FishDipSchedule, diff_pruning_penalty, diff_pruning_project,
-                       dylora_sample_rank, ltsft_select, select, select_units, sora_proximal_step)
+from ..core.training import TrainingContext
+from ..methods import Bottleneck, diff_pruning_project, ltsft_select
 
 FAMILIES = ("bert", "llama", "cnn")
 FULL, PROBE = "full-finetune", "linear-probe"
@@ -33,19 +32,6 @@ LINEAR_ONLY = "its layers are Linear-only, and EfficientNet-Lite0's only Linear 
 
 
 @dataclass(frozen=True)
-class HookContext:
-    """What a method's hooks may need: the model, the adapter's name, the lr, the step budget, and for
-    data-driven selection a few training batches with the task's mean-loss function."""
-
-    model: nn.Module
-    adapter: str
-    lr: float
-    steps: int
-    batches: list[Any] = field(default_factory=list)
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
 class BenchMethod:
     """One row kind of the benchmark (a registered method or a reference row)."""
 
@@ -53,10 +39,8 @@ class BenchMethod:
     defaults: dict[str, dict[str, Any]]  # family -> config fields (targets, rank, ...)
     lrs: tuple[float, ...]  # the learning-rate sweep, best first (`--quick` uses only the first)
     skips: dict[str, str] = field(default_factory=dict)  # family -> why the method does not apply
-    prepare: Callable[[HookContext], object] | None = None  # after attach, before training (Fisher selection)
-    callbacks: Callable[[HookContext], list] | None = None  # trainer callbacks (rank allocation, gates ...)
-    between: Callable[[HookContext], object] | None = None  # set: train in two halves with this in between
-    finish: Callable[[HookContext], object] | None = None  # after training, before scoring (projection)
+    between: Callable[[TrainingContext], object] | None = None  # set: train in two halves with this in between
+    finish: Callable[[TrainingContext], object] | None = None  # after training, before scoring (projection)
     schedule: Callable[[int], dict[str, Any]] | None = None  # config fields that follow the step budget
     quick: bool = False  # part of the `--quick` profile
     peft: bool = False  # Hugging Face PEFT has the same method (`--compare-peft` runs its version too)
@@ -76,74 +60,6 @@ class BenchMethod:
 def _adalora_schedule(steps: int) -> dict[str, Any]:
     """AdaLoRA prunes over the whole budget: 10% warm-up at full rank, 20% final at the target rank."""
     return {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)}
-
-
-def _adalora_callbacks(context: HookContext) -> list:
-    from ..train import Callback
-
-    controller = AdaLoRAController(context.model, context.adapter)
-
-    class RankAllocation(Callback):
-        def on_step_end(self, trainer) -> None:
-            controller.update(trainer.step)  # called before the trainer counts this step: its 0-based index
-
-        def extra_loss(self, trainer):
-            return controller.regularizer()
-
-    return [RankAllocation()]
-
-
-def _step_callback(action: Callable[[HookContext, Any], object]) -> Callable[[HookContext], list]:
-    """Callbacks factory running `action(context, trainer)` after every optimizer step."""
-    def build(context: HookContext) -> list:
-        from ..train import Callback
-
-        class AfterStep(Callback):
-            def on_step_end(self, trainer) -> None:
-                action(context, trainer)
-
-        return [AfterStep()]
-    return build
-
-
-def _sora_gate_step(context: HookContext, trainer) -> None:
-    """SoRA's proximal step on the gates at the optimizer's current lr, λ = 1 (the paper's default scale)."""
-    sora_proximal_step(context.model, context.adapter, lr=trainer.optimizer.param_groups[0]["lr"], lam=1.0)
-
-
-def _fisher_select(context: HookContext) -> None:
-    select(context.model, context.adapter, context.batches, context.loss_fn)
-
-
-def _unit_select(context: HookContext) -> None:
-    select_units(context.model, context.adapter, context.batches, context.loss_fn)
-
-
-def _fishdip_callbacks(context: HookContext) -> list:
-    from ..train import Callback
-
-    schedule = FishDipSchedule(context.model, context.adapter, context.batches, context.loss_fn)
-
-    class Reselect(Callback):
-        def on_train_begin(self, trainer) -> None:
-            schedule.bind(trainer.optimizer)
-
-        def on_step_end(self, trainer) -> None:
-            schedule(trainer.step)
-
-    return [Reselect()]
-
-
-def _diff_pruning_callbacks(context: HookContext) -> list:
-    from ..train import Callback
-
-    penalty = diff_pruning_penalty(context.model, context.adapter)
-
-    class L0Penalty(Callback):
-        def extra_loss(self, trainer):
-            return penalty()
-
-    return [L0Penalty()]
 
 
 def _lora_like(**fields: Any) -> dict[str, dict[str, Any]]:
@@ -177,11 +93,9 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("lorafa", _lora_like(r=8, alpha=16), LORA_LRS),
     BenchMethod("vera", _linear_only(r=256), VECTOR_LRS, skips={"cnn": f"VeRA: {LINEAR_ONLY}"}, quick=True, peft=True),
     BenchMethod("adalora", _linear_only(init_r=8, target_r=4, alpha=16), (1e-2, 3e-3),
-                skips={"cnn": f"AdaLoRA: {LINEAR_ONLY}"}, callbacks=_adalora_callbacks, schedule=_adalora_schedule, peft=True),
-    BenchMethod("dylora", _linear_only(r_min=1, r_max=8, alpha=16), LORA_LRS, skips={"cnn": f"DyLoRA: {LINEAR_ONLY}"},
-                callbacks=_step_callback(lambda context, trainer: dylora_sample_rank(context.model, context.adapter))),
-    BenchMethod("sora", _linear_only(r=8, alpha=16), LORA_LRS, skips={"cnn": f"SoRA: {LINEAR_ONLY}"},
-                callbacks=_step_callback(_sora_gate_step)),
+                skips={"cnn": f"AdaLoRA: {LINEAR_ONLY}"}, schedule=_adalora_schedule, peft=True),
+    BenchMethod("dylora", _linear_only(r_min=1, r_max=8, alpha=16), LORA_LRS, skips={"cnn": f"DyLoRA: {LINEAR_ONLY}"}),
+    BenchMethod("sora", _linear_only(r=8, alpha=16), LORA_LRS, skips={"cnn": f"SoRA: {LINEAR_ONLY}"}),
     BenchMethod("loha", _lora_like(r=4, alpha=8), LORA_LRS, peft=True),  # 2r(in + out) parameters: LoRA r=8's count
     BenchMethod("lokr", _lora_like(r=8, alpha=16), LORA_LRS, peft=True),
     BenchMethod("oft", _linear_only(oft_block_size=32), BLOCK_LRS, peft=True,
@@ -217,18 +131,17 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("lastk", {"bert": {"k": 1}, "llama": {"k": 2, "targets": "all-linear"},  # RMSNorm, BatchNorm: not hosts
                           "cnn": {"k": 2, "targets": ["type:Conv2d"]}}, BLOCK_LRS),
     BenchMethod("pafi", _selective(fraction=0.005), SPARSE_LRS),
-    BenchMethod("fishmask", _selective(fraction=0.005), SPARSE_LRS, prepare=_fisher_select),
-    BenchMethod("fishdip", _selective(fraction=0.005, samples=32), SPARSE_LRS, prepare=_fisher_select,
-                callbacks=_fishdip_callbacks, schedule=lambda steps: {"every": max(1, steps // 4)}),
-    BenchMethod("child_tuning_d", _selective(fraction=0.3), BLOCK_LRS, prepare=_fisher_select),
+    BenchMethod("fishmask", _selective(fraction=0.005), SPARSE_LRS),
+    BenchMethod("fishdip", _selective(fraction=0.005, samples=32), SPARSE_LRS,
+                schedule=lambda steps: {"every": max(1, steps // 4)}),
+    BenchMethod("child_tuning_d", _selective(fraction=0.3), BLOCK_LRS),
     BenchMethod("child_tuning_f", _selective(p=0.3), BLOCK_LRS),
-    BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS, callbacks=_diff_pruning_callbacks,
+    BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS,
                 finish=lambda context: diff_pruning_project(context.model, context.adapter)),
     BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS,
                 between=lambda context: ltsft_select(context.model, context.adapter)),
     BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, BLOCK_LRS,
-                skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"},
-                prepare=_unit_select),
+                skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"}),
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),
     BenchMethod(PROBE, {"bert": {}, "cnn": {}}, (1e-2, 3e-3, 3e-2),
                 skips={"llama": "a causal LM has no separate head to probe (SmolLM2 ties it to the input embeddings)"},

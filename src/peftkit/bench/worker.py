@@ -24,11 +24,13 @@ from torch import nn
 
 import peftkit
 from ..core.config import config_from_dict
+from ..core.training import TrainingContext
 from ..train import Callback, Trainer, TASKS, Rows, Task, TaskData, config_from_mapping
 from ..train.config import DataSection, ModelSection
 from ..train.tasks import num_rows
+from ..train.trainer import training_context
 from .measure import overhead_ratios, parameter_counts, peak_memory, saved_bytes
-from .methods import FULL, REFERENCE, HookContext, bench_method
+from .methods import FULL, REFERENCE, bench_method
 from .tasks import Budget
 
 ADAPTER = "bench"
@@ -101,29 +103,13 @@ def _can_merge(model: nn.Module) -> bool:
         return False
 
 
-SELECTION_BATCHES = 4  # training batches a data-driven selection (Fisher) may look at before training
-
-
-def _mean_loss(task: Task) -> Callable[[nn.Module, Rows], torch.Tensor]:
-    def loss(model: nn.Module, batch: Rows) -> torch.Tensor:
-        stats = task.row_stats(model, batch)
-        return stats.loss_sum.sum() / stats.units.sum()
-    return loss
-
-
 def _setup_peftkit(spec: dict[str, Any], model: nn.Module, head: list[str], task: Task, train: Rows,
-                   budget: Budget) -> tuple[Setup, HookContext]:
-    """Attach the method with the task head as a trained copy; run its selection step; make its callbacks."""
-    config = config_from_dict({**spec["config"], "modules_to_save": head})
+                   budget: Budget) -> tuple[Setup, TrainingContext]:
+    """Attach the method with the task head as a trained copy; take its own training steps (a selection runs now)."""
+    config = config_from_dict({**spec["config"], "modules_to_save": head}).fill_from_run(budget.steps)
     peftkit.attach(model, config, name=ADAPTER)
-    order = torch.randperm(num_rows(train), generator=torch.Generator().manual_seed(DATA_SEED))
-    batches = [task.collate(train, idx) for idx in order.split(budget.batch_size)[:SELECTION_BATCHES]]
-    context = HookContext(model, ADAPTER, spec["lr"], budget.steps, batches, _mean_loss(task))
-    entry = bench_method(spec["method"])
-    if entry.prepare is not None:
-        entry.prepare(context)
-    callbacks = entry.callbacks(context) if entry.callbacks else []
-    return Setup(callbacks, lambda folder: peftkit.save(model, folder, name=ADAPTER),
+    context = training_context(model, ADAPTER, budget.steps, task, train, budget.batch_size, DATA_SEED)
+    return Setup(config.training_steps(context), lambda folder: peftkit.save(model, folder, name=ADAPTER),
                  lambda: peftkit.disabled(model), None), context
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .delta import Delta
 from .targets import match_targets
+from .training import TrainingContext, TrainingStep
 
 TargetSpec = str | list[str]
 
@@ -71,6 +72,19 @@ class AdapterConfig(BaseModel):
     def rewrites_base(self) -> bool:
         """True when attaching changes the base weights themselves (PiSSA's residual)."""
         return False
+
+    def fill_from_run(self, total_steps: int) -> "AdapterConfig":
+        """This config with the fields only the run knows filled in (AdaLoRA's total_step), before attach.
+
+        Most methods need none; a field the user set is kept."""
+        return self
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """What this method does around training (see `core.training`); most methods need nothing.
+
+        Called after attach and before the optimizer is made: a selection on data runs here, since it
+        changes which parameters are trained. The steps returned run inside the loop, before user callbacks."""
+        return []
 
     def saved_config(self) -> "AdapterConfig":
         """The config written beside saved weights (a method may save an equivalent plain form)."""

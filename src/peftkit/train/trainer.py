@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from ..api import attach
 from ..core.io import adapter_files, write_dir_atomically
+from ..core.registry import get_registry
 from ..core.slot import SLOT_ATTR
+from ..core.training import TrainingContext, TrainingStep
 from .config import TrainConfig, TrainConfigError, config_from_mapping, load_config
 from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
@@ -43,19 +45,10 @@ TENSORS_FILE = "training.safetensors"
 _RESUMABLE_CHANGES = ("progress", "output.dir", "output.plot", "device")
 
 
-class Callback:
-    """Hooks into the loop; override what you need."""
+class Callback(TrainingStep):
+    """Hooks into the loop; override what you need (on_train_begin, on_step_end, extra_loss, on_evaluate).
 
-    def on_train_begin(self, trainer: Trainer) -> None: ...
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        """After `optimizer.step()` (`trainer.step` counts it), before `zero_grad()`: gradients are still there."""
-
-    def extra_loss(self, trainer: Trainer) -> torch.Tensor | None:
-        """A term added to the loss once per optimizer step (a regulariser)."""
-        return None
-
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    A method's own steps (`AdapterConfig.training_steps`) are callbacks of the same kind and run first."""
 
 
 @dataclass
@@ -85,6 +78,18 @@ def _resolve_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16" and device.type == "cuda" and not cuda_bf16:
         raise TrainConfigError("precision: bf16 is not supported by this GPU; use fp32")
     return precision == "bf16" or (precision == "auto" and cuda_bf16)  # CPU bf16 only when asked: often slower
+
+
+def _train_device(config: TrainConfig, ctx: DistContext | None) -> torch.device:
+    """The device the run trains on: this process's GPU under torchrun, else `config.device` resolved."""
+    return ctx.device if ctx is not None and ctx.world_size > 1 else _resolve_device(config.device)
+
+
+def planned_steps(config: TrainConfig, train_rows: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps of the whole run) for `train_rows` training rows."""
+    schedule = config.schedule
+    per_epoch = math.ceil(math.ceil(train_rows / schedule.batch_size) / schedule.grad_accum)
+    return per_epoch, min(schedule.epochs * per_epoch, schedule.max_steps or math.inf)
 
 
 def _lr_factor(scheduler: str, warmup: int, total: int) -> Any:
@@ -158,7 +163,7 @@ class Trainer:
         if parallel and config.schedule.batch_size < self.ctx.world_size:
             raise TrainConfigError(f"schedule.batch_size {config.schedule.batch_size} is smaller than the "
                                    f"{self.ctx.world_size} processes that share each batch")
-        self.device = self.ctx.device if parallel else _resolve_device(config.device)
+        self.device = _train_device(config, self.ctx)
         self.bf16 = _resolve_bf16(config.precision, self.device)
         self.metric = config.eval.metric or task.metric
         params = [p for p in model.parameters() if p.requires_grad]
@@ -170,9 +175,7 @@ class Trainer:
             broadcast_adapters(model, [config.adapter_name])  # every process starts from rank 0's initialisation
         self.optimizer = _make_optimizer(config, params)
         schedule = config.schedule
-        batches = math.ceil(num_rows(data.train) / schedule.batch_size)
-        self.steps_per_epoch = math.ceil(batches / schedule.grad_accum)
-        self.total_steps = min(schedule.epochs * self.steps_per_epoch, schedule.max_steps or math.inf)
+        self.steps_per_epoch, self.total_steps = planned_steps(config, num_rows(data.train))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_factor(schedule.scheduler, schedule.warmup_steps, self.total_steps))
         self.output = Path(config.output.dir)
@@ -485,7 +488,7 @@ def prepare(config: TrainConfig) -> tuple[nn.Module, Any, Task, TaskData]:
         raise TrainConfigError("eval.patience needs eval data: set data.eval or data.eval_fraction")
     model, processor = task.load_model(config.model, raw)
     data = task.encode(raw, processor, config.data)
-    method = config.method
+    method = config.method.fill_from_run(planned_steps(config, num_rows(data.train))[1])
     if config.model.train_head:
         head = [m for m in task.head_modules(config.model) if m not in method.modules_to_save]
         method = method.model_copy(update={"modules_to_save": [*method.modules_to_save, *head]})
@@ -499,9 +502,43 @@ def prepare(config: TrainConfig) -> tuple[nn.Module, Any, Task, TaskData]:
     return model, processor, task, data
 
 
+SELECTION_BATCHES = 4  # training batches a method's selection on data (Fisher) looks at before training
+
+
+def mean_loss(task: Task) -> Callable[[nn.Module, Rows], torch.Tensor]:
+    """The task's mean loss per unit of a batch: what a selection on data differentiates."""
+    def loss(model: nn.Module, batch: Rows) -> torch.Tensor:
+        stats = task.row_stats(model, batch)
+        return stats.loss_sum.sum() / stats.units.sum()
+    return loss
+
+
+def training_context(model: nn.Module, adapter: str, steps: int, task: Task, rows: Rows, batch_size: int, seed: int,
+                     device: torch.device | None = None) -> TrainingContext:
+    """A method's view of the run: the first SELECTION_BATCHES batches of a `seed`-shuffled order of `rows`
+    (moved to `device` when given) for its selection, and the task's mean loss."""
+    order = torch.randperm(num_rows(rows), generator=torch.Generator().manual_seed(seed))
+    batches = [task.collate(rows, idx) for idx in order.split(batch_size)[:SELECTION_BATCHES]]
+    if device is not None:
+        batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    return TrainingContext(model, adapter, steps, batches, mean_loss(task))
+
+
+def method_steps(config: TrainConfig, model: nn.Module, task: Task, data: TaskData,
+                 ctx: DistContext | None = None) -> list[TrainingStep]:
+    """The attached method's own training steps (its selection on data runs now, on the training device)."""
+    device = _train_device(config, ctx)
+    model.to(device)
+    context = training_context(model, config.adapter_name, planned_steps(config, num_rows(data.train))[1], task,
+                               data.train, config.schedule.batch_size, config.seed, device)
+    return get_registry(model).require(config.adapter_name).training_steps(context)
+
+
 def run_training(config: TrainConfig | dict[str, Any] | str | os.PathLike, resume: bool = False,
                  callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Train as `config` says (a TrainConfig, a dict, or a YAML path) and save the adapter to `output.dir/adapter`."""
+    """Train as `config` says (a TrainConfig, a dict, or a YAML path) and save the adapter to `output.dir/adapter`.
+
+    The method's own training steps (`AdapterConfig.training_steps`) run before `callbacks`."""
     if isinstance(config, dict):
         config = config_from_mapping(config)
     elif not isinstance(config, TrainConfig):
@@ -509,7 +546,8 @@ def run_training(config: TrainConfig | dict[str, Any] | str | os.PathLike, resum
     ctx = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
     try:
         model, processor, task, data = prepare(config)
-        return Trainer(model, task, data, config, callbacks, processor, ctx).fit(resume=resume)
+        steps = method_steps(config, model, task, data, ctx)
+        return Trainer(model, task, data, config, [*steps, *callbacks], processor, ctx).fit(resume=resume)
     finally:
         if ctx is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -23,6 +23,7 @@ from ...core.hf_peft import PeftKeys
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
 from ...core.slot import SLOT_ATTR
+from ...core.training import TrainingContext, TrainingStep
 from .lora import LoRA, LoRADelta
 
 _RANK_DIM = {"lora_A": 0, "lora_B": 1, "lora_E": 0}  # Q [r, in], P [out, r], Λ [r, 1]: HF PEFT's names and layouts
@@ -37,7 +38,8 @@ class AdaLoRA(PeftKeys, AdapterConfig):
     target_r: int = Field(8, gt=0, description="average rank per layer left after the schedule")
     alpha: float = Field(8.0, gt=0, description="scaling numerator: s = alpha / init_r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of Q")
-    total_step: int = Field(gt=0, description="training steps the schedule spans")
+    total_step: int | None = Field(None, gt=0, description="training steps the schedule spans (unset: peftkit train "
+                                                            "fills in the run's optimizer steps)")
     tinit: int = Field(0, ge=0, description="warm-up steps at the full budget")
     tfinal: int = Field(0, ge=0, description="final steps at the target budget, with ranks frozen")
     deltaT: int = Field(1, gt=0, description="steps between two budget allocations")
@@ -50,7 +52,7 @@ class AdaLoRA(PeftKeys, AdapterConfig):
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} is a budget larger than the total rank init_r={self.init_r}: "
                              "AdaLoRA only prunes")
-        if self.tinit + self.tfinal >= self.total_step:
+        if self.total_step is not None and self.tinit + self.tfinal >= self.total_step:
             raise ValueError(f"tinit + tfinal = {self.tinit + self.tfinal} leaves no budgeting phase in "
                              f"total_step={self.total_step}: it must be smaller")
         return self
@@ -63,7 +65,18 @@ class AdaLoRA(PeftKeys, AdapterConfig):
         return LINEAR_TYPES
 
     def build(self, host: nn.Module) -> "AdaLoRADelta":
+        if self.total_step is None:
+            raise ValueError("AdaLoRA's total_step is unset: give the training steps its schedule spans "
+                             "(peftkit train and run_training fill it in from the run)")
         return AdaLoRADelta(host, self)
+
+    def fill_from_run(self, total_steps: int) -> "AdaLoRA":
+        """The schedule spans the whole run unless total_step was given."""
+        return self if self.total_step is not None else self.model_validate({**self.model_dump(), "total_step": total_steps})
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """Rank allocation after every optimizer step, and the orthogonality regularizer in the loss."""
+        return [RankAllocation(AdaLoRAController(context.model, context.adapter))]
 
     # --- Hugging Face PEFT interop: PEFT saves only the kept triplets, listed in `rank_pattern` ---
     peft_type: ClassVar[str] = "ADALORA"
@@ -212,3 +225,16 @@ class AdaLoRAController:
         terms = [((d.lora_B.T @ d.lora_B - eye) ** 2).sum() + ((d.lora_A @ d.lora_A.T - eye) ** 2).sum()
                  for d in self.deltas.values()]
         return self.config.orth_reg_weight * torch.stack(terms).mean()
+
+
+class RankAllocation(TrainingStep):
+    """AdaLoRA's training step: allocate ranks after each optimizer step, add the orthogonality regularizer."""
+
+    def __init__(self, controller: AdaLoRAController):
+        self.controller = controller
+
+    def on_step_end(self, trainer: Any) -> None:
+        self.controller.update(trainer.step)  # steps taken, this one included (PEFT's update_and_allocate gets the same)
+
+    def extra_loss(self, trainer: Any) -> torch.Tensor:
+        return self.controller.regularizer()

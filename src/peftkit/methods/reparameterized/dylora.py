@@ -14,7 +14,7 @@ Until the first call the adapter trains at r_max. All of A[:b], B[:, :b] train (
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from ...core.registry import adapter_deltas
 from ...core.config import AdapterConfig, register_method
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
+from ...core.training import TrainingContext, TrainingStep
 from .lora import LoRA, LoRADelta
 
 
@@ -49,6 +50,10 @@ class DyLoRA(AdapterConfig):
 
     def build(self, host: nn.Module) -> "DyLoRADelta":
         return DyLoRADelta(host, self)
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """A new rank b ~ U{r_min..r_max} after every optimizer step: the next step trains the first b rows."""
+        return [SampleRank(context)]
 
 
 class DyLoRADelta(LoRADelta):
@@ -117,3 +122,13 @@ def dylora_truncate(model: nn.Module, name: str, k: int) -> None:
     for delta in deltas:
         delta.truncate(k)
     get_registry(model).configs[name] = config.model_copy(update={"r_max": k})
+
+
+class SampleRank(TrainingStep):
+    """DyLoRA's training step: sample the rank the next optimizer step trains."""
+
+    def __init__(self, context: TrainingContext):
+        self.model, self.adapter = context.model, context.adapter
+
+    def on_step_end(self, trainer: Any) -> None:
+        dylora_sample_rank(self.model, self.adapter)

@@ -14,7 +14,7 @@ Hosts: Linear, Conv1D.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from ...core.registry import adapter_deltas
 from ...core.config import AdapterConfig, register_method
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
+from ...core.training import TrainingContext, TrainingStep
 from .lora import LoRA, LoRADelta
 
 
@@ -42,6 +43,10 @@ class SoRA(AdapterConfig):
 
     def build(self, host: nn.Module) -> "SoRADelta":
         return SoRADelta(host, self)
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """The proximal step on the gates after every optimizer step: what drives gate entries to exact zeros."""
+        return [GateProximalStep(context)]
 
 
 class SoRADelta(LoRADelta):
@@ -108,3 +113,13 @@ def sora_prune(model: nn.Module, name: str) -> dict[str, int]:
     for delta in deltas.values():
         delta.keep(delta.gate.detach() != 0)
     return {host_name: delta.gate.shape[0] for host_name, delta in deltas.items()}
+
+
+class GateProximalStep(TrainingStep):
+    """SoRA's training step: soft-threshold the gates at the optimizer's current lr, λ = 1 (the paper's default scale)."""
+
+    def __init__(self, context: TrainingContext):
+        self.model, self.adapter = context.model, context.adapter
+
+    def on_step_end(self, trainer: Any) -> None:
+        sora_proximal_step(self.model, self.adapter, lr=trainer.optimizer.param_groups[0]["lr"], lam=1.0)

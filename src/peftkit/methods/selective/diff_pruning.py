@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -28,6 +28,7 @@ from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import Delta
 from ...core.registry import get_registry
+from ...core.training import TrainingContext, TrainingStep
 from .selection import Fraction, SelectionError, top_fraction
 from .sparse import EMPTY, Mask, ParamDiff, SelectiveConfig, SparseDelta, masks_of
 
@@ -69,6 +70,10 @@ class DiffPruning(SelectiveConfig):
         projection = Projection(self.fraction)
         for host in hosts.values():
             yield DiffPruningDelta(host, self.param_names, self, projection)
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """The expected-L0 penalty in the loss: what makes the gates close and δ sparse."""
+        return [L0Penalty(diff_pruning_penalty(context.model, context.adapter))]
 
     def saved_config(self) -> "DiffPruning":
         return self.model_copy(update={"projected": True})
@@ -187,3 +192,13 @@ def diff_pruning_project(model: nn.Module, name: str = "default") -> dict[str, M
             setattr(delta, param, diff)
             masks[f"{hosts[id(delta)]}.{param}"] = Mask(diff.indices, diff.dim)
     return masks
+
+
+class L0Penalty(TrainingStep):
+    """Diff pruning's training step: λ · Σ_j P(z_j ≠ 0) added to each optimizer step's loss."""
+
+    def __init__(self, penalty: Callable[[], torch.Tensor]):
+        self.penalty = penalty
+
+    def extra_loss(self, trainer: Any) -> torch.Tensor:
+        return self.penalty()

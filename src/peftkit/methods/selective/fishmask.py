@@ -24,6 +24,7 @@ from torch import nn
 from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.registry import get_registry
+from ...core.training import TrainingContext, TrainingStep
 from .selection import (FisherSelected, LossFn, NoDataError, SelectionError, classification_nll, fisher_masks,
                         scoring, split_rows)
 from .sparse import EMPTY, Mask, ParamDiff, SparseDelta
@@ -46,6 +47,11 @@ class FishDip(FisherSelected):
 
     def fisher_batches(self, model: nn.Module, name: str, batches: Iterable[Any], loss_fn: LossFn) -> list[Any]:
         return hardest_examples(model, name, batches, loss_fn, self.samples)
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """FishMask's selection before training, then a re-selection every `every` steps from the same batches."""
+        return [*super().training_steps(context),
+                Reselect(FishDipSchedule(context.model, context.adapter, context.batches, context.loss_fn))]
 
 
 def hardest_examples(model: nn.Module, name: str, batches: Iterable[Any], loss_fn: LossFn, count: int) -> list[Any]:
@@ -149,3 +155,16 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new:
             moved[key] = value
     if moved:
         optimizer.state[new] = moved
+
+
+class Reselect(TrainingStep):
+    """Fish-Dip's training step: its schedule bound to the run's optimizer, called after every optimizer step."""
+
+    def __init__(self, schedule: FishDipSchedule):
+        self.schedule = schedule
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self.schedule.bind(trainer.optimizer)
+
+    def on_step_end(self, trainer: Any) -> None:
+        self.schedule(trainer.step)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...core.registry import adapter_deltas
 from ...core.registry import get_registry
+from ...core.training import TrainingContext, TrainingStep
 from .sparse import Mask, MaskError, SelectiveConfig, SparseDelta, masks_of
 
 Scores = dict[str, torch.Tensor]
@@ -93,6 +94,11 @@ class FisherSelected(SelectiveConfig):
     def fisher_batches(self, model: nn.Module, name: str, batches: Iterable[Any], loss_fn: LossFn) -> Iterable[Any]:
         """The batches the Fisher is computed on (Fish-Dip keeps only the hardest examples)."""
         return batches
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """Choose the mask from the Fisher on a few training batches, before training: until then it has none."""
+        select(context.model, context.adapter, context.batches, context.loss_fn)
+        return []
 
 
 def select(model: nn.Module, name: str, batches: Iterable[Any], loss_fn: LossFn | None = None) -> dict[str, Mask]:

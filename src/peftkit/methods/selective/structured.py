@@ -29,6 +29,7 @@ from torch import nn
 from ...core.config import TargetSpec, register_method
 from ...core.registry import get_registry
 from ...core.targets import match_targets
+from ...core.training import TrainingContext, TrainingStep
 from .selection import Fraction, LossFn, NoDataError, SelectionError, candidates, fisher_scores, install_masks
 from .sparse import Mask, SelectiveConfig
 
@@ -173,6 +174,11 @@ class StructuredMask(SelectiveConfig):
 
     def groups(self, model: nn.Module) -> list[UnitGroup]:
         return unit_groups(model, self.units, self.targets, self.exclude)
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """Choose the units from a few training batches before training (by Fisher, or by magnitude)."""
+        select_units(context.model, context.adapter, context.batches, context.loss_fn)
+        return []
 
     def choose_hosts(self, model: nn.Module) -> list[str]:
         hosts = {m.host for g in self.groups(model) for m in g.members}

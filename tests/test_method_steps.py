@@ -1,0 +1,95 @@
+"""A method owns its training steps (#16): `run_training` applies each config's `training_steps` and
+`fill_from_run`, so a method runs from a plain config. Each test watches the method's own step act: without
+it the test fails (FishMask raised MaskNotSelectedError, AdaLoRA's config lacked total_step, the others
+trained as plain LoRA / a plain diff)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.registry import adapter_deltas, get_registry
+from peftkit.methods import AdaLoRA, AdaLoRAController
+from peftkit.methods.reparameterized.dylora import DyLoRADelta
+from peftkit.methods.reparameterized.sora import SoRADelta
+from peftkit.methods.selective.selection import candidates
+from peftkit.methods.selective.sparse import SparseDelta
+from peftkit.train import Callback, run_training
+from tests.bench_tiny import tiny_bert
+from tests.train_models import tiny_config
+
+QV = ["query", "value"]
+# 16 BBC rows in batches of 4 for 2 epochs: 8 optimizer steps on the tiny BERT, no files kept
+RUN = {"schedule": {"epochs": 2, "batch_size": 4}, "output": {"save": False}, "eval": {"before": False, "restore_best": False}}
+
+
+def train(tmp_path, method: dict, lr: float = 0.02, callbacks=()) -> tuple:
+    result = run_training(tiny_config(tmp_path, method=method, optimizer={"lr": lr}, **RUN), callbacks=callbacks)
+    return result, result.model
+
+
+def sparse_counts(model) -> tuple[int, int, bool]:
+    """(entries the adapter trains, candidate entries, whether any trained entry moved from zero)."""
+    diffs = [diff for _, _, d in adapter_deltas(model, "default") if isinstance(d, SparseDelta) for _, diff in d.diffs()]
+    assert all(d.selected for _, _, d in adapter_deltas(model, "default") if isinstance(d, SparseDelta))
+    trained = sum(diff.values.numel() for diff in diffs)
+    moved = any(diff.values.abs().max() > 0 for diff in diffs if diff.values.numel())
+    return trained, sum(p.numel() for p in candidates(model, "default").values()), moved
+
+
+@pytest.mark.parametrize("method", ["fishmask", "child_tuning_d", "fishdip"])
+def test_fisher_mask_is_chosen_from_training_data_then_trained(tmp_path, method: str) -> None:
+    extra = {"every": 3, "samples": 4} if method == "fishdip" else {}
+    _, model = train(tmp_path, {"method": method, "targets": QV, "fraction": 0.01, **extra})
+    trained, total, moved = sparse_counts(model)
+    assert trained == round(0.01 * total) and moved  # the optimizer was made after the selection
+
+
+def test_structured_units_are_chosen_before_training(tmp_path) -> None:
+    _, model = train(tmp_path, {"method": "structured", "fraction": 0.5, "units": ["heads"]})
+    trained, total, moved = sparse_counts(model)
+    assert 0 < trained < total and moved
+
+
+def test_adalora_total_step_comes_from_the_run_and_ranks_shrink(tmp_path) -> None:
+    result, model = train(tmp_path, {"method": "adalora", "targets": QV, "init_r": 4, "target_r": 2})
+    assert get_registry(model).require("default").total_step == result.steps == 8
+    ranks = AdaLoRAController(model).ranks()
+    assert sum(ranks.values()) == 2 * len(ranks)  # pruned from 4 per layer to the target budget by the last step
+
+
+def test_adalora_without_total_step_outside_a_run_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="total_step is unset"):
+        peftkit.attach(tiny_bert(2)[0], AdaLoRA(targets=QV))
+
+
+def test_sora_proximal_step_zeroes_gates(tmp_path) -> None:
+    _, model = train(tmp_path, {"method": "sora", "targets": QV, "r": 4}, lr=0.1)
+    gates = torch.cat([d.gate.detach() for _, _, d in adapter_deltas(model, "default") if isinstance(d, SoRADelta)])
+    assert (gates == 0).any() and (gates != 0).any()
+
+
+class TrainRanks(Callback):
+    """The rank DyLoRA's layers train at, after each step (user callbacks run after the method's steps)."""
+
+    def __init__(self) -> None:
+        self.ranks: list[int] = []
+
+    def on_step_end(self, trainer) -> None:
+        self.ranks += [d.train_rank for _, _, d in adapter_deltas(trainer.model, "default") if isinstance(d, DyLoRADelta)][:1]
+
+
+def test_dylora_samples_a_new_rank_each_step(tmp_path) -> None:
+    seen = TrainRanks()
+    train(tmp_path, {"method": "dylora", "targets": QV, "r_min": 1, "r_max": 4}, callbacks=[seen])
+    assert len(seen.ranks) == 8 and len(set(seen.ranks)) > 1 and set(seen.ranks) <= {1, 2, 3, 4}
+
+
+def test_diff_pruning_l0_penalty_enters_the_loss(tmp_path) -> None:
+    def expected_l0(weight: float) -> float:
+        _, model = train(tmp_path / str(weight), {"method": "diff_pruning", "targets": QV, "l0_weight": weight,
+                                                          "log_alpha_init": 0.0})  # gates half open: not saturated
+        return sum(diff.expected_l0().item() for _, _, d in adapter_deltas(model, "default")
+                   if isinstance(d, SparseDelta) for _, diff in d.diffs())
+
+    assert expected_l0(1.0) < 0.99 * expected_l0(0.0)  # the same run: the penalty alone closes gates
