@@ -132,7 +132,9 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     if name in registry.merged or name in registry.active:
         _set_state(model, registry, [n for n in registry.active if n != name], registry.merged - {name},
                    f"removing {name!r}", [name])
-    with merging.unfolded(model, registry, registry.hosts[name]):  # PiSSA restores W0 under no merged adapter
+    # PiSSA puts W0 back: under no merged adapter (others' folds are left as they are, bit for bit)
+    rewrote = registry.configs[name].rewrites_base
+    with merging.unfolded(model, registry, registry.hosts[name] if rewrote else []):
         _remove_deltas(model, name, registry.hosts.pop(name))
     del registry.configs[name]
     return model

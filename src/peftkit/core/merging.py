@@ -200,15 +200,20 @@ def _pop(host: nn.Module, delta: Delta) -> dict[str, torch.Tensor] | None:
     return snapshot
 
 
+def _state(delta: Delta) -> dict[str, torch.Tensor]:
+    """The delta's parameters and buffers by name: what its fold is computed from."""
+    return dict([*delta.named_parameters(), *delta.named_buffers()])
+
+
 def _tensors(delta: Delta) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone() for name, t in [*delta.named_parameters(), *delta.named_buffers()]}
+    return {name: t.detach().clone() for name, t in _state(delta).items()}
 
 
 @contextmanager
 def _as_when_merged(delta: Delta) -> Iterator[None]:
     """Give the delta back the tensors it had when merged (if it changed since: training, a pruned rank)."""
     snapshot = delta.merge_snapshot or {}
-    current = dict([*delta.named_parameters(), *delta.named_buffers()])
+    current = _state(delta)
     changed = {name: current[name].data for name, saved in snapshot.items()
                if name in current and (current[name].shape != saved.shape or not torch.equal(current[name], saved))}
     for name in changed:
