@@ -10,6 +10,7 @@ from torch import nn
 
 import peftkit
 from peftkit.train.concurrent import Job, JobError, MultiJobTrainer, RowCouplingError
+from peftkit.train.engine import TrainingError
 
 from .conftest import TinyNet
 
@@ -112,7 +113,7 @@ def test_concurrent_jobs_equal_separate_runs(max_rows) -> None:
     trainer.add(jobs[2])  # joins while the others continue
     states = trainer.run()
     # "adapter" (5 steps) finishes long before "bitfit" (15 steps, started at step 3)
-    assert [states[j.adapter].steps for j in jobs] == [10, 5, 15, 4] and not trainer.active
+    assert [states[j.adapter].step for j in jobs] == [10, 5, 15, 4] and not trainer.active
     assert max(passes) == (26 if max_rows is None else 8)  # all four batches in one pass, or one job per pass
     for job in jobs:
         alone = copy.deepcopy(initial)
@@ -208,7 +209,7 @@ def test_bad_jobs_are_refused() -> None:
     model.head.weight.requires_grad_(False)
     masked = MultiJobTrainer(model)
     masked.add(Job("a", data, lambda out, y: (_row_ce(out, y), torch.zeros(len(y))), _collate))
-    with pytest.raises(JobError, match="'a'.*no loss units"):
+    with pytest.raises(TrainingError, match="adapter 'a'.*no loss units"):
         masked.step()
     with pytest.raises(ValueError, match="needs a `sync`"):
         MultiJobTrainer(model, shard=(0, 2))

@@ -14,7 +14,7 @@ from peftkit.methods.reparameterized.dylora import DyLoRADelta
 from peftkit.methods.reparameterized.sora import SoRADelta
 from peftkit.methods.selective.selection import candidates
 from peftkit.methods.selective.sparse import SparseDelta
-from peftkit.train import Callback, run_training
+from peftkit.train import Callback, config_from_mapping, prepare, run_training
 from tests.bench_tiny import tiny_bert
 from tests.train_models import tiny_config
 
@@ -85,11 +85,55 @@ def test_dylora_samples_a_new_rank_each_step(tmp_path) -> None:
     assert len(seen.ranks) == 8 and len(set(seen.ranks)) > 1 and set(seen.ranks) <= {1, 2, 3, 4}
 
 
-def test_diff_pruning_l0_penalty_enters_the_loss(tmp_path) -> None:
-    def expected_l0(weight: float) -> float:
-        _, model = train(tmp_path / str(weight), {"method": "diff_pruning", "targets": QV, "l0_weight": weight,
-                                                          "log_alpha_init": 0.0})  # gates half open: not saturated
-        return sum(diff.expected_l0().item() for _, _, d in adapter_deltas(model, "default")
-                   if isinstance(d, SparseDelta) for _, diff in d.diffs())
+class ExpectedL0(Callback):
+    """The adapter's expected number of open gates after each step, while it still has gates."""
 
-    assert expected_l0(1.0) < 0.99 * expected_l0(0.0)  # the same run: the penalty alone closes gates
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_step_end(self, trainer) -> None:
+        diffs = [diff for _, _, d in adapter_deltas(trainer.model, "default") if isinstance(d, SparseDelta)
+                 for _, diff in d.diffs() if hasattr(diff, "expected_l0")]
+        if diffs:
+            self.values.append(sum(diff.expected_l0().item() for diff in diffs))
+
+
+def test_diff_pruning_l0_penalty_enters_the_loss_then_the_projection_trains_a_fixed_mask(tmp_path) -> None:
+    def run(weight: float) -> tuple[list[float], object]:
+        seen = ExpectedL0()
+        _, model = train(tmp_path / str(weight), {"method": "diff_pruning", "targets": QV, "l0_weight": weight,
+                                                  "log_alpha_init": 0.0, "fraction": 0.01},  # gates half open
+                         lr=0.1, callbacks=[seen])
+        return seen.values, model
+
+    penalised, model = run(1.0)
+    free, _ = run(0.0)
+    assert len(penalised) == len(free) == 3  # gated for the first half (4 of 8 steps), projected at the 4th
+    assert penalised[-1] < 0.99 * free[-1]  # the same run: the penalty alone closes gates
+    trained, total, moved = sparse_counts(model)
+    assert trained == round(0.01 * total) and moved  # the kept values trained on after the projection
+
+
+def test_ltsft_second_phase_trains_only_the_most_changed_entries(tmp_path) -> None:
+    _, model = train(tmp_path, {"method": "ltsft", "targets": QV, "fraction": 0.01})
+    trained, total, moved = sparse_counts(model)
+    assert trained == round(0.01 * total) and moved  # phase 2 ran from a fresh optimizer over the new entries
+
+
+def test_relora_restarts_merge_into_the_base(tmp_path) -> None:
+    method = {"method": "relora", "targets": QV, "r": 2, "restart_every": 3}
+    _, model = train(tmp_path, method)
+    fresh = prepare(config_from_mapping(tiny_config(tmp_path, method=method, **RUN)))[0]  # the run's initial model
+    host = "bert.encoder.layer.0.attention.self.query"
+    assert not torch.equal(model.get_submodule(host).weight, fresh.get_submodule(host).weight)
+
+
+class LearningRates(Callback):
+    def on_train_begin(self, trainer) -> None:
+        self.lrs = sorted(group["lr"] for group in trainer.optimizer.param_groups)
+
+
+def test_loraplus_gives_the_optimizer_a_faster_group_for_b(tmp_path) -> None:
+    seen = LearningRates()
+    train(tmp_path, {"method": "loraplus", "targets": QV, "r": 2, "lr_ratio": 8.0}, callbacks=[seen])
+    assert seen.lrs == [pytest.approx(0.02), pytest.approx(0.16)]

@@ -45,4 +45,3 @@ def test_row_loss_is_cross_entropy_over_answer_tokens_only() -> None:
         by_hand = sum(F.cross_entropy(logits[i, t - 1], rows["input_ids"][i, t], reduction="sum") for t in answer)
         torch.testing.assert_close(stats.loss_sum[i], by_hand)
         assert stats.units[i] == len(answer)
-    assert task.units(batch) == stats.units.sum()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import peftkit
 import peftkit.core.io
-from peftkit.train import Callback, run_training
+from peftkit.train import Callback, TrainConfigError, run_training
 from tests.train_models import tiny_config
 
 
@@ -28,9 +28,18 @@ class CrashAfter(Callback):
             raise Interrupt(f"simulated crash after step {trainer.step}")
 
 
-def resumable_config(tmp_path: Path, name: str) -> dict:
-    # Dropout on: the restored RNG state matters. 48 rows / batch 8 = 6 steps per epoch, 2 epochs.
-    return tiny_config(tmp_path / name, method={"method": "lora", "r": 2, "dropout": 0.2, "targets": ["query", "value"]},
+QV = ["query", "value"]
+METHODS = {  # dropout on: the restored RNG state matters
+    "lora": {"method": "lora", "r": 2, "dropout": 0.2, "targets": QV},
+    "fishmask": {"method": "fishmask", "fraction": 0.02, "targets": QV},  # a selection on data before training
+    "adalora": {"method": "adalora", "init_r": 4, "target_r": 2, "dropout": 0.2, "targets": QV,  # a rank schedule
+                "tinit": 2, "tfinal": 2, "deltaT": 2},
+}
+
+
+def resumable_config(tmp_path: Path, name: str, method: str = "lora") -> dict:
+    # 48 rows / batch 8 = 6 steps per epoch, 2 epochs.
+    return tiny_config(tmp_path / name, method=METHODS[method],
                        data={"train_limit": 48, "eval_limit": 16}, schedule={"epochs": 2, "batch_size": 8},
                        optimizer={"lr": 5e-2}, output={"dir": str(tmp_path / name), "save_every_steps": 4, "plot": True})
 
@@ -54,9 +63,17 @@ def uninterrupted(tmp_path_factory):
     return run_training(resumable_config(tmp_path_factory.mktemp("train"), "whole"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_runs(tmp_path_factory):
+    return {method: run_training(resumable_config(tmp_path_factory.mktemp("train"), "whole", method))
+            for method in METHODS}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("crash_step", [5, 9])  # resume from step 4 (epoch 0) / step 8 (epoch 1, after an eval)
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, uninterrupted, crash_step) -> None:
-    config = resumable_config(tmp_path, "resumed")
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, uninterrupted_runs, method, crash_step) -> None:
+    uninterrupted = uninterrupted_runs[method]
+    config = resumable_config(tmp_path, "resumed", method)
     with pytest.raises(Interrupt):
         run_training(config, callbacks=[CrashAfter(crash_step)])
     state = json.loads((tmp_path / "resumed/checkpoints/last/trainer_state.json").read_text())
@@ -107,3 +124,16 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
     assert json.loads((checkpoints / "last" / "trainer_state.json").read_text())["step"] == 4
     load_file(str(checkpoints / "last" / "training.safetensors"))  # complete
     assert_same_run(run_training(config, resume=True), uninterrupted)
+
+
+@pytest.mark.parametrize("method, reason", [
+    ({"method": "ltsft", "fraction": 0.02, "targets": QV}, "restarted its optimizer at step 6"),
+    ({"method": "relora", "r": 2, "targets": QV, "restart_every": 3}, "relora writes into the base weights"),
+])
+def test_resume_is_refused_by_name_where_a_checkpoint_cannot_hold_the_run(tmp_path, method, reason) -> None:
+    config = tiny_config(tmp_path, method=method, data={"train_limit": 48, "eval_limit": 16},
+                         schedule={"epochs": 2, "batch_size": 8}, output={"dir": str(tmp_path / "run"), "save_every_steps": 4})
+    with pytest.raises(Interrupt):
+        run_training(config, callbacks=[CrashAfter(9)])
+    with pytest.raises(TrainConfigError, match=reason):
+        run_training(config, resume=True)

@@ -31,7 +31,7 @@ from .methods import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedu
                       Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError, fisher_scores, select)
 from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
                       ltsft_select, select_units)
-from .methods import (DyLoRA, LoRAFA, SoRA, dylora_sample_rank, dylora_truncate, loraplus_param_groups,
+from .methods import (DyLoRA, LoRAFA, LoRAPlus, ReLoRA, SoRA, dylora_sample_rank, dylora_truncate, loraplus_param_groups,
                       relora_restart, set_rank, sora_proximal_step, sora_prune)
 
 __version__ = "0.1.0"
@@ -48,7 +48,7 @@ __all__ = [
     "AdaLoRA", "AdaLoRAController", "AdapterConfig", "AdapterFileError", "MergeError", "Compacter", "KronA", "LoRA", "TargetError", "UnknownAdapterError",
     "activate", "active_adapters", "adapter_parameters", "adapters", "attach", "config_from_dict", "disabled",
     "load", "merge", "read_adapter", "remove", "routed", "save", "set_trainable", "summary", "unload", "unmerge",
-    "DyLoRA", "LoRAFA", "SoRA", "dylora_sample_rank", "dylora_truncate", "loraplus_param_groups", "relora_restart",
+    "DyLoRA", "LoRAFA", "LoRAPlus", "ReLoRA", "SoRA", "dylora_sample_rank", "dylora_truncate", "loraplus_param_groups", "relora_restart",
     "set_rank", "sora_proximal_step", "sora_prune",
     "DoRA", "VeRA",
     "LoHa", "LoKr", "OFT",

@@ -1,7 +1,7 @@
 """The benchmark's one table of methods: per model family, each method's default config, its
-learning-rate list, why it does not apply (if so), and the bench-only steps around training (LT-SFT's
-two phases, Diff pruning's final projection). A method's own training steps (selection, per-step
-hooks, extra loss) come from its config, `AdapterConfig.training_steps`, as in `peftkit train`.
+learning-rate list and why it does not apply (if so). A method's own training steps (selection,
+per-step hooks, extra loss, phases) come from its config, `AdapterConfig.training_steps`, as in
+`peftkit train`.
 
 Every method in `peftkit.core.config.METHODS` needs an entry here (a test fails otherwise), and
 every entry either configures a family or says why it is skipped for it: the report shows a
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import METHODS
-from ..core.training import TrainingContext
-from ..methods import Bottleneck, diff_pruning_project, ltsft_select
+from ..methods import Bottleneck
 
 FAMILIES = ("bert", "llama", "cnn")
 FULL, PROBE = "full-finetune", "linear-probe"
@@ -39,8 +38,6 @@ class BenchMethod:
     defaults: dict[str, dict[str, Any]]  # family -> config fields (targets, rank, ...)
     lrs: tuple[float, ...]  # the learning-rate sweep, best first (`--quick` uses only the first)
     skips: dict[str, str] = field(default_factory=dict)  # family -> why the method does not apply
-    between: Callable[[TrainingContext], object] | None = None  # set: train in two halves with this in between
-    finish: Callable[[TrainingContext], object] | None = None  # after training, before scoring (projection)
     schedule: Callable[[int], dict[str, Any]] | None = None  # config fields that follow the step budget
     quick: bool = False  # part of the `--quick` profile
     peft: bool = False  # Hugging Face PEFT has the same method (`--compare-peft` runs its version too)
@@ -91,6 +88,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("lora", _lora_like(r=8, alpha=16), LORA_LRS, quick=True, peft=True),
     BenchMethod("dora", _lora_like(r=8, alpha=16), LORA_LRS, quick=True, peft=True),
     BenchMethod("lorafa", _lora_like(r=8, alpha=16), LORA_LRS),
+    BenchMethod("loraplus", _lora_like(r=8, alpha=16), (1e-3, 3e-4, 3e-3)),  # B at 16x: LoRA's lr / 3
+    BenchMethod("relora", _lora_like(r=8, alpha=16), LORA_LRS, schedule=lambda steps: {"restart_every": max(1, steps // 4)}),
     BenchMethod("vera", _linear_only(r=256), VECTOR_LRS, skips={"cnn": f"VeRA: {LINEAR_ONLY}"}, quick=True, peft=True),
     BenchMethod("adalora", _linear_only(init_r=8, target_r=4, alpha=16), (1e-2, 3e-3),
                 skips={"cnn": f"AdaLoRA: {LINEAR_ONLY}"}, schedule=_adalora_schedule, peft=True),
@@ -136,10 +135,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                 schedule=lambda steps: {"every": max(1, steps // 4)}),
     BenchMethod("child_tuning_d", _selective(fraction=0.3), BLOCK_LRS),
     BenchMethod("child_tuning_f", _selective(p=0.3), BLOCK_LRS),
-    BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS,
-                finish=lambda context: diff_pruning_project(context.model, context.adapter)),
-    BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS,
-                between=lambda context: ltsft_select(context.model, context.adapter)),
+    BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS),
+    BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, BLOCK_LRS,
                 skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"}),
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),

@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,12 @@ from torch import nn
 
 import peftkit
 from ..core.config import config_from_dict
-from ..core.training import TrainingContext
 from ..train import Callback, Trainer, TASKS, Rows, Task, TaskData, config_from_mapping
 from ..train.config import DataSection, ModelSection
 from ..train.tasks import num_rows
 from ..train.trainer import training_context
 from .measure import overhead_ratios, parameter_counts, peak_memory, saved_bytes
-from .methods import FULL, REFERENCE, bench_method
+from .methods import FULL, REFERENCE
 from .tasks import Budget
 
 ADAPTER = "bench"
@@ -104,13 +103,13 @@ def _can_merge(model: nn.Module) -> bool:
 
 
 def _setup_peftkit(spec: dict[str, Any], model: nn.Module, head: list[str], task: Task, train: Rows,
-                   budget: Budget) -> tuple[Setup, TrainingContext]:
+                   budget: Budget) -> Setup:
     """Attach the method with the task head as a trained copy; take its own training steps (a selection runs now)."""
     config = config_from_dict({**spec["config"], "modules_to_save": head}).fill_from_run(budget.steps)
     peftkit.attach(model, config, name=ADAPTER)
     context = training_context(model, ADAPTER, budget.steps, task, train, budget.batch_size, DATA_SEED)
     return Setup(config.training_steps(context), lambda folder: peftkit.save(model, folder, name=ADAPTER),
-                 lambda: peftkit.disabled(model), None), context
+                 lambda: peftkit.disabled(model), None)
 
 
 def _setup_reference(spec: dict[str, Any], model: nn.Module, head: list[str]) -> Setup:
@@ -190,25 +189,15 @@ def _measure(spec: dict[str, Any], seed: int) -> dict[str, Any]:
     elif spec["backend"] == "peft":
         model, setup = _setup_peft(spec, model, head)
     else:
-        setup, context = _setup_peftkit(spec, model, head, task, train, budget)
-    own_hooks = spec["backend"] == "peftkit"  # the table's hooks drive peftkit's methods only
-    entry = bench_method(spec["method"])
+        setup = _setup_peftkit(spec, model, head, task, train, budget)
     trainable, total = parameter_counts(model)
-    # a two-phase method (LT-SFT) spends half the steps in each phase, with a fresh optimizer for the second
-    phases = [budget.steps // 2, budget.steps - budget.steps // 2] if own_hooks and entry.between else [budget.steps]
-    steps = seconds = 0.0
     with peak_memory() as peak, tempfile.TemporaryDirectory(prefix="peftkit-bench-cell-") as folder:
-        for phase, phase_steps in enumerate(phases):
-            if phase:
-                entry.between(context)
-            epochs = math.ceil(phase_steps / math.ceil(num_rows(train) / budget.batch_size))
-            config = _train_config(spec, data, replace(budget, steps=phase_steps), seed, epochs, folder)
-            trainer = Trainer(model, task, TaskData(train, None, encoded.labels), config, setup.callbacks, processor)
-            start = time.perf_counter()
-            trainer.fit()
-            seconds, steps = seconds + time.perf_counter() - start, steps + trainer.step
-    if own_hooks and entry.finish is not None:
-        entry.finish(context)
+        epochs = math.ceil(budget.steps / math.ceil(num_rows(train) / budget.batch_size))
+        config = _train_config(spec, data, budget, seed, epochs, folder)
+        trainer = Trainer(model, task, TaskData(train, None, encoded.labels), config, setup.callbacks, processor)
+        start = time.perf_counter()
+        trainer.fit()
+        seconds, steps = time.perf_counter() - start, trainer.step
     scores = {"val": score(task, model, validation, metrics), "test": score(task, model, encoded.eval, metrics)}
     if setup.merged is None and spec["backend"] == "peftkit" and _can_merge(model):
         setup.merged = lambda: _peftkit_merged(model)

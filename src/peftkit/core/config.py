@@ -25,6 +25,7 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: ClassVar[str]
+    trains_base: ClassVar[bool] = False  # its training steps write into the base weights (ReLoRA's restarts)
     targets: TargetSpec = Field(description="modules to adapt: names / dotted suffixes / 'type:Linear', a regex, "
                                             "or 'all-linear'")
     exclude: TargetSpec | None = Field(None, description="modules to leave out, in the same syntax")
@@ -85,6 +86,12 @@ class AdapterConfig(BaseModel):
         Called after attach and before the optimizer is made: a selection on data runs here, since it
         changes which parameters are trained. The steps returned run inside the loop, before user callbacks."""
         return []
+
+    def optimizer_groups(self, model: nn.Module, adapter: str, lr: float) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups for this adapter's trainable parameters at base learning rate `lr`
+        (LoRA+'s faster B factors); None, as for most methods: one group. Parameters left out of the groups
+        are trained in a group of their own at `lr`."""
+        return None
 
     def saved_config(self) -> "AdapterConfig":
         """The config written beside saved weights (a method may save an equivalent plain form)."""

@@ -2,10 +2,12 @@
 
 A method may need more than gradient steps on its parameters: a selection on data before training
 (FishMask's Fisher mask), work after each optimizer step (AdaLoRA's rank allocation, SoRA's proximal
-step), an extra loss term (Diff pruning's L0 penalty), or a field that only the run knows (AdaLoRA's
-total_step). Its config says so through `AdapterConfig.fill_from_run` and `AdapterConfig.training_steps`,
-and every entry point that trains (`peftkit train`, `run_training`, the benchmark) applies them, so a
-method runs the same everywhere. Core defines the types here so that it never imports the trainer; the
+step, ReLoRA's restarts), an extra loss term (Diff pruning's L0 penalty), a phase change (LT-SFT),
+work at the end (Diff pruning's projection), optimizer parameter groups (LoRA+), or a field that only
+the run knows (AdaLoRA's total_step). Its config says so through `AdapterConfig.fill_from_run`,
+`AdapterConfig.optimizer_groups` and `AdapterConfig.training_steps`, and every entry point that trains
+(`peftkit train`, `run_training`, `MultiJobTrainer`, the Hugging Face `Trainer` callback, the benchmark)
+applies them, so a method runs the same everywhere. Core defines the types here so that it never imports the trainer; the
 trainer's `Callback` is a `TrainingStep`.
 """
 from __future__ import annotations
@@ -20,7 +22,9 @@ from torch import nn
 
 class TrainingStep:
     """Hooks a method (or a user, through the trainer's `Callback`) runs inside the training loop; each is a no-op
-    unless overridden. `trainer` has `model`, `optimizer`, `step` (optimizer steps taken) and `total_steps`."""
+    unless overridden. `trainer` has `model`, `optimizer`, `step` (optimizer steps taken), `total_steps`, and
+    `restart_optimizer()` for a method that changes what it trains mid-run (a fresh optimizer over the parameters
+    trainable now, and a fresh schedule over the steps left)."""
 
     def on_train_begin(self, trainer: Any) -> None: ...
 
@@ -32,6 +36,40 @@ class TrainingStep:
         return None
 
     def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Any) -> None:
+        """After the last step, before the final evaluation and save (Diff pruning's projection)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the step carries from one optimizer step to the next (AdaLoRA's smoothed importance scores): saved in
+        checkpoints, so a resumed run equals an uninterrupted one. Most steps carry nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but a checkpoint holds {sorted(state)[:3]}")
+
+
+class PhaseChange(TrainingStep):
+    """A second training phase from optimizer step `at_step` on: `change()` alters what trains (LT-SFT's
+    selection, Diff pruning's projection), then the trainer starts a fresh optimizer and a fresh schedule
+    over the steps left."""
+
+    def __init__(self, at_step: int, change: Callable[[], object]):
+        self.at_step, self.change = at_step, change
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.step == self.at_step:
+            self.change()
+            trainer.restart_optimizer()
+
+
+def halfway(context: "TrainingContext", method: str) -> int:
+    """The step that ends the first of two equal phases; a run of fewer than 2 steps has no room for both."""
+    if context.steps < 2:
+        raise ValueError(f"{method} trains in two phases and needs at least 2 optimizer steps; this run has "
+                         f"{context.steps}")
+    return context.steps // 2
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from .reparameterized.loha import LoHa
 from .reparameterized.lokr import LoKr
 from .reparameterized.oft import OFT
 from .reparameterized.lorafa import LoRAFA
-from .reparameterized.loraplus import loraplus_param_groups
-from .reparameterized.relora import relora_restart
+from .reparameterized.loraplus import LoRAPlus, loraplus_param_groups
+from .reparameterized.relora import ReLoRA, relora_restart
 from .reparameterized.sora import SoRA, sora_proximal_step, sora_prune
 from .selective import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedule, FishMask, LastK, LayerNormTuning,
                         Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError, fisher_scores, select)
@@ -27,8 +27,8 @@ from .selective import (DiffPruning, LTSFT, StructuredMask, StructureError, diff
                         ltsft_select, select_units)
 
 __all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
-           "DyLoRA", "dylora_sample_rank", "dylora_truncate", "set_rank", "LoRAFA", "loraplus_param_groups",
-           "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA", "LoHa", "LoKr", "OFT",
+           "DyLoRA", "dylora_sample_rank", "dylora_truncate", "set_rank", "LoRAFA", "LoRAPlus", "loraplus_param_groups",
+           "ReLoRA", "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA", "LoHa", "LoKr", "OFT",
            "PromptTuning", "PTuning", "PrefixTuning",
            "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
            "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",

@@ -27,12 +27,14 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ..api import routed
-from ..core.registry import get_registry
+from ..api import adapter_parameters
+from ..core.registry import adapter_deltas, get_registry
 from ..core.slot import SLOT_ATTR
-from .tasks import Rows, Task, num_rows
+from ..core.training import TrainingContext
+from .engine import BatchLoss, Engine, MicroBatch, Run, param_groups, selection_indices, task_loss, to_device
+from .tasks import ModelInputs as Inputs
+from .tasks import Rows, Task, model_logits, num_rows
 
-Inputs = dict[str, torch.Tensor] | torch.Tensor
 Data = Sequence[Any] | Rows
 Collate = Callable[[Data, torch.Tensor], tuple[Inputs, Any]]
 RowLoss = Callable[[torch.Tensor, Any], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -59,17 +61,16 @@ def collate_rows(data: Data, idx: torch.Tensor) -> tuple[Inputs, Any]:
     return default_collate([data[i] for i in idx.tolist()])
 
 
-def _to(targets: Any, device: torch.device) -> Any:
-    """Targets on the model's device: a tensor, or a dict of them (a Task's batch)."""
-    if isinstance(targets, torch.Tensor):
-        return targets.to(device)
-    if isinstance(targets, dict):
-        return {k: _to(v, device) for k, v in targets.items()}
-    return targets
-
-
 def _length(data: Data) -> int:
     return num_rows(data) if isinstance(data, dict) else len(data)
+
+
+def _batch_loss(loss: RowLoss) -> BatchLoss:
+    """A job's loss as the engine's (loss sum, units) per row: per-row losses count one unit per row."""
+    def batch_loss(logits: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = loss(logits, targets)
+        return out if isinstance(out, tuple) else (out, torch.ones_like(out))
+    return batch_loss
 
 
 @dataclass
@@ -80,9 +81,10 @@ class Job:
     (passed as keyword arguments) or one tensor, batch dimension first. `loss(outputs, targets)` gets
     this job's rows of the model's output (`.logits` when the output has it) and returns per-row
     losses `[B]` (the job's loss is their mean) or `(loss_sum [B], units [B])` (the job's loss is
-    Σ loss_sum / Σ units over the batch, e.g. tokens of a language-model loss).
+    Σ loss_sum / Σ units over the batch, e.g. tokens of a language-model loss). `select_collate`
+    batches rows the same way for a method's selection on data (default: `collate`).
     Data order: a `torch.Generator` seeded with `seed` draws one permutation per epoch, as in
-    `peftkit.train.classify` and `peftkit.train.trainer`.
+    `peftkit.train.trainer`; the first batches of the first one are what a selection on data sees.
     """
 
     adapter: str
@@ -93,8 +95,10 @@ class Job:
     epochs: int = 1
     lr: float = 1e-3
     seed: int = 0
-    optimizer: OptimizerFactory | None = None  # default: AdamW(lr=self.lr)
+    optimizer: OptimizerFactory | None = None  # params or parameter groups -> optimizer; default: AdamW(lr=self.lr)
     schedule: ScheduleFactory | None = None  # (optimizer, total_steps) -> scheduler, stepped once per step
+    max_grad_norm: float | None = None
+    select_collate: Collate | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs"):
@@ -113,52 +117,65 @@ class Job:
         for _ in range(self.epochs):
             yield from torch.randperm(_length(self.data), generator=generator).split(self.batch_size)
 
+    def training_context(self, model: nn.Module) -> TrainingContext:
+        """What the adapter's method sees of this job (`AdapterConfig.training_steps`): its first batches, its mean loss."""
+        collate, loss = self.select_collate or self.collate, _batch_loss(self.loss)
+        batches = [collate(self.data, idx) for idx in selection_indices(_length(self.data), self.batch_size, self.seed)]
 
-class _Replay:
-    """Stands in for the model in a Task's `row_stats`: returns this job's rows of the shared forward pass."""
+        def mean_loss(model: nn.Module, batch: tuple[Inputs, Any]) -> torch.Tensor:
+            device = next(model.parameters()).device
+            inputs, targets = batch
+            loss_sum, units = loss(model_logits(model, to_device(inputs, device)), to_device(targets, device))
+            return loss_sum.sum() / units.sum()
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Replay":
-        return self
+        return TrainingContext(model, self.adapter, self.total_steps, batches, mean_loss)
 
 
 def task_job(task: Task, rows: Rows, adapter: str, **fields: Any) -> Job:
-    """A job scored exactly as `peftkit.train`'s Task scores it (its `row_stats`: loss sums and units per row).
+    """A job scored exactly as `peftkit.train`'s Task scores it (its `loss_stats`: loss sums and units per row).
 
     Text rows stay padded to the data's max_length instead of being cut per batch (as `Task.collate`
     does for one job), so jobs' batches have one shape and share forward passes; the attention
-    mask makes the padding inert. Tasks with their own collate (image resizing) keep it.
+    mask makes the padding inert. Tasks with their own collate (image resizing) keep it. A method's
+    selection on data sees the batches `peftkit train` would give it.
     """
     own_collate = type(task).collate is not Task.collate
 
     def collate(data: Rows, idx: torch.Tensor) -> tuple[Inputs, Rows]:
         batch = task.collate(data, idx) if own_collate else {k: v[idx] for k, v in data.items()}
-        return {k: v for k, v in batch.items() if k != "labels"}, batch
+        return task.inputs(batch), batch
 
-    def loss(logits: torch.Tensor, batch: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        stats = task.row_stats(_Replay(logits), batch)
-        return stats.loss_sum, stats.units
+    def select_collate(data: Rows, idx: torch.Tensor) -> tuple[Inputs, Rows]:
+        batch = task.collate(data, idx)
+        return task.inputs(batch), batch
 
-    return Job(adapter, rows, loss, collate, **fields)
+    return Job(adapter, rows, task_loss(task), collate, select_collate=select_collate, **fields)
 
 
-@dataclass
-class JobState:
-    """A running job: its parameters, optimizer, schedule, position in the data and losses so far."""
+@dataclass(eq=False)
+class JobState(Run):
+    """A running job: the engine's run (optimizer, schedule, steps taken, the method's hooks), the job, its
+    position in the data and its losses so far. The method's hooks get it as their `trainer`."""
 
-    job: Job
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    batches: Iterator[torch.Tensor]
+    job: Job | None = None
+    batches: Iterator[torch.Tensor] = iter(())
     losses: list[float] = field(default_factory=list)
     done: bool = False
 
-    @property
-    def steps(self) -> int:
-        return len(self.losses)
+    def restart_optimizer(self) -> None:
+        """A fresh optimizer over the parameters trainable now, and a fresh schedule over the steps left."""
+        self.optimizer, self.scheduler = _optimizer(self.model, self.job, self.total_steps - self.step)
+
+
+def _optimizer(model: nn.Module, job: Job, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The job's optimizer over its adapter's trainable parameters (the method's groups, if it has them), and its
+    schedule over `steps`."""
+    params = [p for p in dict.fromkeys(adapter_parameters(model, job.adapter)) if p.requires_grad]  # shared once
+    if not params:
+        raise JobError(f"adapter {job.adapter!r} has no trainable parameters")
+    groups = param_groups(model, job.adapter, job.lr, params)
+    optimizer = job.optimizer(groups) if job.optimizer is not None else torch.optim.AdamW(groups, lr=job.lr)
+    return optimizer, job.schedule(optimizer, steps) if job.schedule is not None else None
 
 
 class Sync(Protocol):
@@ -169,22 +186,6 @@ class Sync(Protocol):
 
     def grads(self, params: list[nn.Parameter]) -> None:
         """Sum the gradients of `params` over all processes, in place (a missing gradient counts as zero)."""
-
-
-@dataclass
-class _Batch:
-    """One job's rows for this step (only this process's shard of them when data-parallel)."""
-
-    state: JobState
-    inputs: Inputs | None
-    targets: Any
-    rows: int
-
-    def signature(self) -> tuple:
-        """Batches with equal signatures can share one forward pass (same keys, trailing shapes, dtypes)."""
-        if isinstance(self.inputs, torch.Tensor):
-            return (tuple(self.inputs.shape[1:]), self.inputs.dtype)
-        return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(self.inputs.items()))
 
 
 class MultiJobTrainer:
@@ -200,15 +201,13 @@ class MultiJobTrainer:
 
     def __init__(self, model: nn.Module, max_rows: int | None = None, shard: tuple[int, int] = (0, 1),
                  sync: Sync | None = None, on_finish: Callable[[JobState], None] | None = None):
-        if max_rows is not None and max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
         if world > 1 and sync is None:
             raise ValueError("a shard of a multi-process run needs a `sync` to combine the processes' gradients")
-        self.model, self.max_rows, self.shard = model, max_rows, shard
-        self.sync, self.on_finish = sync, on_finish
+        self.engine = Engine(model, route=True, max_rows=max_rows, sync=sync, is_main=rank == 0)
+        self.model, self.shard, self.on_finish = model, shard, on_finish
         self.jobs: dict[str, JobState] = {}  # every job ever added, finished ones included
         self.seconds = 0.0
         self.rows_trained = 0  # rows this process has run forward and backward
@@ -218,7 +217,10 @@ class MultiJobTrainer:
         return [s for s in self.jobs.values() if not s.done]
 
     def add(self, job: Job) -> JobState:
-        """Start a job; it takes part from the next step on. Its adapter must be attached already."""
+        """Start a job; it takes part from the next step on. Its adapter must be attached already.
+
+        The adapter's method's own steps (`AdapterConfig.training_steps`: a selection on the job's first
+        batches, per-step hooks, an extra loss) run now and inside every step, as in `peftkit train`."""
         registry = get_registry(self.model)
         if job.adapter not in registry.configs:
             raise JobError(f"job adapter {job.adapter!r} is not attached (attached: {', '.join(registry.configs) or 'none'})")
@@ -228,12 +230,18 @@ class MultiJobTrainer:
         if shared:
             raise JobError(f"trainable parameters outside any adapter would mix the jobs' gradients: {shared[:5]}; "
                            "freeze them or make them part of an adapter (modules_to_save)")
-        params = [p for p in self._deltas(job.adapter).parameters() if p.requires_grad]
-        if not params:
-            raise JobError(f"adapter {job.adapter!r} has no trainable parameters")
-        optimizer = job.optimizer(params) if job.optimizer is not None else torch.optim.AdamW(params, lr=job.lr)
-        scheduler = job.schedule(optimizer, job.total_steps) if job.schedule is not None else None
-        state = JobState(job, params, optimizer, scheduler, job.batch_indices())
+        writers = [s.adapter for s in self.active if registry.configs[s.adapter].trains_base]
+        if self.active and registry.configs[job.adapter].trains_base:
+            writers.append(job.adapter)
+        if writers:
+            raise JobError(f"adapter {writers[0]!r} ({registry.configs[writers[0]].method}) writes into the base weights "
+                           "while it trains (ReLoRA's restarts), and the other jobs share that base: train it alone")
+        hooks = registry.configs[job.adapter].training_steps(job.training_context(self.model))  # may change what trains
+        optimizer, scheduler = _optimizer(self.model, job, job.total_steps)
+        state = JobState(self.model, job.adapter, optimizer, scheduler, job.total_steps, hooks, job.max_grad_norm,
+                         job=job, batches=job.batch_indices())
+        for hook in hooks:
+            hook.on_train_begin(state)
         self.jobs[job.adapter] = state
         return state
 
@@ -254,53 +262,33 @@ class MultiJobTrainer:
     def step(self) -> dict[str, float]:
         """One optimizer step for every active job; returns each job's loss (mean over its global batch)."""
         start = time.perf_counter()
-        batches = [self._next_batch(s) for s in self.active]
-        self._set_modes(batches)
-        stats = torch.zeros(len(batches), 2, dtype=torch.float64)  # per job: loss sum, units
-        for group in self._passes([b for b in batches if b.rows > 0]):
-            self._forward_backward(group, stats, batches)
-        if self.sync is not None:
-            stats = self.sync.sum(stats)
-        for (loss_sum, units), batch in zip(stats.tolist(), batches):
-            if units <= 0:
-                raise JobError(f"job {batch.state.job.adapter!r}: its batch at step {batch.state.steps} has no loss "
-                               "units (e.g. every label masked); its mean loss is undefined")
-            for p in batch.state.params:  # the backward pass summed the rows' losses: make it the mean
-                if p.grad is not None:
-                    p.grad.div_(units)
-            batch.state.losses.append(loss_sum / units)
-        if self.sync is not None:
-            self.sync.grads([p for b in batches for p in b.state.params])
-        for batch in batches:
-            state = batch.state
-            state.optimizer.step()
-            if state.scheduler is not None:
-                state.scheduler.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            if state.steps == state.job.total_steps:
+        work = [(state, [self._next_batch(state)]) for state in self.active]
+        self._set_modes([state for state, _ in work])
+        losses = self.engine.step(work)
+        for (state, _), loss in zip(work, losses):
+            state.losses.append(loss)
+            if state.step == state.total_steps:
                 self._close(state)
         self.seconds += time.perf_counter() - start
-        self.rows_trained += sum(b.rows for b in batches)
-        return {b.state.job.adapter: b.state.losses[-1] for b in batches}
+        self.rows_trained += sum(batches[0].rows for _, batches in work)
+        return {state.adapter: loss for (state, _), loss in zip(work, losses)}
 
     # ------------------------------------------------------------------ internals
 
-    def _deltas(self, adapter: str) -> nn.ModuleList:
-        registry = get_registry(self.model)
-        return nn.ModuleList(getattr(self.model.get_submodule(h), SLOT_ATTR)[adapter] for h in registry.hosts[adapter])
-
-    def _next_batch(self, state: JobState) -> _Batch:
+    def _next_batch(self, state: JobState) -> MicroBatch:
         rank, world = self.shard
         local = next(state.batches).tensor_split(world)[rank]
-        inputs, targets = state.job.collate(state.job.data, local) if local.numel() else (None, None)
-        return _Batch(state, inputs, targets, local.numel())
+        job = state.job
+        inputs, targets = job.collate(job.data, local) if local.numel() else (None, None)
+        return MicroBatch(state, inputs, targets, local.numel(), _batch_loss(job.loss))
 
-    def _set_modes(self, batches: list[_Batch]) -> None:
+    def _set_modes(self, states: list[JobState]) -> None:
         """Backbone in eval mode, the stepping jobs' deltas in train mode; refuse anything that couples rows."""
         self.model.eval()
-        for batch in batches:
-            batch.state.optimizer.zero_grad(set_to_none=True)
-            self._deltas(batch.state.job.adapter).train()
+        for state in states:
+            state.optimizer.zero_grad(set_to_none=True)
+            for _, _, delta in adapter_deltas(self.model, state.adapter):
+                delta.train()
         for name, module in self.model.named_modules():
             couples = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
                 isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
@@ -309,44 +297,11 @@ class MultiJobTrainer:
                     f"module {name!r} ({type(module).__name__}) is in train mode and mixes rows, so concurrent jobs "
                     "would change each other's results: give the adapter dropout=0 (and no BatchNorm in train mode)")
 
-    def _passes(self, batches: list[_Batch]) -> Iterator[list[_Batch]]:
-        """Group the batches into forward passes: same input signature, at most `max_rows` rows each."""
-        by_signature: dict[tuple, list[_Batch]] = {}
-        for batch in batches:
-            by_signature.setdefault(batch.signature(), []).append(batch)
-        for group in by_signature.values():
-            current: list[_Batch] = []
-            for batch in group:
-                if current and self.max_rows is not None and sum(b.rows for b in current) + batch.rows > self.max_rows:
-                    yield current
-                    current = []
-                current.append(batch)
-            yield current
-
-    def _forward_backward(self, group: list[_Batch], stats: torch.Tensor, batches: list[_Batch]) -> None:
-        """One forward pass over the group's rows; backward of the sum of the jobs' loss sums."""
-        device = next(self.model.parameters()).device  # the data may live elsewhere (CPU rows, CUDA model)
-        if isinstance(group[0].inputs, torch.Tensor):
-            inputs = torch.cat([b.inputs for b in group]).to(device)
-        else:
-            inputs = {k: torch.cat([b.inputs[k] for b in group]).to(device) for k in group[0].inputs}
-        row_adapters = [b.state.job.adapter for b in group for _ in range(b.rows)]
-        with routed(self.model, row_adapters):  # backward inside: gradient checkpointing re-runs the forward
-            out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-            out = getattr(out, "logits", out)
-            total, start = out.new_zeros(()), 0
-            for b in group:
-                loss = b.state.job.loss(out[start:start + b.rows], _to(b.targets, device))
-                loss_sum, units = loss if isinstance(loss, tuple) else (loss, None)
-                start += b.rows
-                total = total + loss_sum.sum()
-                stats[batches.index(b)] += torch.tensor([loss_sum.detach().sum().item(),
-                                                         b.rows if units is None else units.sum().item()])
-            total.backward()
-
     def _close(self, state: JobState) -> None:
         state.done = True
         state.batches = iter(())
+        for hook in state.hooks:
+            hook.on_train_end(state)
         state.optimizer.state.clear()  # free the optimizer's moments: the job is over
         if self.on_finish is not None:
             self.on_finish(state)

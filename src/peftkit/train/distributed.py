@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.output) / state.job.adapter
         save_from_main(model, path, state.job.adapter, ctx)
         if ctx.is_main:
-            print(f"{state.job.adapter}: {state.steps} steps, loss {state.losses[0]:.4f} -> {state.losses[-1]:.4f}; "
+            print(f"{state.job.adapter}: {state.step} steps, loss {state.losses[0]:.4f} -> {state.losses[-1]:.4f}; "
                   f"saved to {path}", flush=True)
 
     try:

@@ -1,9 +1,9 @@
 """Training tasks: how a model, its data, its loss and its metric are obtained for each kind of job.
 
 A task turns a data section into `Rows` (a dict of tensors sharing their first dimension, encoded
-once), forms batches from row indices, and scores a batch *per row* (`RowStats`), so the trainer
-can normalise a loss over a whole accumulation group and multi-adapter training can split it by
-adapter. Models come from the `MODELS` registry, tasks from `TASKS`; both accept new entries.
+once), forms batches from row indices, says what the model is called with (`inputs`) and scores the
+model's output *per row* (`loss_stats` -> `RowStats`), so the training engine can normalise a loss
+over a whole accumulation group and share one forward pass between several adapters' batches. Models come from the `MODELS` registry, tasks from `TASKS`; both accept new entries.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 Rows = dict[str, torch.Tensor]  # every tensor has the same first dimension: one entry per example
+ModelInputs = dict[str, torch.Tensor] | torch.Tensor  # keyword tensors, or one positional tensor
 
 
 class DataError(ValueError):
@@ -59,6 +60,12 @@ class TaskData:
 
 def num_rows(rows: Rows) -> int:
     return next(iter(rows.values())).shape[0]
+
+
+def model_logits(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """Call the model with `inputs` (keywords or one positional tensor); its logits (`.logits` when it has them)."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return getattr(out, "logits", out)
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -248,13 +255,17 @@ class Task(ABC):
             batch = {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
         return batch
 
-    @abstractmethod
-    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
-        """Score a batch per row (loss summed over each row's units)."""
+    def inputs(self, batch: Rows) -> ModelInputs:
+        """What the model is called with for a batch: keyword tensors, or one positional tensor."""
+        return {key: value for key, value in batch.items() if key != "labels"}
 
-    def units(self, batch: Rows) -> float:
-        """The batch's loss units, known before the forward pass: one per row."""
-        return float(batch["labels"].shape[0])
+    @abstractmethod
+    def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
+        """Score the model's output for a batch per row (loss summed over each row's units)."""
+
+    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
+        """Run the model on a batch and score it per row."""
+        return self.loss_stats(model_logits(model, self.inputs(batch)), batch)
 
 
 def _classification_stats(logits: torch.Tensor, labels: torch.Tensor) -> RowStats:
@@ -287,9 +298,8 @@ class ClassifyText(Task):
 
         return self.encode_splits(raw, rows)
 
-    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return _classification_stats(model(**inputs).logits, batch["labels"])
+    def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
+        return _classification_stats(logits, batch["labels"])
 
 
 def chat_rows(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> Rows:
@@ -339,17 +349,16 @@ class CausalLMChat(Task):
 
         return self.encode_splits(raw, rows)
 
-    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def inputs(self, batch: Rows) -> ModelInputs:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
+        """Units: the answer tokens that are predicted (every labelled token after the first position)."""
         # sequence deltas (prompt, P-tuning) put virtual tokens first: the real tokens are the last positions
         logits = logits[:, -batch["input_ids"].size(1):]
         targets = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
         return RowStats(losses.sum(1), (targets != -100).sum(1).float())
-
-    def units(self, batch: Rows) -> float:
-        """Answer tokens that are predicted (every labelled token after the first position)."""
-        return float((batch["labels"][:, 1:] != -100).sum())
 
 
 class ClassifyImage(Task):
@@ -383,8 +392,11 @@ class ClassifyImage(Task):
         std = torch.tensor(bundled_models.EFFICIENTNET_LITE0_STD).view(1, 3, 1, 1)
         return {"pixels": (pixels - mean) / std, "labels": rows["labels"][idx]}
 
-    def row_stats(self, model: nn.Module, batch: Rows) -> RowStats:
-        return _classification_stats(model(batch["pixels"]), batch["labels"])
+    def inputs(self, batch: Rows) -> ModelInputs:
+        return batch["pixels"]
+
+    def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
+        return _classification_stats(logits, batch["labels"])
 
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassifyText, CausalLMChat, ClassifyImage)}

@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 
 from ..api import attach
 from ..core.io import adapter_files, write_dir_atomically
-from ..core.registry import get_registry
+from ..core.registry import REGISTRY_ATTR, get_registry
 from ..core.slot import SLOT_ATTR
 from ..core.training import TrainingContext, TrainingStep
 from .config import TrainConfig, TrainConfigError, config_from_mapping, load_config
+from .engine import Engine, MicroBatch, Run, param_groups, selection_indices, task_loss, to_device
 from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
 
@@ -106,7 +107,7 @@ def _lr_factor(scheduler: str, warmup: int, total: int) -> Any:
     return factor
 
 
-def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, params: list[Any]) -> torch.optim.Optimizer:
     opt = config.optimizer
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
@@ -173,14 +174,15 @@ class Trainer:
         self.sync = AdapterGradSync(model, [config.adapter_name]) if parallel else None
         if parallel:
             broadcast_adapters(model, [config.adapter_name])  # every process starts from rank 0's initialisation
-        self.optimizer = _make_optimizer(config, params)
-        schedule = config.schedule
         self.steps_per_epoch, self.total_steps = planned_steps(config, num_rows(data.train))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_factor(schedule.scheduler, schedule.warmup_steps, self.total_steps))
+        optimizer = _make_optimizer(config, param_groups(model, config.adapter_name, config.optimizer.lr, params))
+        self.run = Run(model, config.adapter_name, optimizer, self._schedule(optimizer, 0), self.total_steps,
+                       self.callbacks, config.optimizer.max_grad_norm, host=self)
+        self.engine = Engine(model, sync=self.sync, autocast=self._autocast, is_main=self.ctx.is_main)
         self.output = Path(config.output.dir)
-        # Progress: optimizer steps taken, complete epochs, optimizer steps into the current epoch.
-        self.step = self.epoch = self.step_in_epoch = 0
+        # Progress: complete epochs, optimizer steps into the current epoch (`step`: optimizer steps taken).
+        self.epoch = self.step_in_epoch = 0
+        self.phase_start = 0  # the step at which a method last restarted the optimizer (LT-SFT's second phase)
         self.before: dict[str, float] | None = None
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step", "epoch", "metrics"}
         self.last_eval: dict[str, Any] | None = None  # {"step", "metrics"}: saves evaluating the same weights twice
@@ -188,6 +190,25 @@ class Trainer:
         self.stopped_early = False
         self.train_seconds = 0.0  # in optimizer steps (evaluation and checkpoints excluded)
         self.metric_lines = 0  # lines of metrics.jsonl that belong to the state above
+
+    # The run's progress and optimizer, as the hooks (`TrainingStep`) and the checkpoints see them.
+    step = property(lambda self: self.run.step, lambda self, value: setattr(self.run, "step", value))
+    optimizer = property(lambda self: self.run.optimizer)
+    scheduler = property(lambda self: self.run.scheduler)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, start: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The learning-rate schedule over steps `start`..`total_steps` (a method's new phase starts its own)."""
+        schedule = self.config.schedule
+        factor = _lr_factor(schedule.scheduler, schedule.warmup_steps, self.total_steps - start)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def restart_optimizer(self) -> None:
+        """A fresh optimizer over the parameters trainable now, and a fresh schedule over the remaining steps:
+        for a method that changes what it trains mid-run (LT-SFT's second phase)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.run.optimizer = _make_optimizer(self.config, param_groups(self.model, self.config.adapter_name, self.config.optimizer.lr, params))
+        self.run.scheduler = self._schedule(self.run.optimizer, self.step)
+        self.phase_start = self.step
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -245,34 +266,16 @@ class Trainer:
                 module.eval()
 
     def _optimizer_step(self, group: list[torch.Tensor]) -> float:
-        """One optimizer step over micro-batches `group`; returns the step's mean loss per unit."""
-        batches = [self._batch(self.data.train, idx) for idx in map(self._shard, group) if len(idx)]
-        # accumulation (and data parallelism) == one large batch: normalise by the whole group's units
-        [total_units] = self._global_sum([sum(self.task.units(batch) for batch in batches)])
-        loss_value = 0.0
-        for batch in batches:
-            with self._autocast():
-                stats = self.task.row_stats(self.model, batch)
-            loss = stats.loss_sum.sum() / total_units
-            loss.backward()
-            loss_value += loss.item()
-        [loss_value] = self._global_sum([loss_value])
-        for callback in self.callbacks:
-            extra = callback.extra_loss(self)
-            if extra is not None and self.ctx.is_main:  # once: the gradients are summed over processes next
-                extra.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.sync is not None:
-            self.sync.grads(params)
-        if self.config.optimizer.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, self.config.optimizer.max_grad_norm)
-        self.optimizer.step()
-        self.step += 1
+        """One optimizer step over micro-batches `group` (accumulation and data parallelism equal one large
+        batch: the engine normalises by the whole group's units); returns the step's mean loss per unit."""
+        loss = task_loss(self.task)
+        batches = []
+        for idx in map(self._shard, group):
+            batch = self._batch(self.data.train, idx) if len(idx) else None
+            inputs = self.task.inputs(batch) if batch is not None else None
+            batches.append(MicroBatch(self.run, inputs, batch, len(idx), loss))
+        [loss_value] = self.engine.step([(self.run, batches)])
         self.step_in_epoch += 1
-        for callback in self.callbacks:
-            callback.on_step_end(self)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return loss_value
 
     def _epoch_groups(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -343,8 +346,14 @@ class Trainer:
         self._plot()
 
     def _finish(self) -> TrainResult:
-        if self.config.eval.restore_best and self.best is not None and self.best["step"] != self.step:
+        restore = self.config.eval.restore_best and self.best is not None and self.best["step"] != self.step
+        if restore:
             self._load_adapter_state(self.output / "checkpoints" / "best")
+        for callback in self.callbacks:  # on the weights that are kept: a projection changes them
+            callback.on_train_end(self)
+        if any(type(c).on_train_end is not TrainingStep.on_train_end for c in self.callbacks):
+            after = self.evaluate()
+        elif restore:
             after = self.best["metrics"]
         elif self.last_eval is not None and self.last_eval["step"] == self.step:
             after = self.last_eval["metrics"]
@@ -393,10 +402,14 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         for key, value in adapter_state(self.model).items():
             tensors[f"model.{key}"] = value.detach().cpu().contiguous()
+        for i, callback in enumerate(self.callbacks):  # the method's steps come first, in the same order every run
+            for key, value in callback.state_dict().items():
+                tensors[f"steps.{i}.{key}"] = value.detach().cpu().contiguous()
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "before": self.before,
             "best": self.best, "last_eval": self.last_eval, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
-            "train_seconds": self.train_seconds, "metric_lines": self.metric_lines, "config": self.config.to_dict(),
+            "train_seconds": self.train_seconds, "metric_lines": self.metric_lines, "phase_start": self.phase_start,
+            "config": self.config.to_dict(),
             "optimizer": _flatten(self.optimizer.state_dict(), "optimizer", tensors),
             "scheduler": _flatten(self.scheduler.state_dict(), "scheduler", tensors),
             "rng": _flatten(rng, "rng", tensors),
@@ -438,7 +451,18 @@ class Trainer:
         if changed:
             raise TrainConfigError(f"cannot resume from {path}: the config changed since the checkpoint "
                                    f"({', '.join(changed)}); only {', '.join(_RESUMABLE_CHANGES)} may differ")
+        if state["phase_start"]:
+            raise TrainConfigError(f"cannot resume from {path}: the method restarted its optimizer at step "
+                                   f"{state['phase_start']} (a second training phase, e.g. LT-SFT's), and a resume "
+                                   "past that point is not supported; start the run again")
+        method = get_registry(self.model).configs.get(self.config.adapter_name) if REGISTRY_ATTR in self.model.__dict__ else None
+        if method is not None and method.trains_base:
+            raise TrainConfigError(f"cannot resume from {path}: {method.method} writes into the base weights while it "
+                                   "trains, and checkpoints hold only the adapter; start the run again")
         self._load_adapter_state(path)
+        for i, callback in enumerate(self.callbacks):
+            prefix = f"steps.{i}."
+            callback.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
         self.optimizer.load_state_dict(_unflatten(state["optimizer"], tensors))
         self.scheduler.load_state_dict(_unflatten(state["scheduler"], tensors))
         rng = _unflatten(state["rng"], tensors)
@@ -502,9 +526,6 @@ def prepare(config: TrainConfig) -> tuple[nn.Module, Any, Task, TaskData]:
     return model, processor, task, data
 
 
-SELECTION_BATCHES = 4  # training batches a method's selection on data (Fisher) looks at before training
-
-
 def mean_loss(task: Task) -> Callable[[nn.Module, Rows], torch.Tensor]:
     """The task's mean loss per unit of a batch: what a selection on data differentiates."""
     def loss(model: nn.Module, batch: Rows) -> torch.Tensor:
@@ -515,12 +536,11 @@ def mean_loss(task: Task) -> Callable[[nn.Module, Rows], torch.Tensor]:
 
 def training_context(model: nn.Module, adapter: str, steps: int, task: Task, rows: Rows, batch_size: int, seed: int,
                      device: torch.device | None = None) -> TrainingContext:
-    """A method's view of the run: the first SELECTION_BATCHES batches of a `seed`-shuffled order of `rows`
-    (moved to `device` when given) for its selection, and the task's mean loss."""
-    order = torch.randperm(num_rows(rows), generator=torch.Generator().manual_seed(seed))
-    batches = [task.collate(rows, idx) for idx in order.split(batch_size)[:SELECTION_BATCHES]]
+    """A method's view of the run: the first batches of the first epoch (`engine.selection_indices`, moved to
+    `device` when given) for its selection, and the task's mean loss."""
+    batches = [task.collate(rows, idx) for idx in selection_indices(num_rows(rows), batch_size, seed)]
     if device is not None:
-        batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+        batches = [to_device(batch, device) for batch in batches]
     return TrainingContext(model, adapter, steps, batches, mean_loss(task))
 
 

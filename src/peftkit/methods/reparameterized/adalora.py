@@ -172,6 +172,19 @@ class AdaLoRAController:
         self._sensitivity = {(h, p): torch.zeros_like(getattr(d, p)) for h, d in self.deltas.items() for p in _RANK_DIM}
         self._uncertainty = {key: torch.zeros_like(value) for key, value in self._sensitivity.items()}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The smoothed importance scores, which carry from step to step (a checkpoint needs them)."""
+        scores = (("sensitivity", self._sensitivity), ("uncertainty", self._uncertainty))
+        return {f"{kind}.{host}.{param}": value for kind, table in scores for (host, param), value in table.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.state_dict()
+        if state.keys() != mine.keys():
+            raise ValueError("the checkpoint's AdaLoRA importance scores are for other layers than this adapter's")
+        for key, value in mine.items():
+            value.copy_(state[key])
+
     def budget(self, step: int) -> int:
         """Total rank allowed at `step`: all of it until tinit, then a cubic decay to the target at total_step − tfinal."""
         c = self.config
@@ -238,3 +251,9 @@ class RankAllocation(TrainingStep):
 
     def extra_loss(self, trainer: Any) -> torch.Tensor:
         return self.controller.regularizer()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.controller.load_state_dict(state)

@@ -13,16 +13,53 @@ Restarts change the base weights for good; that is the training. Removing the ad
 afterwards drops only the part trained since the last restart, and every row sees the
 updated base: bare-base rows and other adapters included. A saved adapter likewise holds
 only that last part, so keep the base too, or `unload` the model at the end (the paper's
-final model).
+final model). `method: relora` is a LoRA whose training steps restart it every `restart_every`
+optimizer steps (`peftkit train`, `MultiJobTrainer` alone: its restarts change the base that
+other jobs share, so it is refused beside them); `relora_restart` does one restart by hand.
 """
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from ...core.registry import adapter_deltas
-from ...core.registry import get_registry
+from ...core.config import register_method
+from ...core.registry import adapter_deltas, get_registry
+from ...core.training import TrainingContext, TrainingStep
 from .lora import LoRA, LoRADelta
+
+
+@register_method
+class ReLoRA(LoRA):
+    """LoRA config that merges and restarts every `restart_every` optimizer steps."""
+
+    method: ClassVar[str] = "relora"
+    peft_type: ClassVar[str | None] = None  # PEFT "LORA" files load as plain LoRA, not as this
+    trains_base: ClassVar[bool] = True
+    init: Literal["zero", "gaussian"] = Field("zero", description="A kaiming-uniform (zero: B = 0) or gaussian")
+    restart_every: int = Field(100, gt=0, description="optimizer steps between merge-and-restarts")
+    prune_ratio: float = Field(0.99, ge=0.0, le=1.0, description="share of the factors' optimizer state zeroed")
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        return [Restarts(context.model, context.adapter, self.restart_every, self.prune_ratio)]
+
+    def to_peft(self) -> dict[str, Any]:
+        return {**super().to_peft(), "peft_type": LoRA.peft_type}
+
+
+class Restarts(TrainingStep):
+    """ReLoRA's training step: a merge-and-restart after every `every` optimizer steps, except after the last."""
+
+    def __init__(self, model: nn.Module, adapter: str, every: int, prune_ratio: float):
+        self.model, self.adapter, self.every, self.prune_ratio = model, adapter, every, prune_ratio
+        self.restarts = 0
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
+            relora_restart(self.model, self.adapter, trainer.optimizer, self.prune_ratio)
+            self.restarts += 1
 
 
 @torch.no_grad()

@@ -7,10 +7,12 @@ Neural Networks through L0 Regularization", arXiv:1712.01312).
     projection: keep the round(f·N) entries of largest |δ| over all targets, zero the rest
 
 While training, every targeted weight and bias has a dense `w` (zero at start, so a fresh adapter
-changes nothing) and a gate logit `log α` per entry; add `diff_pruning_penalty(model, name)` to the loss
-(`train_classifier(regularizer=...)`). `diff_pruning_project(model, name)` then projects the eval-mode
-δ onto the target sparsity in place: the adapter becomes a plain sparse change (indices + values) whose
-values keep training with the mask fixed, as in the paper's fixed-mask fine-tuning. Saving a gated
+changes nothing) and a gate logit `log α` per entry, and `diff_pruning_penalty(model, name)` is added to the
+loss. `diff_pruning_project(model, name)` then projects the eval-mode δ onto the target sparsity in place:
+the adapter becomes a plain sparse change (indices + values) whose values keep training with the mask
+fixed, as in the paper's fixed-mask fine-tuning. The method's training steps do this in one run (the
+penalty for the first half of the optimizer steps, the projection, then fixed-mask training from a fresh
+optimizer for the second half). Saving a gated
 adapter saves that same projection (the live adapter stays gated); files always hold indices + values.
 Merging a gated adapter merges its eval-mode δ. Hosts: those of every selective method.
 """
@@ -28,7 +30,7 @@ from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import Delta
 from ...core.registry import get_registry
-from ...core.training import TrainingContext, TrainingStep
+from ...core.training import PhaseChange, TrainingContext, TrainingStep, halfway
 from .selection import Fraction, SelectionError, top_fraction
 from .sparse import EMPTY, Mask, ParamDiff, SelectiveConfig, SparseDelta, masks_of
 
@@ -72,8 +74,17 @@ class DiffPruning(SelectiveConfig):
             yield DiffPruningDelta(host, self.param_names, self, projection)
 
     def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
-        """The expected-L0 penalty in the loss: what makes the gates close and δ sparse."""
-        return [L0Penalty(diff_pruning_penalty(context.model, context.adapter))]
+        """The expected-L0 penalty in the loss (what makes the gates close and δ sparse) for the first half of
+        the run, then the projection and fixed-mask training of the kept values for the second half."""
+        if self.projected:
+            return []  # a loaded, projected adapter trains its kept values with the mask fixed
+        penalty = L0Penalty(diff_pruning_penalty(context.model, context.adapter))
+
+        def project() -> None:
+            diff_pruning_project(context.model, context.adapter)
+            penalty.active = False  # no gates left to penalise
+
+        return [penalty, PhaseChange(halfway(context, "Diff pruning"), project)]
 
     def saved_config(self) -> "DiffPruning":
         return self.model_copy(update={"projected": True})
@@ -166,7 +177,7 @@ def _gated_deltas(model: nn.Module, name: str) -> list[DiffPruningDelta]:
 
 
 def diff_pruning_penalty(model: nn.Module, name: str = "default") -> Callable[[], torch.Tensor]:
-    """The penalty λ · Σ_j P(z_j ≠ 0) over adapter `name`'s gates, as a `regularizer=` for `train_classifier`."""
+    """The penalty λ · Σ_j P(z_j ≠ 0) over adapter `name`'s gates: a term for the training loss."""
     _gated_deltas(model, name)  # fail now, not at the first step
     weight = get_registry(model).require(name).l0_weight
 
@@ -195,10 +206,10 @@ def diff_pruning_project(model: nn.Module, name: str = "default") -> dict[str, M
 
 
 class L0Penalty(TrainingStep):
-    """Diff pruning's training step: λ · Σ_j P(z_j ≠ 0) added to each optimizer step's loss."""
+    """Diff pruning's training step: λ · Σ_j P(z_j ≠ 0) added to each optimizer step's loss, until the projection."""
 
     def __init__(self, penalty: Callable[[], torch.Tensor]):
-        self.penalty = penalty
+        self.penalty, self.active = penalty, True
 
-    def extra_loss(self, trainer: Any) -> torch.Tensor:
-        return self.penalty()
+    def extra_loss(self, trainer: Any) -> torch.Tensor | None:
+        return self.penalty() if self.active else None

@@ -4,12 +4,10 @@ Fine-Tuning for Cross-Lingual Transfer", arXiv:2110.07560).
     phase 1: θ1 = train(θ0) on every targeted parameter;   M = the K entries of largest |θ1 − θ0|
     phase 2: θ ← θ0 (reset);   θ2 = θ0 + M ⊙ Δ,  Δ trained from 0;   K = round(f·N)
 
-Two calls of the same training loop with `ltsft_select` between them:
-
-    peftkit.attach(model, LTSFT(fraction=0.01, targets="all-linear", modules_to_save=["classifier"]))
-    train_classifier(model, ...)          # phase 1: dense changes of every targeted weight and bias
-    ltsft_select(model)                   # keep the K most changed entries, reset everything
-    train_classifier(model, ...)          # phase 2: only those K entries (and the head copies) train
+The method's training steps run it in one training run (`peftkit train`, `MultiJobTrainer`, the Hugging
+Face `Trainer` callback): the first half of the optimizer steps is phase 1, then `ltsft_select` keeps the K
+most changed entries and resets everything, and the second half trains them from a fresh optimizer and
+learning-rate schedule. By hand: train, call `ltsft_select(model, name)`, build a new optimizer, train again.
 
 Phase 1 stores each targeted parameter's change as a dense block, so |θ1 − θ0| is the block itself and
 costs nothing to compute; its memory is that of full fine-tuning of the targets. The reset follows the
@@ -28,6 +26,7 @@ from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import ModuleCopy
 from ...core.registry import get_registry
+from ...core.training import PhaseChange, TrainingContext, TrainingStep, halfway
 from .selection import Fraction, SelectionError, install_masks, top_fraction
 from .sparse import Mask, SelectiveConfig, whole_masks
 
@@ -41,6 +40,10 @@ class LTSFT(SelectiveConfig):
 
     def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask]:
         return whole_masks(hosts, self.param_names)  # phase 1: everything targeted trains
+
+    def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
+        """Phase 1 for the first half of the run, the selection, phase 2 for the second half."""
+        return [PhaseChange(halfway(context, "LT-SFT"), lambda: ltsft_select(context.model, context.adapter))]
 
 
 @torch.no_grad()
