@@ -235,8 +235,12 @@ class Trainer:
             return values
         return self.sync.sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
-    def evaluate(self, split: str = "eval") -> dict[str, float] | None:
-        """Loss (per unit: row or answer token) and accuracy (classification) on the rows of `split` (eval, test)."""
+    def evaluate(self) -> dict[str, float] | None:
+        """Loss (per unit: row or answer token) and accuracy (classification) on the eval rows."""
+        return self.score_split("eval")
+
+    def score_split(self, split: str) -> dict[str, float] | None:
+        """`evaluate`'s metrics on the rows of `split` ("eval" or "test"); None when there are none."""
         rows = getattr(self.data, split)
         if rows is None:
             return None
@@ -367,7 +371,7 @@ class Trainer:
             after = self.last_eval["metrics"]
         else:
             after = self.evaluate()
-        test = self.evaluate("test")  # once, with the chosen weights
+        test = self.score_split("test")  # once, with the chosen weights
         if test is not None:
             self._log({"kind": "test", **chosen, **test})
         adapter_dir = self.output / "adapter" if self.config.output.save else None
