@@ -10,19 +10,13 @@ import pytest
 import torch
 import yaml
 
-from peftkit.cli import main
 from peftkit.train import run_training
 
+from tests.test_cli_tools import _run
 from tests.train_models import local, tiny_config, write
 
 CSV = "text,label\n" + "".join(f"{'good fine great' if i % 2 else 'bad awful poor'} {i},{'pos' if i % 2 else 'neg'}\n"
                                for i in range(24))
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _error(capsys, *argv: str) -> str:

@@ -150,6 +150,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=_train)
 
 
+def _saved_arguments(parser: argparse.ArgumentParser) -> None:
+    """What eval and predict share: the run's config (and --set, --no-progress) and its saved adapter."""
+    _config_arguments(parser, "the training config the adapter was trained with; default: the bundled BBC News job")
+    parser.add_argument("--adapter", required=True, metavar="DIR",
+                        help="adapter directory (OUTPUT/adapter, a checkpoint, a PEFT directory, a full fine-tune)")
+
+
 def _eval(args: argparse.Namespace) -> int:
     from peftkit.train.saved import evaluate_saved
 
@@ -165,8 +172,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "eval", help="score a trained adapter on the eval (or test) split of its training config",
         description="Load the adapter (or full fine-tune) in DIR onto CONFIG's model and report its metrics on "
                     "CONFIG's eval split (data.eval, data.eval_fraction or the bundled set's), or data.test.")
-    _config_arguments(evaluate, "the training config the adapter was trained with; default: the bundled BBC News job")
-    evaluate.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory, e.g. runs/x/adapter")
+    _saved_arguments(evaluate)
     evaluate.add_argument("--split", choices=["eval", "test"], default="eval", help="default: eval")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=_eval)
@@ -196,8 +202,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
                     "FILE (a .txt file with one input per line, or the text / prompt column of a .csv / .jsonl / "
                     ".json file). classify-text writes {text, label, probabilities}; causal-lm-chat writes "
                     "{prompt, response} (greedy decoding). One JSON object per line.")
-    _config_arguments(predict, "the training config the adapter was trained with; default: the bundled BBC News job")
-    predict.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory, e.g. runs/x/adapter")
+    _saved_arguments(predict)
     predict.add_argument("--input", required=True, metavar="FILE", help="inputs: .txt, .csv, .jsonl or .json")
     predict.add_argument("--output", metavar="FILE", help="write the JSON lines here (default: standard output)")
     predict.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for chat (default 64)")
