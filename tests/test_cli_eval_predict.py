@@ -153,6 +153,11 @@ def test_train_says_what_it_loads_and_reports_last_best_and_test(tmp_path, capsy
     assert "eval: " in err and "test: " in err  # the evaluation progress bars
 
 
+def test_methods_names_full_finetuning(capsys) -> None:
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0 and "`method: full`: full fine-tuning, every base parameter trained" in out.splitlines()[-1]
+
+
 def test_train_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
     no_method = tiny_config(tmp_path)
     del no_method["method"]
