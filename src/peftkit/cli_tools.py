@@ -221,7 +221,9 @@ def _method_listing() -> list[str]:
         fields = ", ".join(f"{key}={default}" for key, default, _ in method_fields(METHODS[name]))
         lines += [f"{name}: {_first_line(METHODS[name])}", f"    {fields or '(targets only)'}"]
     return lines + ["", "every method also takes targets (required), exclude and modules_to_save; "
-                        "`peftkit methods NAME` describes each field"]
+                        "`peftkit methods NAME` describes each field",
+                    "a training config may also say `method: full`: full fine-tuning, every base parameter trained "
+                    "(no adapter, no other keys)"]
 
 
 def _methods(args: argparse.Namespace) -> int:

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file, save_model
 from torch import nn
 
 import peftkit
 from ..core.config import config_from_dict
 from ..train import Callback, Trainer, TASKS, Rows, Task, TaskData, config_from_mapping
 from ..train.config import DataSection, ModelSection
+from ..train.full import save_full, train_base
 from ..train.tasks import num_rows
 from ..train.trainer import training_context
 from .measure import overhead_ratios, parameter_counts, peak_memory, saved_bytes
@@ -113,23 +113,13 @@ def _setup_peftkit(spec: dict[str, Any], model: nn.Module, head: list[str], task
 
 
 def _setup_reference(spec: dict[str, Any], model: nn.Module, head: list[str]) -> Setup:
-    """Full fine-tuning trains everything; the linear probe only the task head. Both save what they train."""
-    trains_all = spec["method"] == FULL
-    model.requires_grad_(trains_all)
-    for name in head:
-        model.get_submodule(name).requires_grad_(True)
-    if not any(p.requires_grad for p in model.parameters()):
+    """Full fine-tuning trains everything; the linear probe only the task head. Both save what they train
+    (as `peftkit train`'s `method: full` does)."""
+    modules = None if spec["method"] == FULL else head
+    if modules == []:
         raise ValueError("a linear probe needs a task head, and this model has none")
-
-    def save(folder: Path) -> None:
-        folder.mkdir(parents=True)
-        if trains_all:  # save_model stores tied weights (Llama's embeddings and LM head) once
-            save_model(model, str(folder / "model.safetensors"))
-        else:
-            save_file({f"{name}.{k}": v.contiguous() for name in head for k, v in model.get_submodule(name).state_dict().items()},
-                      str(folder / "model.safetensors"))
-
-    return Setup([], save, None, None)
+    train_base(model, modules)
+    return Setup([], lambda folder: save_full(model, folder, modules), None, None)
 
 
 class _PeftAdaLoRA(Callback):
@@ -159,9 +149,8 @@ def _setup_peft(spec: dict[str, Any], model: nn.Module, head: list[str]) -> tupl
 
 def _train_config(spec: dict[str, Any], data: dict[str, Any], budget: Budget, seed: int, epochs: int, folder: str):
     """The trainer's config for a cell: the budget's steps and batch, the cell's lr, no files kept."""
-    # The trainer's config always names a method; a reference row trains the model's own parameters, so its
-    # method entry is a stand-in that is validated but never attached.
-    method = spec["config"] if spec["backend"] != REFERENCE else {"method": "lora", "targets": ["unused"]}
+    # A reference row trains the base's own parameters (`method: full`; a linear probe froze all but its head).
+    method = spec["config"] if spec["backend"] != REFERENCE else {"method": "full"}
     return config_from_mapping({
         "task": spec["task"]["task"], "model": spec["task"]["model"], "data": data, "method": method,
         "adapter_name": ADAPTER, "optimizer": {"name": "adamw", "lr": spec["lr"]},

@@ -7,23 +7,29 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from ..core.config import METHODS, AdapterConfig, config_from_dict, validation_message
+from ..core.config import METHODS, AdapterConfig, validation_message
+from .full import FullFinetune
 
 
 class TrainConfigError(ValueError):
     """A training config that cannot run: unknown key, task, model or method, or a bad value."""
 
 
-def _unknown_key_message(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}"
+def _unknown_keys_message(keys: list[str], valid: list[str]) -> str:
+    """Every unknown key, each with the closest valid one, then the valid keys."""
+    named = []
+    for key in keys:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    valid_keys = f"valid keys: {', '.join(valid)}" if valid else "it takes no other keys"
+    return f"unknown key{'s' * (len(keys) > 1)} {', '.join(named)}; {valid_keys}"
 
 
 class _Section(BaseModel):
@@ -35,9 +41,9 @@ class _Section(BaseModel):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    raise ValueError(_unknown_key_message(str(key), list(cls.model_fields)))
+            unknown = [str(key) for key in data if key not in cls.model_fields]
+            if unknown:
+                raise ValueError(_unknown_keys_message(unknown, list(cls.model_fields)))
         return data
 
 
@@ -51,6 +57,7 @@ class DataSection(_Section):
     name: str | None = None  # a bundled set: bbc-news, chatterbot, fashion-mnist
     train: Path | None = None  # a local .jsonl/.json/.csv file, or a folder of <label>/*.txt
     eval: Path | None = None
+    test: Path | None = None  # scored once, after training, with the chosen checkpoint
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     text_column: str = "text"
     label_column: str = "label"
@@ -108,7 +115,7 @@ class OutputSection(_Section):
 class TrainConfig(_Section):
     task: str = "classify-text"
     model: ModelSection = ModelSection()
-    method: AdapterConfig
+    method: AdapterConfig | FullFinetune  # an adapter method, or `method: full` (every base parameter trained)
     adapter_name: str = "default"
     data: DataSection
     optimizer: OptimizerSection = OptimizerSection()
@@ -134,16 +141,23 @@ class TrainConfig(_Section):
     def _method_from_dict(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
+        configs = method_configs()
         method = value.get("method")
-        if method in METHODS:  # name the closest field of this method, as for the trainer's own keys
-            fields = list(METHODS[method].model_fields)
-            for key in value:
-                if key != "method" and key not in fields:
-                    raise ValueError(f"{method}: " + _unknown_key_message(str(key), fields))
-        return config_from_dict(value)
+        if method not in configs:
+            close = difflib.get_close_matches(str(method), configs, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown PEFT method {method!r}{hint}; known methods: {', '.join(sorted(configs))}")
+        try:
+            return configs[method](**{key: v for key, v in value.items() if key != "method"})
+        except ValidationError as err:  # every unknown key, each with the closest field of this method
+            unknown = [str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden"]
+            if not unknown:
+                raise ValueError(f"invalid {method} config: {validation_message(err)}") from None
+            fields = [key for key in configs[method].model_fields if key != "method"]
+            raise ValueError(f"{method}: {_unknown_keys_message(unknown, fields)}") from None
 
     @field_serializer("method")
-    def _method_to_dict(self, method: AdapterConfig) -> dict[str, Any]:
+    def _method_to_dict(self, method: AdapterConfig | FullFinetune) -> dict[str, Any]:
         return method.to_dict()
 
     @field_validator("task")
@@ -173,6 +187,9 @@ def _known_name(what: str, name: str, known: dict[str, Any]) -> str:
     return name
 
 
+def method_configs() -> dict[str, type[BaseModel]]:
+    """The configs a `method:` section can name: every registered adapter method, and `full`."""
+    return {**METHODS, "full": FullFinetune}
 
 
 def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -186,12 +203,31 @@ def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _switch_method(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """`--set method.method=ia3` on a LoRA config: keep the `method:` keys the new method knows, drop the others
+    (LoRA's r, alpha, ...) with a warning that names them; keys set by the overrides themselves stay."""
+    section, new = data.get("method"), overrides["method.method"]
+    configs = method_configs()
+    if not isinstance(section, dict) or section.get("method") == new or new not in configs:
+        return  # nothing to switch, or an unknown method: validation names it
+    known = set(configs[new].model_fields) | {"method"}
+    given = {dotted.removeprefix("method.") for dotted in overrides if dotted.startswith("method.")}
+    dropped = [key for key in section if key not in known and key not in given]
+    if dropped:
+        warnings.warn(f"method {section.get('method')} -> {new}: dropped {', '.join(dropped)} "
+                      f"({new} has no such key{'s' * (len(dropped) > 1)})", stacklevel=3)
+    data["method"] = {key: value for key, value in section.items() if key not in dropped}
+
+
 def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Validate a plain dict (as read from YAML), after applying dotted `overrides` ("schedule.epochs": 1)."""
     if not isinstance(data, dict):
         raise TrainConfigError(f"a training config must be a mapping, not {type(data).__name__}")
-    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain values
-    for dotted, value in (overrides or {}).items():
+    data = yaml.safe_load(yaml.safe_dump(data, sort_keys=False))  # a deep copy of plain values, in their order
+    overrides = overrides or {}
+    if "method.method" in overrides:
+        _switch_method(data, overrides)
+    for dotted, value in overrides.items():
         _apply_override(data, dotted, value)
     try:
         return TrainConfig(**data)

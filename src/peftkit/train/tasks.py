@@ -49,6 +49,7 @@ class RawData:
     train: Any  # a datasets.Dataset, or Rows for tasks whose data is already tensors
     eval: Any | None
     labels: list[str] | None  # class names (classification)
+    test: Any | None = None  # data.test: scored once, after training
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TaskData:
     train: Rows
     eval: Rows | None
     labels: list[str] | None
+    test: Rows | None = None
 
 
 def num_rows(rows: Rows) -> int:
@@ -146,6 +148,22 @@ def read_local(path: Path, text_column: str = "text", label_column: str = "label
     return dataset
 
 
+def read_inputs(path: Path, column: str) -> list[str]:
+    """The inputs `peftkit predict` reads: a .txt file (one per non-empty line), or the `column` of a
+    .jsonl / .json / .csv file."""
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DataError(f"input file {path} does not exist")
+        inputs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        dataset = read_local(path)
+        _require_columns(dataset, [column], f"input file {path}")
+        inputs = [str(value) for value in dataset[column]]
+    if not inputs:
+        raise DataError(f"input file {path} holds no inputs")
+    return inputs
+
+
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     return dataset if limit is None else dataset.shuffle(seed=seed).select(range(min(limit, len(dataset))))
 
@@ -216,16 +234,18 @@ class Task(ABC):
         if data.name is not None and data.name not in self.bundled:
             raise DataError(f"task {self.name} has no bundled data set {data.name!r}; known: {', '.join(self.bundled)}")
 
-    def read_table(self, data: DataSection, seed: int, columns: list[str]) -> tuple[Dataset, Dataset | None]:
-        """Bundled or local (train, eval) datasets that have `columns` and are not empty."""
+    def read_table(self, data: DataSection, seed: int,
+                   columns: list[str]) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        """Bundled or local (train, eval, test) datasets that have `columns` and are not empty."""
         self.check_bundled(data)
         train, evaluation = read_splits(data, seed, self.bundled.get(data.name))
-        for split, where in ((train, "train data"), (evaluation, "eval data")):
+        test = read_local(data.test, data.text_column, data.label_column) if data.test is not None else None
+        for split, where in ((train, "train data"), (evaluation, "eval data"), (test, "test data")):
             if split is not None:
                 _require_columns(split, columns, where)
                 if len(split) == 0:
                     raise DataError(f"{where} is empty: no examples")
-        return train, evaluation
+        return train, evaluation, test
 
     @abstractmethod
     def read_data(self, data: DataSection, seed: int) -> RawData:
@@ -244,8 +264,11 @@ class Task(ABC):
 
     @staticmethod
     def encode_splits(raw: RawData, rows: Callable[[Any], Rows]) -> TaskData:
-        """`rows(split)` for the train and (if any) eval split."""
-        return TaskData(rows(raw.train), rows(raw.eval) if raw.eval is not None else None, raw.labels)
+        """`rows(split)` for the train split and (if any) the eval and test splits."""
+        def maybe(split: Any) -> Rows | None:
+            return rows(split) if split is not None else None
+
+        return TaskData(rows(raw.train), maybe(raw.eval), raw.labels, maybe(raw.test))
 
     def collate(self, rows: Rows, idx: torch.Tensor) -> Rows:
         """The batch of rows `idx`, ready for `row_stats` (text tasks cut the shared padding)."""
@@ -267,6 +290,17 @@ class Task(ABC):
         """Run the model on a batch and score it per row."""
         return self.loss_stats(model_logits(model, self.inputs(batch)), batch)
 
+    predict_batch_size: ClassVar[int] = 32
+
+    def input_column(self, data: DataSection) -> str:
+        """The column of an input file that `peftkit predict` reads."""
+        raise DataError(f"task {self.name} has no predict (it reads bundled tensors, not text inputs)")
+
+    def predict(self, model: nn.Module, processor: Any, inputs: list[str], data: DataSection,
+                labels: list[str] | None, max_new_tokens: int) -> list[dict[str, Any]]:
+        """One JSON-able record per input: what `peftkit predict` writes."""
+        raise NotImplementedError
+
 
 def _classification_stats(logits: torch.Tensor, labels: torch.Tensor) -> RowStats:
     logits = logits.float()
@@ -282,12 +316,12 @@ class ClassifyText(Task):
     bundled = {"bbc-news": lambda seed: bundled_sets.load_bbc_news(seed=seed)}
 
     def read_data(self, data: DataSection, seed: int) -> RawData:
-        train, evaluation = self.read_table(data, seed, [data.text_column, data.label_column])
+        train, evaluation, test = self.read_table(data, seed, [data.text_column, data.label_column])
         names = _class_names(train, data)
-        for split, where in ((train, "train data"), (evaluation, "eval data")):
+        for split, where in ((train, "train data"), (evaluation, "eval data"), (test, "test data")):
             if split is not None:
                 _label_ids(split[data.label_column], names, where)
-        return RawData(train, evaluation, names)
+        return RawData(train, evaluation, names, test)
 
     def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
         def rows(split: Dataset) -> Rows:
@@ -300,6 +334,23 @@ class ClassifyText(Task):
 
     def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
         return _classification_stats(logits, batch["labels"])
+
+    def input_column(self, data: DataSection) -> str:
+        return data.text_column
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, processor: Any, inputs: list[str], data: DataSection,
+                labels: list[str] | None, max_new_tokens: int) -> list[dict[str, Any]]:
+        """The most probable label of each text, with every label's probability (softmax of the logits)."""
+        device, records = next(model.parameters()).device, []
+        for start in range(0, len(inputs), self.predict_batch_size):
+            texts = inputs[start:start + self.predict_batch_size]
+            encoded = processor(texts, truncation=True, max_length=data.max_length, padding=True, return_tensors="pt")
+            probs = model(**encoded.to(device)).logits.float().softmax(-1).cpu()
+            for text, row in zip(texts, probs, strict=True):
+                records.append({"text": text, "label": labels[int(row.argmax())],
+                                "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row, strict=True)}})
+        return records
 
 
 def chat_rows(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> Rows:
@@ -331,8 +382,8 @@ class CausalLMChat(Task):
     bundled = {"chatterbot": lambda seed: bundled_sets.load_chatterbot_splits(seed=seed)}
 
     def read_data(self, data: DataSection, seed: int) -> RawData:
-        train, evaluation = self.read_table(data, seed, [data.prompt_column, data.response_column])
-        return RawData(train, evaluation, None)
+        train, evaluation, test = self.read_table(data, seed, [data.prompt_column, data.response_column])
+        return RawData(train, evaluation, None, test)
 
     def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
         if not getattr(processor, "chat_template", None):
@@ -360,6 +411,24 @@ class CausalLMChat(Task):
         losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
         return RowStats(losses.sum(1), (targets != -100).sum(1).float())
 
+    def input_column(self, data: DataSection) -> str:
+        return data.prompt_column
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, processor: Any, inputs: list[str], data: DataSection,
+                labels: list[str] | None, max_new_tokens: int) -> list[dict[str, Any]]:
+        """The greedy answer to each prompt, rendered with the chat template as in training."""
+        device, records = next(model.parameters()).device, []
+        for prompt in inputs:
+            text = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = processor(text, add_special_tokens=False, return_tensors="pt").to(device)
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=processor.pad_token_id or processor.eos_token_id)
+            answer = processor.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            records.append({"prompt": prompt, "response": answer.strip()})
+        return records
+
 
 class ClassifyImage(Task):
     """Image classification (Fashion-MNIST greyscale images resized to the model's input, 3 channels)."""
@@ -371,8 +440,9 @@ class ClassifyImage(Task):
 
     def read_data(self, data: DataSection, seed: int) -> RawData:
         self.check_bundled(data)
-        if data.name is None:
-            raise DataError("task classify-image reads the bundled data set only: set data.name: fashion-mnist")
+        if data.name is None or data.test is not None:
+            raise DataError("task classify-image reads the bundled data set only: set data.name: fashion-mnist "
+                            "(and no data.test)")
         def split(name: str, limit: int | None) -> Rows:
             images, labels = bundled_sets.load_fashion_mnist(name)
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:limit]

@@ -35,9 +35,10 @@ from ..core.io import adapter_files, write_dir_atomically
 from ..core.registry import REGISTRY_ATTR, get_registry
 from ..core.slot import SLOT_ATTR
 from ..core.training import TrainingContext, TrainingStep
-from .config import TrainConfig, TrainConfigError, config_from_mapping, load_config
+from .config import DataSection, TrainConfig, TrainConfigError, config_from_mapping, load_config
 from .engine import Engine, MicroBatch, Run, param_groups, selection_indices, task_loss, to_device
 from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
+from .full import FullFinetune, full_files, load_full, save_full, train_base
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
 
 STATE_FILE = "trainer_state.json"
@@ -56,7 +57,9 @@ class Callback(TrainingStep):
 class TrainResult:
     before: dict[str, float] | None  # eval metrics before training
     after: dict[str, float] | None  # eval metrics of the final model (the best epoch's with restore_best)
-    best: dict[str, Any] | None  # {"metric", "value", "step", "epoch"}
+    best: dict[str, Any] | None  # {"metric", "value", "step", "epoch", "metrics"}: the best evaluation
+    last: dict[str, Any] | None  # {"step", "epoch", "metrics"}: the last evaluation
+    test: dict[str, float] | None  # data.test metrics of the final model, scored once after training
     steps: int
     epochs: int  # complete epochs
     stopped_early: bool
@@ -152,6 +155,31 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if f".{SLOT_ATTR}." in f".{k}"}
 
 
+@torch.inference_mode()
+def score_sums(task: Task, model: nn.Module, batch: Callable[[torch.Tensor], Rows], batches: Sequence[torch.Tensor],
+               autocast: Callable[[], Any] = nullcontext, progress: bool = False, desc: str = "eval") -> list[float]:
+    """[summed loss, loss units, correct predictions] over the row batches `batches` (`batch(idx)` forms one on
+    the model's device), in eval mode, with a progress bar when `progress`."""
+    model.eval()
+    loss = units = correct = 0.0
+    for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
+        with autocast():
+            stats = task.row_stats(model, batch(idx))
+        loss += stats.loss_sum.sum().item()
+        units += stats.units.sum().item()
+        if stats.correct is not None:
+            correct += stats.correct.sum().item()
+    return [loss, units, correct]
+
+
+def split_metrics(task: Task, loss: float, units: float, correct: float, rows: int) -> dict[str, float]:
+    """Loss per unit, and accuracy for classification, from `score_sums` over `rows` rows."""
+    metrics = {"loss": loss / max(units, 1.0)}
+    if task.metric == "accuracy":
+        metrics["accuracy"] = correct / rows
+    return metrics
+
+
 class Trainer:
     """Trains the adapters attached to `model` on `data` as `config` says; see `fit`."""
 
@@ -228,31 +256,23 @@ class Trainer:
             return values
         return self.sync.sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
-    @torch.inference_mode()
     def evaluate(self) -> dict[str, float] | None:
         """Loss (per unit: row or answer token) and accuracy (classification) on the eval rows."""
-        rows = self.data.eval
+        return self.score_split("eval")
+
+    def score_split(self, split: str) -> dict[str, float] | None:
+        """`evaluate`'s metrics on the rows of `split` ("eval" or "test"); None when there are none."""
+        rows = getattr(self.data, split)
         if rows is None:
             return None
         was_training = self.model.training
-        self.model.eval()
-        loss = units = correct = 0.0
-        n = num_rows(rows)
-        for idx in map(self._shard, torch.arange(n).split(self.config.eval.batch_size)):
-            if not len(idx):
-                continue
-            with self._autocast():
-                stats = self.task.row_stats(self.model, self._batch(rows, idx))
-            loss += stats.loss_sum.sum().item()
-            units += stats.units.sum().item()
-            if stats.correct is not None:
-                correct += stats.correct.sum().item()
-        self.model.train(was_training)
-        loss, units, correct = self._global_sum([loss, units, correct])
-        metrics = {"loss": loss / max(units, 1.0)}
-        if self.task.metric == "accuracy":
-            metrics["accuracy"] = correct / n
-        return metrics
+        batches = [idx for idx in map(self._shard, torch.arange(num_rows(rows)).split(self.config.eval.batch_size))
+                   if len(idx)]
+        sums = score_sums(self.task, self.model, lambda idx: self._batch(rows, idx), batches, self._autocast,
+                          progress=self.config.progress and self.ctx.is_main, desc=split)
+        if was_training:
+            self._train_mode()  # frozen BatchNorm layers stay in eval mode
+        return split_metrics(self.task, *self._global_sum(sums), num_rows(rows))
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -346,9 +366,11 @@ class Trainer:
         self._plot()
 
     def _finish(self) -> TrainResult:
+        chosen = {"step": self.step, "epoch": self.epoch}
         restore = self.config.eval.restore_best and self.best is not None and self.best["step"] != self.step
         if restore:
             self._load_adapter_state(self.output / "checkpoints" / "best")
+            chosen = {"step": self.best["step"], "epoch": self.best["epoch"]}
         for callback in self.callbacks:  # on the weights that are kept: a projection changes them
             callback.on_train_end(self)
         if any(type(c).on_train_end is not TrainingStep.on_train_end for c in self.callbacks):
@@ -359,11 +381,27 @@ class Trainer:
             after = self.last_eval["metrics"]
         else:
             after = self.evaluate()
+        test = self.score_split("test")  # once, with the chosen weights
+        if test is not None:
+            self._log({"kind": "test", **chosen, **test})
         adapter_dir = self.output / "adapter" if self.config.output.save else None
-        if adapter_dir is not None:
+        if adapter_dir is not None and isinstance(self.config.method, FullFinetune):
+            if self.ctx.is_main:
+                save_full(self.model, adapter_dir)
+        elif adapter_dir is not None:
             save_from_main(self.model, adapter_dir, self.config.adapter_name, self.ctx)
-        return TrainResult(self.before, after, self.best, self.step, self.epoch, self.stopped_early, self.train_seconds,
-                           self.output, adapter_dir, self.data.labels, self.model, self.processor)
+        last = self.last_eval and {"step": self.last_eval["step"], "epoch": self.epoch,
+                                   "metrics": self.last_eval["metrics"]}
+        return TrainResult(before=self.before, after=after, best=self.best, last=last, test=test, steps=self.step,
+                           epochs=self.epoch, stopped_early=self.stopped_early, train_seconds=self.train_seconds,
+                           output_dir=self.output, adapter_dir=adapter_dir, labels=self.data.labels, model=self.model,
+                           processor=self.processor)
+
+    def _weight_files(self) -> dict[str, Any]:
+        """The files of what this run trains: its adapter's, or with `method: full` the whole model's."""
+        if isinstance(self.config.method, FullFinetune):
+            return full_files(self.model)
+        return adapter_files(self.model, self.config.adapter_name)
 
     # --- files -----------------------------------------------------------------------------------
 
@@ -423,8 +461,7 @@ class Trainer:
         state = self._state(tensors)
         path = self.output / "checkpoints" / which
         if self.ctx.is_main:
-            write_dir_atomically(path, {**adapter_files(self.model, self.config.adapter_name),
-                                        STATE_FILE: state, TENSORS_FILE: tensors})
+            write_dir_atomically(path, {**self._weight_files(), STATE_FILE: state, TENSORS_FILE: tensors})
         self.ctx.barrier()  # every process may read it next (the best epoch's adapter, a resume)
         return path
 
@@ -436,6 +473,8 @@ class Trainer:
     @torch.no_grad()
     def _load_adapter_state(self, path: Path) -> None:
         _, tensors = self._read_checkpoint(path)
+        if isinstance(self.config.method, FullFinetune):  # the whole model's weights are the checkpoint's own
+            load_full(self.model, path)
         saved = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         current = adapter_state(self.model)
         if saved.keys() != current.keys():
@@ -501,29 +540,49 @@ class Trainer:
         os.replace(tmp, self.output / "loss.png")
 
 
-def prepare(config: TrainConfig) -> tuple[nn.Module, Any, Task, TaskData]:
-    """Check the data, load the model and attach the adapter: every named error happens here, before training."""
+def _data_sources(data: DataSection) -> str:
+    if data.name is not None:
+        return f"{data.name} (bundled)" + (f", test {data.test}" if data.test is not None else "")
+    return ", ".join(f"{split} {path}" for split, path in
+                     (("train", data.train), ("eval", data.eval), ("test", data.test)) if path is not None)
+
+
+def prepare(config: TrainConfig, say: Callable[[str], None] = lambda message: None
+            ) -> tuple[nn.Module, Any, Task, TaskData]:
+    """Check the data, load the model and attach the adapter (or, with `method: full`, unfreeze the whole model):
+    every named error happens here, before training. `say(message)` hears each slow step before it starts."""
     task = TASKS[config.task]()
     if (config.eval.metric or task.metric) == "accuracy" and task.metric != "accuracy":
         raise TrainConfigError(f"eval.metric: task {task.name} has no accuracy; use loss")
     torch.manual_seed(config.seed)
+    say(f"reading data: {_data_sources(config.data)}")
     raw = task.read_data(config.data, config.seed)
     if raw.eval is None and config.eval.patience is not None:
         raise TrainConfigError("eval.patience needs eval data: set data.eval or data.eval_fraction")
+    say(f"loading model {config.model.name} and encoding the data")
     model, processor = task.load_model(config.model, raw)
     data = task.encode(raw, processor, config.data)
+    if isinstance(config.method, FullFinetune):
+        train_base(model)
+        _checkpoint_activations(config, model)
+        return model, processor, task, data
     method = config.method.fill_from_run(planned_steps(config, num_rows(data.train))[1])
     if config.model.train_head:
         head = [m for m in task.head_modules(config.model) if m not in method.modules_to_save]
         method = method.model_copy(update={"modules_to_save": [*method.modules_to_save, *head]})
     attach(model, method, name=config.adapter_name)
+    _checkpoint_activations(config, model)
+    return model, processor, task, data
+
+
+def _checkpoint_activations(config: TrainConfig, model: nn.Module) -> None:
+    """Gradient checkpointing, when `model.gradient_checkpointing` asks for it."""
     if config.model.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise TrainConfigError(f"model.gradient_checkpointing: {config.model.name} does not support it "
                                    "(Hugging Face transformers models do)")
         # Non-reentrant: recomputation works although the frozen base's inputs do not require grad.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor, task, data
 
 
 def mean_loss(task: Task) -> Callable[[nn.Module, Rows], torch.Tensor]:
@@ -549,23 +608,29 @@ def method_steps(config: TrainConfig, model: nn.Module, task: Task, data: TaskDa
     """The attached method's own training steps (its selection on data runs now, on the training device)."""
     device = _train_device(config, ctx)
     model.to(device)
+    if isinstance(config.method, FullFinetune):
+        return []
     context = training_context(model, config.adapter_name, planned_steps(config, num_rows(data.train))[1], task,
                                data.train, config.schedule.batch_size, config.seed, device)
     return get_registry(model).require(config.adapter_name).training_steps(context)
 
 
 def run_training(config: TrainConfig | dict[str, Any] | str | os.PathLike, resume: bool = False,
-                 callbacks: Sequence[Callback] = ()) -> TrainResult:
+                 callbacks: Sequence[Callback] = (), say: Callable[[str], None] = lambda message: None) -> TrainResult:
     """Train as `config` says (a TrainConfig, a dict, or a YAML path) and save the adapter to `output.dir/adapter`.
 
-    The method's own training steps (`AdapterConfig.training_steps`) run before `callbacks`."""
+    The method's own training steps (`AdapterConfig.training_steps`) run before `callbacks`; `say(message)`
+    hears what is being loaded, before each slow step."""
     if isinstance(config, dict):
         config = config_from_mapping(config)
     elif not isinstance(config, TrainConfig):
         config = load_config(config)
     ctx = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
     try:
-        model, processor, task, data = prepare(config)
+        if ctx is not None and isinstance(config.method, FullFinetune):
+            raise TrainConfigError("method: full does not train under torchrun: only adapter gradients are "
+                                   "synchronised across processes")
+        model, processor, task, data = prepare(config, say)
         steps = method_steps(config, model, task, data, ctx)
         return Trainer(model, task, data, config, [*steps, *callbacks], processor, ctx).fit(resume=resume)
     finally:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
@@ -44,7 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @register_method
 class Bottleneck(AdapterConfig):
-    """Bottleneck adapter config: width, non-linearity, serial or parallel placement, output scale."""
+    """Bottleneck adapter config: width, non-linearity, serial or parallel placement, output scale; `preset:
+    houlsby | pfeiffer | parallel` places it as in the papers (keys given beside it override the preset's)."""
 
     method: ClassVar[str] = "bottleneck"
     bottleneck: int = Field(64, gt=0, description="units between the down- and up-projection")
@@ -52,13 +53,24 @@ class Bottleneck(AdapterConfig):
     placement: Literal["serial", "parallel"] = Field("serial", description="read the host's output (serial) or input (parallel)")
     scale: float = Field(1.0, gt=0, description="s, the factor on the adapter's output (scaled parallel: 4)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """`preset: houlsby` in a config file is `Bottleneck.preset("houlsby")`: the preset's placement, scale and
+        targets, under the keys given beside it. The saved config holds the expanded fields, never the preset."""
+        if not isinstance(data, dict) or "preset" not in data:
+            return data
+        fields = {key: value for key, value in data.items() if key != "preset"}
+        style = data["preset"]
+        if style not in PRESETS:
+            raise ValueError(f"unknown bottleneck adapter preset {style!r}; choose one of {', '.join(PRESETS)}")
+        return {**PRESETS[style], **fields}
+
     @classmethod
     def preset(cls, style: str, **fields: Any) -> "Bottleneck":
         """A config placed as in a paper: "houlsby", "pfeiffer" or "parallel" (He et al.'s scaled PA);
         `fields` override the preset's (e.g. `bottleneck=64`, `targets=...`)."""
-        if style not in PRESETS:
-            raise ValueError(f"unknown bottleneck adapter preset {style!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[style], **fields})
+        return cls(preset=style, **fields)
 
     def host_types(self) -> tuple[type[nn.Module], ...]:
         return LINEAR_TYPES
