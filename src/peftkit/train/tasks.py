@@ -126,6 +126,7 @@ def _label_folder(path: Path, text_column: str, label_column: str) -> Dataset:
 
 def read_local(path: Path, text_column: str = "text", label_column: str = "label") -> Dataset:
     """A local JSONL / JSON / CSV file, or a folder of <label>/*.txt, as a `datasets.Dataset`."""
+    bundled_models.require_extra("datasets", "train")
     from datasets import load_dataset
 
     if not path.exists():
