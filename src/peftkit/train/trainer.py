@@ -35,6 +35,7 @@ from ..core.io import adapter_files, write_dir_atomically
 from ..core.registry import REGISTRY_ATTR, get_registry
 from ..core.slot import SLOT_ATTR
 from ..core.training import TrainingContext, TrainingStep
+from ..models import require_extra
 from .config import DataSection, TrainConfig, TrainConfigError, config_from_mapping, load_config
 from .engine import Engine, MicroBatch, Run, param_groups, selection_indices, task_loss, to_device
 from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
@@ -554,6 +555,8 @@ def prepare(config: TrainConfig, say: Callable[[str], None] = lambda message: No
     task = TASKS[config.task]()
     if (config.eval.metric or task.metric) == "accuracy" and task.metric != "accuracy":
         raise TrainConfigError(f"eval.metric: task {task.name} has no accuracy; use loss")
+    if config.output.plot:  # drawn after the first epoch: fail now, not after training
+        require_extra("matplotlib", "train")
     torch.manual_seed(config.seed)
     say(f"reading data: {_data_sources(config.data)}")
     raw = task.read_data(config.data, config.seed)
@@ -581,8 +584,13 @@ def _checkpoint_activations(config: TrainConfig, model: nn.Module) -> None:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise TrainConfigError(f"model.gradient_checkpointing: {config.model.name} does not support it "
                                    "(Hugging Face transformers models do)")
-        # Non-reentrant: recomputation works although the frozen base's inputs do not require grad.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: recomputation works although the frozen base's inputs do not require grad. transformers
+        # before 5.23 names it gradient_checkpointing_enable.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def mean_loss(task: Task) -> Callable[[nn.Module, Rows], torch.Tensor]:
