@@ -45,6 +45,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sora": {"targets": QV, "r": 4},
 }
 LLAMA = {"llama_adapter": {"adapter_len": 2, "adapter_layers": 1}}  # Llama attention only: the chat task
+CHAT = {**LLAMA, "lora": {"targets": ["q_proj", "v_proj"], "r": 2}, "prompt_tuning": {"num_virtual_tokens": 4},
+        "prefix_tuning": {"num_virtual_tokens": 4}, "ia3": {"targets": ["k_proj", "v_proj", "down_proj"],
+                                                           "feedforward": ["down_proj"]}}
 REFUSED = {"adapter_fusion": "adapters: Field required"}  # fuses adapters trained before: nothing to fuse here
 STEPS = 8  # 16 rows in batches of 4, 2 epochs
 
@@ -103,10 +106,10 @@ def assert_base(model, before: dict[str, torch.Tensor], method: str) -> None:
     assert bool(changed) == (method == "relora"), changed[:3]
 
 
-def config(tmp_path, method: str, **sections) -> dict[str, Any]:
-    if method in LLAMA:
+def config(tmp_path, method: str, chat: bool = False, **sections) -> dict[str, Any]:
+    if chat:
         return tiny_config(tmp_path, task="causal-lm-chat", model={"name": "tiny-llama"},
-                           method={"method": method, **LLAMA[method]},
+                           method={"method": method, **CHAT[method]},
                            data={"name": "chatterbot", "train_limit": 16, "eval_limit": 4, "max_length": 96},
                            **sections)
     return tiny_config(tmp_path, method={"method": method, **CONFIGS.get(method, {})},
@@ -122,9 +125,12 @@ class KeepOptimizer(Callback):
         self.optimizer = trainer.optimizer
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in REFUSED])
-def test_method_trains_through_peftkit_train_and_multijob_with_its_own_steps(tmp_path, method: str) -> None:
-    cfg = config(tmp_path, method, **RUN)
+CASES = [(m, False) for m in METHODS if m not in REFUSED and m not in LLAMA] + [(m, True) for m in CHAT]
+
+
+@pytest.mark.parametrize("method, chat", CASES, ids=[f"{m}-{'chat' if chat else 'bbc'}" for m, chat in CASES])
+def test_method_trains_through_peftkit_train_and_multijob_with_its_own_steps(tmp_path, method: str, chat: bool) -> None:
+    cfg = config(tmp_path, method, chat, **RUN)
     model, _, task, data = prepare(config_from_mapping(cfg))  # the same initial model the run starts from
     initial, base = {k: v.clone() for k, v in adapter_state(model).items()}, base_state(model)
 
