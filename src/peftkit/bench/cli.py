@@ -16,6 +16,9 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--quick", dest="profile", action="store_const", const="quick",
                          help="a few minutes on 2 CPU cores: MiniLM on a BBC News subset, representative methods and "
                               "the reference rows, 1 seed, each method's first lr (the default)")
+    profile.add_argument("--standard", dest="profile", action="store_const", const="standard",
+                         help="about an hour on 2 CPU cores: every registered method on a larger BBC News subset, "
+                              "1 seed, the lr sweep")
     profile.add_argument("--full", dest="profile", action="store_const", const="full",
                          help="every registered method on every task, 3 seeds, the lr sweep (hours on a CPU)")
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help="rows to run (registry names, full-finetune, "

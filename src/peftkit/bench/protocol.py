@@ -57,6 +57,7 @@ def _all_methods() -> list[str]:
 
 PROFILES = {
     "quick": Profile("quick", seeds=1, sweep=False, timing_rounds=5, tasks=("bbc-news",), methods=_quick_methods),
+    "standard": Profile("standard", seeds=1, sweep=True, timing_rounds=5, tasks=("bbc-news",), methods=_all_methods),
     "full": Profile("full", seeds=3, sweep=True, timing_rounds=11, tasks=tuple(BENCH_TASKS), methods=_all_methods),
 }
 

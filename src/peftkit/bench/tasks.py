@@ -106,8 +106,9 @@ QUICK_BBC = Budget(steps=30, batch_size=16, train_rows=400, val_rows=80, test_ro
 BENCH_TASKS: dict[str, BenchTask] = {t.name: t for t in [
     BenchTask("bbc-news", "all-MiniLM-L6-v2 on BBC News topics (5 classes)", "bert", "classify-text",
               {"name": "minilm"}, {"name": "bbc-news"}, "accuracy",
-              {"quick": QUICK_BBC, "full": Budget(steps=200, batch_size=16, train_rows=None, val_rows=200,
-                                                  test_rows=None, max_length=128)}),
+              {"quick": QUICK_BBC,
+               "standard": Budget(steps=60, batch_size=16, train_rows=800, val_rows=160, test_rows=400, max_length=64),
+               "full": Budget(steps=200, batch_size=16, train_rows=None, val_rows=200, test_rows=None, max_length=128)}),
     BenchTask("chatterbot", "SmolLM2-135M-Instruct on chatterbot dialogues (answers only)", "llama",
               "causal-lm-chat", {"name": "smollm2"}, {"name": "chatterbot"}, "loss",
               {"full": Budget(steps=150, batch_size=8, train_rows=None, val_rows=60, test_rows=None, max_length=96)}),
