@@ -6,6 +6,8 @@ import torch
 
 import peftkit
 from peftkit import LoRA, LoRAFA, SoRA, loraplus_param_groups
+from peftkit.train import Callback, Trainer, TrainConfigError, config_from_mapping, prepare
+from tests.train_models import tiny_config
 
 
 def _ids(params) -> list[int]:
@@ -50,13 +52,42 @@ def test_lorafa_has_only_b_and_errors_name_the_argument(tiny) -> None:
         loraplus_param_groups(tiny, "default", lr=1e-3)
 
 
+class FirstLrs(Callback):
+    """Each optimizer group's lr at the first step."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step == 1:
+            self.lrs = [group["lr"] for group in trainer.optimizer.param_groups]
+
+
+def test_trainer_trains_in_the_groups_it_is_given(tmp_path) -> None:
+    config = config_from_mapping(tiny_config(tmp_path, output={"save": False}, eval={"restore_best": False}))
+    model, processor, task, data = prepare(config)
+    first = FirstLrs()
+    trainer = Trainer(model, task, data, config, [first], processor)
+    slow, fast = loraplus_param_groups(model, config.adapter_name, lr=1e-3, ratio=4)
+    with pytest.raises(TrainConfigError, match="each trainable parameter of the model exactly once"):
+        trainer.set_param_groups([fast])
+    with pytest.raises(TrainConfigError, match="exactly once"):
+        trainer.set_param_groups([slow, fast, fast])
+    trainer.set_param_groups([slow, fast])
+    trainer.fit()
+    assert first.lrs == [1e-3, 4e-3]
+    with pytest.raises(TrainConfigError, match="before training; 2 steps were taken"):
+        trainer.set_param_groups([slow, fast])
+
+
+class LoRAPlusGroups(Callback):
+    """LoRA+ in the trainer: B at 16 × 1e-3, the rest of the adapter (the head copy too) at 1e-3, on the run's schedule."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        trainer.set_param_groups(loraplus_param_groups(trainer.model, "default", lr=1e-3, ratio=16))
+
+
 def test_loraplus_learns_bbc() -> None:
     from .bbc import LEARNS, fit_bbc
 
-    def groups(model):
-        return {"param_groups": loraplus_param_groups(model, "default", lr=1e-3, ratio=16)}
-
-    result, model, _ = fit_bbc(LoRA(r=8, alpha=16, targets=["query", "value"]), on_attach=groups)
+    result, model, _ = fit_bbc(LoRA(r=8, alpha=16, targets=["query", "value"]), callbacks=[LoRAPlusGroups()])
     assert result.accuracy_after > LEARNS
     head = model.classifier.peftkit["default"].module.weight
     assert not torch.equal(head, model.classifier.weight)  # the head copy is in the slow group and trains too

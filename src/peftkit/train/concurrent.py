@@ -82,7 +82,7 @@ class Job:
     losses `[B]` (the job's loss is their mean) or `(loss_sum [B], units [B])` (the job's loss is
     Σ loss_sum / Σ units over the batch, e.g. tokens of a language-model loss).
     Data order: a `torch.Generator` seeded with `seed` draws one permutation per epoch, as in
-    `peftkit.train.classify` and `peftkit.train.trainer`.
+    `peftkit.train.trainer`.
     """
 
     adapter: str

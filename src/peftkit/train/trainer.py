@@ -233,6 +233,20 @@ class Trainer:
             metrics["accuracy"] = correct / n
         return metrics
 
+    def set_param_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Train in these optimizer groups, each at its own lr (LoRA+: `loraplus_param_groups`), on the run's
+        schedule; before the first step (a callback's `on_train_begin`). They must hold every trainable parameter."""
+        if self.step:
+            raise TrainConfigError(f"parameter groups must be set before training; {self.step} steps were taken")
+        grouped = [p for group in groups for p in group["params"]]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if len(grouped) != len({id(p) for p in grouped}) or {id(p) for p in grouped} != {id(p) for p in trainable}:
+            raise TrainConfigError("the parameter groups must hold each trainable parameter of the model exactly once")
+        schedule = self.config.schedule
+        self.optimizer = _make_optimizer(self.config, groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_factor(schedule.scheduler, schedule.warmup_steps, self.total_steps))
+
     # --- the loop --------------------------------------------------------------------------------
 
     def _train_mode(self) -> None:
