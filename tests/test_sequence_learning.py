@@ -1,6 +1,6 @@
 """Learning on real data: prompt tuning, P-tuning and prefix tuning on MiniLM + BBC News beat the head alone.
 
-fit_bbc also trains the classifier head, which alone reaches 0.825 at lr 3e-2 (32 tokens), so fit_bbc holds each
+fit_bbc also trains the classifier head, which alone reaches 0.80 at lr 3e-2 (32 tokens), so fit_bbc holds each
 run to that control (and to the virtual tokens switched off), and each test also puts the virtual tokens back to
 their start values after training: accuracy must fall, i.e. the head relies on what the tokens learned. A prompt
 on a small encoder learns slowly, hence the large learning rates (Lester et al. used 0.3)."""
@@ -37,5 +37,5 @@ def test_sequence_adapter_on_minilm_learns_bbc_topics(config: peftkit.AdapterCon
     model.peftkit["default"].load_state_dict(start.state)
     reset = bbc_accuracy(model, max_length)
     print(f"{config.method}: accuracy with the virtual tokens at their start values {reset:.3f}")
-    # measured drops: prompt 0.945 -> 0.630, P-tuning 0.875 -> 0.720, prefix 0.910 -> 0.810 (tokens that never trained: no drop)
+    # measured drops: prompt 0.930 -> 0.690, P-tuning 0.965 -> 0.495, prefix 0.925 -> 0.820 (tokens that never trained: no drop)
     assert reset < result.accuracy_after - 0.04
