@@ -1,29 +1,33 @@
 """Shared learning check: fine-tune MiniLM-L6 with one adapter config on a BBC News subset, against controls.
 
-Every `fit_bbc` run trains a classifier head together with the adapter, and a head alone learns BBC topics
-too (0.36 at lr 3e-3, 0.71 at 1e-2, 0.825 at 3e-2), so accuracy by itself proves little. Each run is therefore checked
-against two controls (numbers measured 2026-12, printed with `pytest -s`):
+Every run goes through peftkit's trainer as `peftkit train` runs it (`run_training`: the method's own training
+steps included), on the CPU in fp32. Every `fit_bbc` run trains a classifier head together with the adapter, and a
+head alone learns BBC topics too (0.365 at lr 3e-3, 0.685 at 1e-2, 0.80 at 3e-2), so accuracy by itself proves
+little. Each run is therefore checked against two controls (numbers measured 2026-12, printed with `pytest -s`):
 
-- head alone: the same head init, data order, steps, learning rate and tokens with the encoder frozen and no
-  adapter (`head_only`, trained once per setting and cached); the method must beat its accuracy by `MARGIN`
-  and end with lower training losses;
+- head alone: the same head init, data order, steps, learning rate and tokens with the encoder frozen and only the
+  head training (`head_only`: an adapter frozen at its no-op start, its head copy training; trained once per setting
+  and cached); the method must beat its accuracy by `MARGIN` and end with lower training losses;
 - adapter off: after training, the trained head on the bare base (`adapter_off`); accuracy must drop
   by `DROP`, so the trained model really relies on the adapter.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import peftkit
-from peftkit.data import load_bbc_news
-from peftkit.models import load_minilm
-from peftkit.train.classify import ClassifyConfig, ClassifyResult, accuracy, encode, train_classifier
+from peftkit.train import (TASKS, Callback, TaskData, Trainer, TrainConfig, TrainResult, config_from_mapping, prepare,
+                           run_training)
+from peftkit.train.config import DataSection
 
 TRAIN_ROWS, TEST_ROWS = 320, 200
 MAX_LENGTH = 32  # tokens per article: the headline and the first sentence
@@ -34,45 +38,94 @@ MAX_LENGTH = 32  # tokens per article: the headline and the first sentence
 MARGIN = 0.05
 LEARNS = 0.75  # an absolute floor on top of the controls, so a collapse at a weak control's setting still fails
 # Switching the adapter off after training (the trained head kept) must cost as much: 10 of 200 articles. Measured:
-# LoRA 0.880 -> 0.455 off; VeRA, the weakest, 0.795 -> 0.720 (its head alone: 0.710).
+# LoRA 0.845 -> 0.415 off; VeRA, the weakest, 0.785 -> 0.715 (its head alone: 0.685).
 DROP = 0.05
 
 
-@lru_cache(maxsize=1)
-def bbc_subset():
-    data = load_bbc_news(seed=0)
-    return data["train"].shuffle(seed=0).select(range(TRAIN_ROWS)), data["test"].shuffle(seed=0).select(range(TEST_ROWS))
+@dataclass
+class BBCRun:
+    """A training run on the BBC subset: test accuracy before and after, and each optimizer step's loss."""
+
+    accuracy_before: float
+    accuracy_after: float
+    losses: list[float]
+    steps: int
+    train_seconds: float
 
 
-def bbc_accuracy(model: nn.Module, tokenizer, max_length: int = MAX_LENGTH) -> float:
-    """Accuracy on the 200 test articles at `max_length` tokens."""
-    test = bbc_subset()[1]
-    return accuracy(model, encode(tokenizer, test["text"], max_length), torch.tensor(test["label"]))
+def _bbc_section(max_length: int) -> DataSection:
+    """The first TRAIN_ROWS / TEST_ROWS articles of BBC News' splits shuffled with seed 0 (the runs' seed)."""
+    return DataSection(name="bbc-news", max_length=max_length, train_limit=TRAIN_ROWS, eval_limit=TEST_ROWS)
 
 
-def _fresh_minilm() -> tuple[nn.Module, object]:
-    """MiniLM with a 5-way head drawn from seed 0: every run and its control start from the same head."""
-    torch.manual_seed(0)
-    return load_minilm(num_labels=5)
-
-
-def _train(model: nn.Module, tokenizer, lr: float, epochs: int, max_length: int, **hooks: Any) -> ClassifyResult:
-    train, test = bbc_subset()
-    return train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                            ClassifyConfig(epochs=epochs, batch_size=16, lr=lr, max_length=max_length), progress=False,
-                            **hooks)
+def bbc_config(method: peftkit.AdapterConfig, lr: float, epochs: int = 2, max_length: int = MAX_LENGTH,
+               adapter_name: str = "default") -> TrainConfig:
+    """The trainer's config for adapter `adapter_name` (`method`) on the BBC subset: batches of 16, AdamW with
+    linear decay, CPU and fp32, the final model kept (no checkpoints)."""
+    return config_from_mapping({
+        "method": method.to_dict(), "adapter_name": adapter_name, "data": _bbc_section(max_length).model_dump(),
+        "optimizer": {"lr": lr}, "schedule": {"epochs": epochs, "batch_size": 16},
+        "eval": {"restore_best": False}, "output": {"save": False, "plot": False},
+        "seed": 0, "device": "cpu", "precision": "fp32", "progress": False,
+    })
 
 
 @lru_cache(maxsize=None)
-def head_only(lr: float, max_length: int = MAX_LENGTH, epochs: int = 2) -> ClassifyResult:
-    """The control: the same run with only the classifier head training (frozen encoder, no adapter).
+def bbc_data(max_length: int = MAX_LENGTH) -> TaskData:
+    """The BBC subset as the classify-text task encodes it for MiniLM, at `max_length` tokens."""
+    from peftkit.models import load_minilm
+
+    section, task = _bbc_section(max_length), TASKS["classify-text"]()
+    return task.encode(task.read_data(section, seed=0), load_minilm()[1], section)
+
+
+def bbc_inputs(rows: int, max_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
+    """The model inputs of the first `rows` test articles."""
+    return {k: v[:rows] for k, v in bbc_data(max_length).eval.items() if k != "labels"}
+
+
+@torch.inference_mode()
+def bbc_accuracy(model: nn.Module, max_length: int = MAX_LENGTH) -> float:
+    """Accuracy on the TEST_ROWS test articles at `max_length` tokens, scored by the classify-text task."""
+    task, rows = TASKS["classify-text"](), bbc_data(max_length).eval
+    was_training = model.training
+    model.eval()
+    correct = sum(int(task.row_stats(model, task.collate(rows, idx)).correct.sum())
+                  for idx in torch.arange(TEST_ROWS).split(64))
+    model.train(was_training)
+    return correct / TEST_ROWS
+
+
+def _run(config: TrainConfig, fit: Callable[[TrainConfig], TrainResult]) -> tuple[BBCRun, TrainResult]:
+    """`fit(config)` with its output (the metrics file: the training losses) in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="peftkit-bbc-") as folder:
+        result = fit(config.model_copy(update={"output": config.output.model_copy(update={"dir": Path(folder)})}))
+        records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in records if record["kind"] == "train"]
+    return BBCRun(result.before["accuracy"], result.after["accuracy"], losses, result.steps, result.train_seconds), result
+
+
+def train_attached(model: nn.Module, config: TrainConfig, data: TaskData | None = None,
+                   callbacks: Sequence[Callback] = ()) -> BBCRun:
+    """Train what is trainable in `model` now (its adapters already attached) as `config` says, on `data` (default:
+    the BBC subset at the config's tokens); the method's own training steps are not added."""
+    data = data if data is not None else bbc_data(config.data.max_length)
+    return _run(config, lambda c: Trainer(model, TASKS[c.task](), data, c, callbacks).fit())[0]
+
+
+@lru_cache(maxsize=None)
+def head_only(lr: float, max_length: int = MAX_LENGTH, epochs: int = 2) -> BBCRun:
+    """The control: the same run with only the classifier head training (frozen encoder, adapter frozen at zero).
 
     Cached per setting, so the suite pays one head-only run per (lr, tokens, epochs) it uses, not one per test.
     """
-    model, tokenizer = _fresh_minilm()
-    model.requires_grad_(False)
-    model.classifier.requires_grad_(True)
-    result = _train(model, tokenizer, lr, epochs, max_length)
+    def fit(config: TrainConfig) -> TrainResult:
+        model, processor, task, data = prepare(config)  # the head drawn as in every fit_bbc run
+        peftkit.set_trainable(model, config.adapter_name, False)  # LoRA's B = 0: the base's outputs exactly
+        model.classifier.peftkit[config.adapter_name].requires_grad_(True)
+        return Trainer(model, task, data, config, processor=processor).fit()
+
+    result, _ = _run(bbc_config(peftkit.LoRA(r=1, targets=["query"]), lr, epochs, max_length), fit)
     print(f"head alone (lr {lr:g}, {max_length} tokens, {epochs} epochs): BBC accuracy {result.accuracy_after:.3f}, "
           f"last losses {mean_tail(result.losses):.3f}")
     return result
@@ -96,17 +149,17 @@ def adapter_off(model: nn.Module, head: str = "classifier", name: str = "default
         module.load_state_dict(base_head, strict=False)
 
 
-def adapter_off_accuracy(model: nn.Module, tokenizer, max_length: int = MAX_LENGTH) -> float:
+def adapter_off_accuracy(model: nn.Module, max_length: int = MAX_LENGTH) -> float:
     with adapter_off(model):
-        return bbc_accuracy(model, tokenizer, max_length)
+        return bbc_accuracy(model, max_length)
 
 
-def assert_beats_controls(result: ClassifyResult, model: nn.Module, tokenizer, lr: float, max_length: int = MAX_LENGTH,
+def assert_beats_controls(result: BBCRun, model: nn.Module, lr: float, max_length: int = MAX_LENGTH,
                           epochs: int = 2, margin: float = MARGIN, drop: float = DROP, label: str = "") -> None:
     """The run beats the head alone at its setting by `margin` (and ends with lower losses), and switching the
     adapter off after training costs at least `drop` of accuracy."""
     control = head_only(lr, max_length, epochs)
-    off = adapter_off_accuracy(model, tokenizer, max_length)
+    off = adapter_off_accuracy(model, max_length)
     print(f"{label}: accuracy {result.accuracy_after:.3f} vs head alone {control.accuracy_after:.3f} "
           f"(margin {result.accuracy_after - control.accuracy_after:+.3f}), adapter off {off:.3f}; last losses "
           f"{mean_tail(result.losses):.3f} vs head alone {mean_tail(control.losses):.3f}")
@@ -115,26 +168,21 @@ def assert_beats_controls(result: ClassifyResult, model: nn.Module, tokenizer, l
     assert off <= result.accuracy_after - drop, "the trained model does not rely on the adapter"
 
 
-def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2,
-            on_attach: Callable[[nn.Module], dict[str, Any]] | None = None, max_length: int = MAX_LENGTH,
-            margin: float | None = MARGIN, drop: float = DROP) -> tuple[ClassifyResult, nn.Module, object]:
-    """Attach `config` (plus a trainable classifier head) to a fresh MiniLM, train briefly, check the controls.
+def fit_bbc(config: peftkit.AdapterConfig, lr: float = 3e-3, epochs: int = 2, callbacks: Sequence[Callback] = (),
+            max_length: int = MAX_LENGTH, margin: float | None = MARGIN,
+            drop: float = DROP) -> tuple[BBCRun, nn.Module, object]:
+    """Train `config` (plus a trainable copy of the classifier head) on a fresh MiniLM with `run_training`, briefly,
+    and check the controls.
 
-    `on_attach(model)` may return extra `train_classifier` arguments (`on_step`, `regularizer`).
-    `max_length` is the tokens per article, in training and in the accuracy checks. Unless `margin` is None
-    (a phase that is not meant to learn on its own), `assert_beats_controls` holds the run to the head alone
-    at the same setting and to the adapter switched off.
+    `callbacks` run after the method's own training steps. `max_length` is the tokens per article, in training and
+    in the accuracy checks. Unless `margin` is None (a phase that is not meant to learn on its own),
+    `assert_beats_controls` holds the run to the head alone at the same setting and to the adapter switched off.
 
     Returns (result, model, tokenizer); the result holds accuracy before/after and the losses.
     """
-    model, tokenizer = _fresh_minilm()
-    if "classifier" not in config.modules_to_save:
-        config = config.model_copy(update={"modules_to_save": [*config.modules_to_save, "classifier"]})
-    peftkit.attach(model, config)
-    hooks = on_attach(model) if on_attach is not None else {}
-    result = _train(model, tokenizer, lr, epochs, max_length, **hooks)
+    result, trained = _run(bbc_config(config, lr, epochs, max_length), lambda c: run_training(c, callbacks=callbacks))
     print(f"{config.method}: BBC accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
           f"in {result.train_seconds:.1f}s")
     if margin is not None:
-        assert_beats_controls(result, model, tokenizer, lr, max_length, epochs, margin, drop, config.method)
-    return result, model, tokenizer
+        assert_beats_controls(result, trained.model, lr, max_length, epochs, margin, drop, config.method)
+    return result, trained.model, trained.processor

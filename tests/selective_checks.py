@@ -1,9 +1,8 @@
 """Checks shared by the selective method tests: the base untouched, changes only inside the mask, a refused
-phase switch, Fisher batches from the BBC subset, and the trained share / saved size of a learning run."""
+phase switch, and the trained share / saved size of a learning run."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,10 @@ from torch import nn
 
 import peftkit
 from peftkit import LoRA, SelectionError
-from peftkit.core.registry import adapter_deltas
+from peftkit.core.registry import adapter_deltas, get_registry
 from peftkit.core.delta import ModuleCopy
-from peftkit.train.classify import encode
 
-from .bbc import MAX_LENGTH, assert_beats_controls, bbc_subset, fit_bbc
-
-FISHER_ROWS = 64  # training examples the Fisher is computed on
+from .bbc import BBCRun, assert_beats_controls, bbc_config, fit_bbc, train_attached
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,16 +67,6 @@ def assert_phase_change_refuses_bad_calls(model: nn.Module, change: Callable[[nn
         change(model, "default")
 
 
-@lru_cache(maxsize=1)
-def fisher_batches() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    from peftkit.models import load_minilm
-
-    train = bbc_subset()[0]
-    inputs = encode(load_minilm()[1], train["text"][:FISHER_ROWS], MAX_LENGTH)
-    labels = torch.tensor(train["label"][:FISHER_ROWS])
-    return [({k: v[i:i + 16] for k, v in inputs.items()}, labels[i:i + 16]) for i in range(0, FISHER_ROWS, 16)]
-
-
 def trainable_share(model: nn.Module) -> float:
     """Trained entries of the base (the task head's copy excluded) over all base parameters."""
     counts = peftkit.summary(model)
@@ -94,23 +80,19 @@ def saved_kib(model: nn.Module, path: Path) -> float:
 
 
 def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, switch: Callable[[nn.Module], object], path: Path,
-                          on_attach: Callable[[nn.Module], dict[str, Any]] | None = None,
-                          sparse_epochs: int = 2) -> tuple[Any, Any, float, float]:
-    """A dense phase on BBC (1 epoch, lr 1e-4), `switch(model)`, then the sparse phase (lr 1e-2).
+                          sparse_epochs: int = 2) -> tuple[BBCRun, BBCRun, float, float]:
+    """A dense phase on BBC (1 epoch, lr 1e-4, with the method's own training steps), `switch(model)`, then the
+    sparse phase (lr 1e-2, the switched adapter alone).
 
     The controls: the head alone for one epoch more at lr 1e-2 than the sparse phase (more than the run's head
     got: its dense epoch is at lr 1e-4), and the sparse change switched off after training.
     Returns both phases' results, the share of the base the sparse phase trains, and the saved size in KiB.
     """
-    from peftkit.train.classify import ClassifyConfig, train_classifier
-
-    dense, model, tokenizer = fit_bbc(config, lr=1e-4, epochs=1, on_attach=on_attach, margin=None)
+    dense, model, _ = fit_bbc(config, lr=1e-4, epochs=1, margin=None)
     switch(model)
-    train, test = bbc_subset()
-    sparse = train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                              ClassifyConfig(epochs=sparse_epochs, batch_size=16, lr=1e-2, max_length=MAX_LENGTH), progress=False)
+    sparse = train_attached(model, bbc_config(get_registry(model).require("default"), lr=1e-2, epochs=sparse_epochs))
     share, kib = trainable_share(model), saved_kib(model, path)
     print(f"{config.method}: dense phase accuracy {dense.accuracy_after:.3f}; sparse phase {sparse.accuracy_before:.3f} "
           f"-> {sparse.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
-    assert_beats_controls(sparse, model, tokenizer, lr=1e-2, epochs=sparse_epochs + 1, label=config.method)
+    assert_beats_controls(sparse, model, lr=1e-2, epochs=sparse_epochs + 1, label=config.method)
     return dense, sparse, share, kib

@@ -13,6 +13,7 @@ from peftkit import DyLoRA, LoRA, dylora_sample_rank, dylora_truncate, set_rank
 from .bbc import LEARNS, MARGIN, bbc_accuracy, fit_bbc, head_only
 from .conftest import randomize
 from .checks import assert_routed_matches_rows
+from .test_method_steps import TrainRanks
 
 
 def _linear_with_dylora(**kwargs) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -156,15 +157,11 @@ def test_rank_and_method_errors(tiny) -> None:
 
 
 def test_dylora_learns_bbc_at_full_and_truncated_rank() -> None:
-    drawn: list[int] = []
-
-    def hooks(model: nn.Module) -> dict:
-        return {"on_step": lambda step: drawn.append(dylora_sample_rank(model, "default"))}
-
-    result, model, tokenizer = fit_bbc(DyLoRA(r_min=1, r_max=8, alpha=16, targets=["query", "value"]), on_attach=hooks)
+    drawn = TrainRanks()  # the ranks DyLoRA's own training step sampled
+    result, model, _ = fit_bbc(DyLoRA(r_min=1, r_max=8, alpha=16, targets=["query", "value"]), callbacks=[drawn])
     assert result.accuracy_after > LEARNS
-    assert len(set(drawn)) > 4  # the training really ran at many ranks
+    assert len(set(drawn.ranks)) > 4  # the training really ran at many ranks
     set_rank(model, "default", 2)
-    truncated, control = bbc_accuracy(model, tokenizer), head_only(3e-3).accuracy_after
+    truncated, control = bbc_accuracy(model), head_only(3e-3).accuracy_after
     print(f"dylora at rank 2: {truncated:.3f} (head alone at lr 3e-3: {control:.3f})")
     assert truncated >= control + MARGIN  # the truncated adapter still carries what was learned

@@ -14,9 +14,9 @@ import peftkit
 from peftkit import AdapterFusion, Bottleneck, LoRA
 from peftkit.methods.additive.fusion import FusionError
 from peftkit.models import load_minilm
-from peftkit.train.classify import ClassifyConfig, ClassifyResult, train_classifier
+from peftkit.train import TaskData
 
-from .bbc import LEARNS, MARGIN, MAX_LENGTH, bbc_subset, mean_tail
+from .bbc import LEARNS, MARGIN, BBCRun, bbc_config, bbc_data, mean_tail, train_attached
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
 from .conftest import randomize
 
@@ -158,21 +158,21 @@ def test_fusion_of_two_bbc_adapters_beats_its_fixed_starting_mix() -> None:
     The control has the same budget from the same start: the fusion frozen at its initial weights (Q, K ~ N(0, 0.02²),
     V = I: within a hair of the adapters' plain average) with only the fresh head training. Fusion must beat it by
     MARGIN (0.05, 10 of 200 articles; see tests/bbc.py)."""
-    train, test = bbc_subset()
-    model, tokenizer = load_minilm(num_labels=5)
-    settings = ClassifyConfig(epochs=1, batch_size=16, lr=3e-3, max_length=MAX_LENGTH)
-    halves = {"first": train.select(range(160)), "second": train.select(range(160, 320))}
+    data = bbc_data()
+    model, _ = load_minilm(num_labels=5)
+    halves = {"first": slice(0, 160), "second": slice(160, 320)}
     for name, rows in halves.items():
-        peftkit.attach(model, Bottleneck.preset("pfeiffer", bottleneck=32, modules_to_save=["classifier"]), name=name)
-        train_classifier(model, tokenizer, rows["text"], rows["label"], test["text"][:8], test["label"][:8],
-                         settings, progress=False)
+        adapter = Bottleneck.preset("pfeiffer", bottleneck=32, modules_to_save=["classifier"])
+        peftkit.attach(model, adapter, name=name)
+        half = TaskData({k: v[rows] for k, v in data.train.items()}, data.eval, data.labels)
+        train_attached(model, bbc_config(adapter, lr=3e-3, epochs=1, adapter_name=name), half)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if ".peftkit." in n}
-    peftkit.attach(model, AdapterFusion(adapters=list(halves), modules_to_save=["classifier"]), name="fuse")
+    fusion = AdapterFusion(adapters=list(halves), modules_to_save=["classifier"])
+    peftkit.attach(model, fusion, name="fuse")
     start = {k: v.clone() for k, v in model.state_dict().items() if ".peftkit.fuse." in k}
 
-    def stage_two() -> ClassifyResult:
-        return train_classifier(model, tokenizer, train["text"], train["label"], test["text"], test["label"],
-                                ClassifyConfig(epochs=2, batch_size=16, lr=3e-3, max_length=MAX_LENGTH), progress=False)
+    def stage_two() -> BBCRun:
+        return train_attached(model, bbc_config(fusion, lr=3e-3, epochs=2, adapter_name="fuse"))
 
     peftkit.set_trainable(model, "fuse", False)
     model.classifier.peftkit["fuse"].requires_grad_(True)

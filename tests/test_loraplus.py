@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit import LoRA, LoRAFA, SoRA, loraplus_param_groups
+from peftkit import LoRA, LoRAFA, LoRAPlus, SoRA, loraplus_param_groups
 
 
 def _ids(params) -> list[int]:
@@ -53,10 +53,8 @@ def test_lorafa_has_only_b_and_errors_name_the_argument(tiny) -> None:
 def test_loraplus_learns_bbc() -> None:
     from .bbc import LEARNS, fit_bbc
 
-    def groups(model):
-        return {"param_groups": loraplus_param_groups(model, "default", lr=1e-3, ratio=16)}
-
-    result, model, _ = fit_bbc(LoRA(r=8, alpha=16, targets=["query", "value"]), on_attach=groups)
+    # LoRA+ as a method: the trainer's optimizer gets B at 16 × 1e-3, the rest (the head copy too) at 1e-3
+    result, model, _ = fit_bbc(LoRAPlus(r=8, alpha=16, targets=["query", "value"], lr_ratio=16), lr=1e-3)
     assert result.accuracy_after > LEARNS
     head = model.classifier.peftkit["default"].module.weight
     assert not torch.equal(head, model.classifier.weight)  # the head copy is in the slow group and trains too
