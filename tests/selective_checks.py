@@ -12,10 +12,10 @@ from torch import nn
 
 import peftkit
 from peftkit import LoRA, SelectionError
-from peftkit.core.registry import adapter_deltas, get_registry
+from peftkit.core.registry import adapter_deltas
 from peftkit.core.delta import ModuleCopy
 
-from .bbc import BBCRun, assert_beats_controls, bbc_config, fit_bbc, train_attached
+from .bbc import BBCRun, assert_beats_controls, fit_bbc
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,20 +79,19 @@ def saved_kib(model: nn.Module, path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir()) / 1024
 
 
-def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, switch: Callable[[nn.Module], object], path: Path,
-                          sparse_epochs: int = 2) -> tuple[BBCRun, BBCRun, float, float]:
-    """A dense phase on BBC (1 epoch, lr 1e-4, with the method's own training steps), `switch(model)`, then the
-    sparse phase (lr 1e-2, the switched adapter alone).
+def fit_bbc_in_two_phases(config: peftkit.AdapterConfig, path: Path, sparse_epochs: int = 2) -> tuple[BBCRun, float, float]:
+    """The method's own two phases in one `run_training` on BBC: one dense epoch at lr 1e-4 (with the method's other
+    steps, e.g. Diff pruning's penalty), its switch, then `sparse_epochs` of the sparse phase at 100 × that (1e-2).
 
-    The controls: the head alone for one epoch more at lr 1e-2 than the sparse phase (more than the run's head
-    got: its dense epoch is at lr 1e-4), and the sparse change switched off after training.
-    Returns both phases' results, the share of the base the sparse phase trains, and the saved size in KiB.
+    The controls: the head alone for as many epochs at lr 1e-2 (more than the run's head got: its first epoch is at
+    lr 1e-4), and the sparse change switched off after training.
+    Returns the run's result, the share of the base the sparse phase trains, and the saved size in KiB.
     """
-    dense, model, _ = fit_bbc(config, lr=1e-4, epochs=1, margin=None)
-    switch(model)
-    sparse = train_attached(model, bbc_config(get_registry(model).require("default"), lr=1e-2, epochs=sparse_epochs))
+    epochs = 1 + sparse_epochs
+    config = config.model_copy(update={"phase1_share": 1 / epochs, "phase2_lr_scale": 100.0})
+    result, model, _ = fit_bbc(config, lr=1e-4, epochs=epochs, margin=None)
     share, kib = trainable_share(model), saved_kib(model, path)
-    print(f"{config.method}: dense phase accuracy {dense.accuracy_after:.3f}; sparse phase {sparse.accuracy_before:.3f} "
-          f"-> {sparse.accuracy_after:.3f}, trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
-    assert_beats_controls(sparse, model, lr=1e-2, epochs=sparse_epochs + 1, label=config.method)
-    return dense, sparse, share, kib
+    print(f"{config.method}: accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}, the sparse phase "
+          f"trains {100 * share:.3f}% of the base, saved {kib:.0f} KiB")
+    assert_beats_controls(result, model, lr=1e-2, epochs=epochs, label=config.method)
+    return result, share, kib

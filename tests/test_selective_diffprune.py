@@ -199,5 +199,5 @@ def test_penalty_or_projection_after_projection_or_on_another_method_are_named_e
 def test_diff_pruning_learns_bbc(tmp_path: Path) -> None:
     config = DiffPruning(fraction=0.005, targets=["type:Linear"], exclude=["classifier"])
     # the dense phase adds the L0 penalty to the loss (the method's own training step)
-    _, result, _, _ = fit_bbc_in_two_phases(config, diff_pruning_project, tmp_path, sparse_epochs=1)
+    result, _, _ = fit_bbc_in_two_phases(config, tmp_path, sparse_epochs=1)
     assert result.accuracy_after > 0.8

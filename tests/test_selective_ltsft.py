@@ -122,5 +122,5 @@ def test_masks_for_missing_parameters_are_named_errors(tiny) -> None:
 
 def test_ltsft_learns_bbc(tmp_path: Path) -> None:
     config = LTSFT(fraction=0.005, targets=["type:Linear"], exclude=["classifier"])  # phase 1: every encoder Linear
-    _, result, _, _ = fit_bbc_in_two_phases(config, ltsft_select, tmp_path)
+    result, _, _ = fit_bbc_in_two_phases(config, tmp_path)
     assert result.accuracy_after > 0.8  # and the controls in fit_bbc_in_two_phases

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
 from torch import nn
 
 
 class TrainingStep:
     """Hooks a method (or a user, through the trainer's `Callback`) runs inside the training loop; each is a no-op
     unless overridden. `trainer` has `model`, `optimizer`, `step` (optimizer steps taken), `total_steps`, and
-    `restart_optimizer()` for a method that changes what it trains mid-run (a fresh optimizer over the parameters
-    trainable now, and a fresh schedule over the steps left)."""
+    `restart_optimizer(lr_scale)` for a method that changes what it trains mid-run (a fresh optimizer over the
+    parameters trainable now at lr_scale × the run's learning rate, and a fresh schedule over the steps left)."""
 
     def on_train_begin(self, trainer: Any) -> None: ...
 
@@ -52,24 +53,32 @@ class TrainingStep:
 
 class PhaseChange(TrainingStep):
     """A second training phase from optimizer step `at_step` on: `change()` alters what trains (LT-SFT's
-    selection, Diff pruning's projection), then the trainer starts a fresh optimizer and a fresh schedule
-    over the steps left."""
+    selection, Diff pruning's projection), then the trainer starts a fresh optimizer at `lr_scale` × the run's
+    learning rate and a fresh schedule over the steps left."""
 
-    def __init__(self, at_step: int, change: Callable[[], object]):
-        self.at_step, self.change = at_step, change
+    def __init__(self, at_step: int, change: Callable[[], object], lr_scale: float = 1.0):
+        self.at_step, self.change, self.lr_scale = at_step, change, lr_scale
 
     def on_step_end(self, trainer: Any) -> None:
         if trainer.step == self.at_step:
             self.change()
-            trainer.restart_optimizer()
+            trainer.restart_optimizer(self.lr_scale)
 
 
-def halfway(context: "TrainingContext", method: str) -> int:
-    """The step that ends the first of two equal phases; a run of fewer than 2 steps has no room for both."""
-    if context.steps < 2:
-        raise ValueError(f"{method} trains in two phases and needs at least 2 optimizer steps; this run has "
-                         f"{context.steps}")
-    return context.steps // 2
+class TwoPhases(BaseModel):
+    """Config fields of a method that trains in two phases in one run (LT-SFT, Diff pruning)."""
+
+    phase1_share: float = Field(0.5, gt=0, lt=1, description="share of the run's optimizer steps in phase 1")
+    phase2_lr_scale: float = Field(1.0, gt=0, description="phase 2's learning rate over the run's (phase 1 "
+                                                          "trains dense changes; a sparse phase 2 often wants more)")
+
+    def phase_change(self, context: "TrainingContext", change: Callable[[], object]) -> PhaseChange:
+        """The step that ends phase 1 with `change()`: round(phase1_share · steps), leaving each phase a step."""
+        if context.steps < 2:
+            raise ValueError(f"{self.method} trains in two phases and needs at least 2 optimizer steps; this run "
+                             f"has {context.steps}")
+        at_step = min(max(1, round(self.phase1_share * context.steps)), context.steps - 1)
+        return PhaseChange(at_step, change, self.phase2_lr_scale)
 
 
 @dataclass(frozen=True)

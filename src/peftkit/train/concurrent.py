@@ -31,7 +31,7 @@ from ..api import adapter_parameters
 from ..core.registry import adapter_deltas, get_registry
 from ..core.slot import SLOT_ATTR
 from ..core.training import TrainingContext
-from .engine import BatchLoss, Engine, MicroBatch, Run, param_groups, selection_indices, task_loss, to_device
+from .engine import BatchLoss, Engine, MicroBatch, Run, param_groups, scale_lr, selection_indices, task_loss, to_device
 from .tasks import ModelInputs as Inputs
 from .tasks import Rows, Task, model_logits, num_rows
 
@@ -162,12 +162,13 @@ class JobState(Run):
     losses: list[float] = field(default_factory=list)
     done: bool = False
 
-    def restart_optimizer(self) -> None:
-        """A fresh optimizer over the parameters trainable now, and a fresh schedule over the steps left."""
-        self.optimizer, self.scheduler = _optimizer(self.model, self.job, self.total_steps - self.step)
+    def restart_optimizer(self, lr_scale: float = 1.0) -> None:
+        """A fresh optimizer over the parameters trainable now, at `lr_scale` × the job's learning rate, and a fresh
+        schedule over the steps left."""
+        self.optimizer, self.scheduler = _optimizer(self.model, self.job, self.total_steps - self.step, lr_scale)
 
 
-def _optimizer(model: nn.Module, job: Job, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+def _optimizer(model: nn.Module, job: Job, steps: int, lr_scale: float = 1.0) -> tuple[torch.optim.Optimizer, Any]:
     """The job's optimizer over its adapter's trainable parameters (the method's groups, if it has them), and its
     schedule over `steps`."""
     params = [p for p in dict.fromkeys(adapter_parameters(model, job.adapter)) if p.requires_grad]  # shared once
@@ -175,6 +176,7 @@ def _optimizer(model: nn.Module, job: Job, steps: int) -> tuple[torch.optim.Opti
         raise JobError(f"adapter {job.adapter!r} has no trainable parameters")
     groups = param_groups(model, job.adapter, job.lr, params)
     optimizer = job.optimizer(groups) if job.optimizer is not None else torch.optim.AdamW(groups, lr=job.lr)
+    scale_lr(optimizer, lr_scale)
     return optimizer, job.schedule(optimizer, steps) if job.schedule is not None else None
 
 

@@ -52,6 +52,12 @@ def param_groups(model: nn.Module, adapter: str, lr: float, params: list[nn.Para
     return [*groups, {"params": rest}] if rest else groups
 
 
+def scale_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Multiply every group's learning rate by `scale` (before a schedule reads them)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= scale
+
+
 class TrainingError(ValueError):
     """A step that cannot be taken as asked (a batch with no loss units, so no mean loss)."""
 

@@ -39,7 +39,7 @@ class _View:
     def __init__(self, model: nn.Module, optimizer: Any, step: int, total_steps: int):
         self.model, self.optimizer, self.step, self.total_steps = model, optimizer, step, total_steps
 
-    def restart_optimizer(self) -> None:
+    def restart_optimizer(self, lr_scale: float = 1.0) -> None:
         raise TrainingError("a Hugging Face Trainer callback cannot start a fresh optimizer mid-run")
 
 

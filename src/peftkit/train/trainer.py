@@ -37,7 +37,7 @@ from ..core.slot import SLOT_ATTR
 from ..core.training import TrainingContext, TrainingStep
 from ..models import require_extra
 from .config import DataSection, TrainConfig, TrainConfigError, config_from_mapping, load_config
-from .engine import Engine, MicroBatch, Run, param_groups, selection_indices, task_loss, to_device
+from .engine import Engine, MicroBatch, Run, param_groups, scale_lr, selection_indices, task_loss, to_device
 from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
 from .full import FullFinetune, full_files, load_full, save_full, train_base
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
@@ -231,12 +231,14 @@ class Trainer:
         factor = _lr_factor(schedule.scheduler, schedule.warmup_steps, self.total_steps - start)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    def restart_optimizer(self) -> None:
-        """A fresh optimizer over the parameters trainable now, and a fresh schedule over the remaining steps:
-        for a method that changes what it trains mid-run (LT-SFT's second phase)."""
+    def restart_optimizer(self, lr_scale: float = 1.0) -> None:
+        """A fresh optimizer over the parameters trainable now, at `lr_scale` × the run's learning rate, and a fresh
+        schedule over the remaining steps: for a method that changes what it trains mid-run (LT-SFT's phase 2)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.run.optimizer = _make_optimizer(self.config, param_groups(self.model, self.config.adapter_name, self.config.optimizer.lr, params))
-        self.run.scheduler = self._schedule(self.run.optimizer, self.step)
+        optimizer = _make_optimizer(self.config, param_groups(self.model, self.config.adapter_name,
+                                                              self.config.optimizer.lr, params))
+        scale_lr(optimizer, lr_scale)
+        self.run.optimizer, self.run.scheduler = optimizer, self._schedule(optimizer, self.step)
         self.phase_start = self.step
 
     # --- evaluation ------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ changes nothing) and a gate logit `log α` per entry, and `diff_pruning_penalty(
 loss. `diff_pruning_project(model, name)` then projects the eval-mode δ onto the target sparsity in place:
 the adapter becomes a plain sparse change (indices + values) whose values keep training with the mask
 fixed, as in the paper's fixed-mask fine-tuning. The method's training steps do this in one run (the
-penalty for the first half of the optimizer steps, the projection, then fixed-mask training from a fresh
-optimizer for the second half). Saving a gated
+penalty for the first `phase1_share` of the optimizer steps, the projection, then fixed-mask training from a
+fresh optimizer at `phase2_lr_scale` × the run's learning rate). Saving a gated
 adapter saves that same projection (the live adapter stays gated); files always hold indices + values.
 Merging a gated adapter merges its eval-mode δ. Hosts: those of every selective method.
 """
@@ -30,7 +30,7 @@ from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import Delta
 from ...core.registry import get_registry
-from ...core.training import PhaseChange, TrainingContext, TrainingStep, halfway
+from ...core.training import TrainingContext, TrainingStep, TwoPhases
 from .selection import Fraction, SelectionError, top_fraction
 from .sparse import EMPTY, Mask, ParamDiff, SelectiveConfig, SparseDelta, masks_of
 
@@ -53,7 +53,7 @@ def expected_l0(log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float)
 
 
 @register_method
-class DiffPruning(SelectiveConfig):
+class DiffPruning(TwoPhases, SelectiveConfig):
     """Diff-pruning config: kept share after projection, L0 weight, and the hard-concrete gate's constants."""
 
     method: ClassVar[str] = "diff_pruning"
@@ -84,7 +84,7 @@ class DiffPruning(SelectiveConfig):
             diff_pruning_project(context.model, context.adapter)
             penalty.active = False  # no gates left to penalise
 
-        return [penalty, PhaseChange(halfway(context, "Diff pruning"), project)]
+        return [penalty, self.phase_change(context, project)]
 
     def saved_config(self) -> "DiffPruning":
         return self.model_copy(update={"projected": True})

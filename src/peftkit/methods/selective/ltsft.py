@@ -7,7 +7,8 @@ Fine-Tuning for Cross-Lingual Transfer", arXiv:2110.07560).
 The method's training steps run it in one training run (`peftkit train`, `MultiJobTrainer`, the Hugging
 Face `Trainer` callback): the first half of the optimizer steps is phase 1, then `ltsft_select` keeps the K
 most changed entries and resets everything, and the second half trains them from a fresh optimizer and
-learning-rate schedule. By hand: train, call `ltsft_select(model, name)`, build a new optimizer, train again.
+learning-rate schedule (`phase1_share` moves the split; `phase2_lr_scale` multiplies phase 2's learning rate: the
+dense phase 1 wants a fine-tuning-sized step, the sparse phase 2 a larger one). By hand: train, call `ltsft_select(model, name)`, build a new optimizer, train again.
 
 Phase 1 stores each targeted parameter's change as a dense block, so |θ1 − θ0| is the block itself and
 costs nothing to compute; its memory is that of full fine-tuning of the targets. The reset follows the
@@ -26,14 +27,14 @@ from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.delta import ModuleCopy
 from ...core.registry import get_registry
-from ...core.training import PhaseChange, TrainingContext, TrainingStep, halfway
+from ...core.training import TrainingContext, TrainingStep, TwoPhases
 from .selection import Fraction, SelectionError, install_masks, top_fraction
 from .sparse import Mask, SelectiveConfig, whole_masks
 
 
 @register_method
-class LTSFT(SelectiveConfig):
-    """LT-SFT config: the share `fraction` of the targets' parameters that phase 2 trains."""
+class LTSFT(TwoPhases, SelectiveConfig):
+    """LT-SFT config: the share `fraction` of the targets' parameters that phase 2 trains, and how the run is split."""
 
     method: ClassVar[str] = "ltsft"
     fraction: Fraction = 0.005
@@ -42,8 +43,8 @@ class LTSFT(SelectiveConfig):
         return whole_masks(hosts, self.param_names)  # phase 1: everything targeted trains
 
     def training_steps(self, context: TrainingContext) -> list[TrainingStep]:
-        """Phase 1 for the first half of the run, the selection, phase 2 for the second half."""
-        return [PhaseChange(halfway(context, "LT-SFT"), lambda: ltsft_select(context.model, context.adapter))]
+        """Phase 1 for `phase1_share` of the run's steps, the selection, then phase 2 from a fresh optimizer."""
+        return [self.phase_change(context, lambda: ltsft_select(context.model, context.adapter))]
 
 
 @torch.no_grad()
