@@ -8,7 +8,7 @@ is picked with `set_rank` (used in eval and by merge) or `dylora_truncate` (drop
 factors, e.g. right after `peftkit.load`, so the adapter is saved at that rank).
 
 Sampling: `dylora_sample_rank(model, name)` draws one b with torch's RNG and gives it to every
-layer of the adapter; call it once per optimizer step (e.g. `train_classifier(on_step=...)`).
+layer of the adapter; the method's training step calls it after every optimizer step (by hand: once per step).
 Until the first call the adapter trains at r_max. All of A[:b], B[:, :b] train (the paper's
 "frozen" ablation, which updates only the b-th component, is left out). Hosts: Linear, Conv1D.
 """

@@ -65,8 +65,9 @@ def hardest_examples(model: nn.Module, name: str, batches: Iterable[Any], loss_f
 
 
 class FishDipSchedule:
-    """Fish-Dip's re-selection as a training callback: `on_step=schedule` (and `on_optimizer=schedule.bind`
-    in `train_classifier`). `batches` is the pool of training batches the hardest examples are drawn from."""
+    """Fish-Dip's re-selection during training: `schedule(step)` after each optimizer step, `bind(optimizer)` first
+    (the method's training step does both). `batches` is the pool of training batches the hardest examples are
+    drawn from."""
 
     def __init__(self, model: nn.Module, name: str, batches: Iterable[Any], loss_fn: LossFn | None = None,
                  optimizer: torch.optim.Optimizer | None = None):
