@@ -2,11 +2,9 @@
 
 In an un-routed pass over a batch whose activations outweigh the weight (training, batched inference), the
 host runs on one copy of W0 with the entries added: forward and dx cost what the bare host costs, and only dV is
-extra, gᵀx picked at the entries: for element masks up to `COLUMN_DOTS_MAX_DENSITY`, one dot of a column of g with
-a column of x per entry (`kernels.column_dots`, compiled); denser masks take the dense gᵀx and gather it; the
-selected rows or columns of slices; all of it for dense blocks. Where the compiled kernel does not apply
-(`PEFTKIT_COMPILE=0`, no working compiler) element masks follow `products.element_path` (per entry, sampled at
-the mask on transposed copies, dense).
+extra, gᵀx picked at the entries: the selected rows or columns of slices; all of it for dense blocks; for element
+masks, by `products.element_path`: one product per entry (few entries), gᵀx sampled at the mask on transposed
+copies (up to `SPARSE_MAX_DENSITY`), or the dense gᵀx, gathered.
 """
 from __future__ import annotations
 
@@ -16,13 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .kernels import column_dots, transposed
+from .kernels import transposed
 from .param_diff import ParamDiff
 from .products import coordinates, element_path
-
-# In a folded call, element masks up to this share of a weight take their values' gradient from
-# `kernels.column_dots`; above it the dense gᵀx is faster.
-COLUMN_DOTS_MAX_DENSITY = 0.12
 
 
 def folds_into_weight(rows: int, shape: torch.Size) -> bool:
@@ -52,18 +46,13 @@ class Fold:
 
     def weight_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """dV: the gradient of W (aᵀb in the host's layout) at the diff's trainable entries only, for x [rows, in]
-        and grad [rows, out]. Element masks up to `COLUMN_DOTS_MAX_DENSITY` take one dot per entry (`column_dots`);
-        otherwise, or without that kernel, the output hook's density rules decide how it is computed."""
+        and grad [rows, out]. Element masks follow the output hook's density rules (`element_path`)."""
         diff = self.weight_diff
         a, b = (x, grad) if self.in_out else (grad, x)
         if diff.dim is not None:  # slices: the selected rows or columns of aᵀb
             if diff.dim == 0:
                 return a.index_select(1, diff.indices).t() @ b
             return a.t() @ b.index_select(1, diff.indices)
-        if diff.is_elements and diff.values.numel() <= COLUMN_DOTS_MAX_DENSITY * diff.shape.numel():
-            dots = column_dots(a, b, *coordinates(diff.indices, diff.shape))
-            if dots is not None:
-                return dots
         path = element_path(diff.values.numel(), diff.shape) if diff.is_elements else "dense"
         if path == "entries":
             first, second = coordinates(diff.indices, diff.shape)
