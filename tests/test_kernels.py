@@ -1,9 +1,7 @@
-"""The CPU kernels: the compiled transpose gives the same bits as torch's eager copy, the built column-dots kernel
-gives aᵀb at the listed entries to float rounding; each is used only where it applies, and a failed or disabled
-build falls back to torch's kernels with one warning instead of an error."""
+"""The selective methods' CPU kernel (torch.compile of a transpose): the same bits as torch's eager copy, used only
+where it applies; a failed or disabled compile falls back to the eager copy with one warning instead of an error."""
 from __future__ import annotations
 
-import subprocess
 import threading
 import warnings
 
@@ -12,28 +10,38 @@ import torch
 from torch import nn
 
 from peftkit import Mask
-from peftkit.core import kernels
-from peftkit.methods.selective import sparse
+from peftkit.methods.selective import kernels
 from peftkit.methods.selective.sparse import SparseDelta
 
 BIG = (1024, 384)  # above COMPILED_MIN_ELEMENTS
 
 
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> kernels._CompiledTranspose:
-    """A fresh compiled transpose in place of the module's, counting its compiled calls."""
-    fresh = kernels._CompiledTranspose()
-    fresh.calls = 0
-    call = kernels._CompiledTranspose.__call__
+class _Counting:
+    """A fresh compiled kernel that counts its compiled calls (`calls`)."""
 
-    def counting(self, x):
+    def __init__(self, kernel: kernels._Compiled):
+        self.kernel, self.calls = kernels._Compiled(kernel.fn, kernel.what), 0
+
+    def usable(self, *tensors: torch.Tensor) -> bool:
+        return self.kernel.usable(*tensors)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return call(self, x)
+        return self.kernel(*args)
 
-    monkeypatch.setattr(kernels._CompiledTranspose, "__call__", counting)
-    monkeypatch.setattr(kernels, "_compiled", fresh)
+
+def _fresh(monkeypatch: pytest.MonkeyPatch, attribute: str) -> _Counting:
+    """A fresh, counting compiled kernel in place of the module's `attribute`."""
+    fresh = _Counting(getattr(kernels, attribute))
+    monkeypatch.setattr(kernels, attribute, fresh)
     monkeypatch.delenv(kernels.COMPILE_ENV, raising=False)
     return fresh
+
+
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> _Counting:
+    """A fresh compiled transpose in place of the module's."""
+    return _fresh(monkeypatch, "_compiled_transpose")
 
 
 @pytest.mark.parametrize("shape, dtype, compiles", [
@@ -63,7 +71,7 @@ def test_only_the_compiling_thread_uses_the_compiled_kernel(compiled) -> None:
     x = torch.randn(BIG)
     kernels.transposed(x)
     elsewhere = []
-    thread = threading.Thread(target=lambda: elsewhere.append((kernels._compiled.usable(x), kernels.transposed(x))))
+    thread = threading.Thread(target=lambda: elsewhere.append((compiled.usable(x), kernels.transposed(x))))
     thread.start()
     thread.join()
     assert compiled.calls == 1 and not elsewhere[0][0]
@@ -85,8 +93,7 @@ def test_a_failing_compile_warns_once_and_falls_back(compiled, monkeypatch) -> N
 
 
 def test_sampled_gradients_are_the_same_bits_compiled_or_not(compiled, monkeypatch) -> None:
-    """A folded Linear whose dV is sampled at the mask (no column-dots kernel): compiled transposes change no bit."""
-    monkeypatch.setattr(sparse, "column_dots", lambda *args: None)
+    """A folded Linear whose dV is sampled at the mask: compiled transposes change no bit."""
     host = nn.Linear(384, 384).requires_grad_(False)
     delta = SparseDelta(host, ("weight",), {"weight": Mask.elements(torch.randperm(384 * 384)[:2000])})
     x, grad = torch.randn(1024, 384, requires_grad=True), torch.randn(1024, 384)
@@ -100,82 +107,3 @@ def test_sampled_gradients_are_the_same_bits_compiled_or_not(compiled, monkeypat
     monkeypatch.setenv(kernels.COMPILE_ENV, "0")
     for got, want in zip(with_compiled, run()):
         assert torch.equal(got, want)
-
-
-# --- column dots ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def column_dots(monkeypatch: pytest.MonkeyPatch, tmp_path) -> kernels._ColumnDots:
-    """A fresh column-dots kernel built into an empty cache, counting its builds."""
-    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    monkeypatch.delenv(kernels.COMPILE_ENV, raising=False)
-    fresh = kernels._ColumnDots()
-    monkeypatch.setattr(kernels, "_column_dots", fresh)
-    return fresh
-
-
-def _reference(a: torch.Tensor, b: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-    return (a.double().t() @ b.double())[ia, ib]
-
-
-@pytest.mark.parametrize("rows, p, q, count", [
-    (2048, 384, 1536, 3000), (1999, 96, 40, 500), (70, 5, 300, 64), (1, 3, 4, 12), (130, 7, 9, 0)])
-def test_column_dots_are_a_transposed_times_b_at_the_entries(column_dots, rows: int, p: int, q: int, count: int) -> None:
-    """Rows in whole and partial blocks of 64, fewer rows than threads, repeated pairs, no pairs at all."""
-    a, b = torch.randn(rows, p), torch.randn(rows, q)
-    ia, ib = torch.randint(0, p, (count,)), torch.randint(0, q, (count,))
-    got = kernels.column_dots(a, b, ia, ib)
-    assert got.dtype == torch.float32 and got.shape == (count,)
-    torch.testing.assert_close(got.double(), _reference(a, b, ia, ib), rtol=1e-5, atol=1e-5 * rows ** 0.5)
-    assert torch.equal(kernels.column_dots(a, b, ia, ib), got)  # the same bits on every run
-
-
-def test_column_dots_build_once_into_the_cache(column_dots, monkeypatch, tmp_path) -> None:
-    a, b, index = torch.randn(64, 8), torch.randn(64, 8), torch.arange(8)
-    calls, run = [], subprocess.run
-    monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: calls.append(argv) or run(argv, **kwargs))
-    kernels.column_dots(a, b, index, index)
-    assert len(list(tmp_path.glob("kernel-column_dots_f32-*/column_dots_f32.so"))) == 1
-    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
-    builds = [argv for argv in calls if "-shared" in argv]
-    assert len(builds) == 1
-    monkeypatch.setattr(kernels, "_column_dots", kernels._ColumnDots())  # a new process, the same cache
-    kernels.column_dots(a, b, index, index)
-    assert [argv for argv in calls if "-shared" in argv] == builds
-
-
-def test_column_dots_apply_only_to_contiguous_float32_cpu_tensors_outside_a_graph(column_dots, monkeypatch) -> None:
-    a, index = torch.randn(64, 8), torch.arange(8)
-    assert kernels.column_dots(a, a, index, index) is not None
-    for x in (a.double(), a.t(), a[:, ::2], a.clone().requires_grad_()):
-        assert kernels.column_dots(x, a, index[:4], index[:4]) is None
-    with torch.no_grad():
-        assert kernels.column_dots(a.clone().requires_grad_(), a, index, index) is not None  # backward runs without a graph
-    assert kernels.column_dots(a, a[:10], index, index) is None  # rows differ
-    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
-    assert kernels.column_dots(a, a, index, index) is None
-
-
-@pytest.mark.parametrize("ia, ib, error, match", [
-    ([0, 8], [0, 1], IndexError, r"ia must lie in \[0, 8\), got \[0, 8\]"),
-    ([0, 1], [-1, 1], IndexError, r"ib must lie in \[0, 5\), got \[-1, 1\]"),
-    ([0, 1], [0], ValueError, "1-D of one length")])
-def test_column_dots_refuse_entries_outside_the_operands(column_dots, ia, ib, error, match: str) -> None:
-    with pytest.raises(error, match=match):
-        kernels.column_dots(torch.randn(16, 8), torch.randn(16, 5), torch.tensor(ia), torch.tensor(ib))
-
-
-def test_a_failing_build_warns_once_and_the_folded_gradient_takes_torchs_kernels(column_dots, monkeypatch) -> None:
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    host = nn.Linear(64, 48).requires_grad_(False)
-    delta = SparseDelta(host, ("weight",), {"weight": Mask.elements(torch.randperm(64 * 48)[:100])})
-    delta.weight.values.data.normal_()
-    x, grad = torch.randn(256, 64), torch.randn(256, 48)
-    with pytest.warns(RuntimeWarning, match="column-dots kernel is unavailable .*nonexistent"):
-        (got,) = torch.autograd.grad(delta.host_call(host, x), delta.weight.values, grad)
-    rows, columns = delta.weight.indices // 64, delta.weight.indices % 64
-    torch.testing.assert_close(got, _reference(grad, x, rows, columns).float())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert kernels.column_dots(x, x, torch.arange(3), torch.arange(3)) is None

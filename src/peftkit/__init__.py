@@ -6,6 +6,7 @@ from .api import (
     adapters,
     attach,
     disabled,
+    load,
     merge,
     remove,
     routed,
@@ -15,7 +16,7 @@ from .api import (
     unmerge,
 )
 from .core.config import AdapterConfig, config_from_dict
-from .core.io import AdapterFileError, load, read_adapter, save
+from .core.io import AdapterFileError, read_adapter, save
 from .core.merging import MergeError
 from .core.registry import UnknownAdapterError
 from .core.sequence import SequenceError, SequenceLengthError

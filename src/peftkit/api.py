@@ -1,9 +1,10 @@
-"""The public operations on a model: attach, remove, activate, route, merge, summarise.
+"""The public operations on a model: attach, load, remove, activate, route, merge, summarise.
 
 Every method plugs in through its config's `build()`; nothing here knows about LoRA.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,11 +15,11 @@ from torch import nn
 from .core.config import AdapterConfig
 from .core import merging
 from .core.delta import Delta, ModuleCopy
+from .core.io import AdapterFileError, fill_adapter, read_adapter
 from .core.merging import MergeError
 from .core.registry import REGISTRY_ATTR, AdapterRegistry, adapter_deltas, get_registry
 from .core.routing import RoutingPlan
-from .core.shared_input import SharedInputGroup
-from .core.slot import SLOT_ATTR, DeltaSlot, add_delta, remove_delta
+from .core.slot import DeltaSlot, add_delta, delta_of, is_delta_parameter, remove_delta
 from .core.targets import match_targets
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
@@ -51,9 +52,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
         _place(model, registry, config, name, host_names, copy_names)
     registry.configs[name] = config
     registry.hosts[name] = host_names + copy_names
-    _link_shared_inputs(model, registry.hosts[name], name)
+    _link(model, name)
     for param_name, param in model.named_parameters():
-        if f".{SLOT_ATTR}." not in f".{param_name}":
+        if not is_delta_parameter(param_name):
             param.requires_grad_(False)
     if activate:
         activate_new(model, name)
@@ -101,25 +102,19 @@ def _set_state(model: nn.Module, registry: AdapterRegistry, active: list[str], m
     registry.active, registry.merged = list(active), set(merged)
 
 
-def _link_shared_inputs(model: nn.Module, host_names: list[str], name: str) -> None:
-    """Group this adapter's linear deltas on sibling modules of equal input width (q, k, v)."""
-    groups: dict[tuple[str, int], list[Delta]] = {}
-    for host_name in host_names:
-        delta = getattr(model.get_submodule(host_name), SLOT_ATTR)[name]
-        if hasattr(delta, "down_weight") and getattr(delta, "kind", None) in ("linear", "conv1d"):
-            parent = host_name.rpartition(".")[0]
-            groups.setdefault((parent, delta.down_weight().shape[1]), []).append(delta)
-    for members in groups.values():
-        if len(members) > 1:
-            group = SharedInputGroup(members)
-            for delta in members:
-                delta.shared = group
+def _link(model: nn.Module, name: str) -> None:
+    """Let each delta type connect this adapter's deltas of that type (LoRA: siblings that share an input)."""
+    by_type: dict[type[Delta], dict[str, Delta]] = {}
+    for host_name, _, delta in adapter_deltas(model, name):
+        by_type.setdefault(type(delta), {})[host_name] = delta
+    for kind, deltas in by_type.items():
+        kind.link_adapter(deltas)
 
 
 def _remove_deltas(model: nn.Module, name: str, host_names: list[str]) -> None:
     for host_name in host_names:
         host = model.get_submodule(host_name)
-        delta = getattr(host, SLOT_ATTR)[name]
+        delta = delta_of(host, name)
         if delta.rewrites_base:
             delta.restore_base(host)
         remove_delta(host, name)
@@ -138,6 +133,34 @@ def remove(model: nn.Module, name: str) -> nn.Module:
         _remove_deltas(model, name, registry.hosts.pop(name))
     del registry.configs[name]
     return model
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, activate: bool = True,
+         strict: bool = True) -> str:
+    """Attach the adapter saved at `path` under `name` (default: its saved name or "default").
+
+    The file must fit the adapter its config builds on this model: no tensors for modules outside its targets
+    (for a PEFT file: PEFT's target_modules rules), none missing for a targeted module. `strict=False` is PEFT's
+    leniency: it warns about those, ignores the extra tensors and leaves missing ones at their fresh init.
+    Targets that match nothing, wrong shapes or dtypes and NaN / inf values are errors either way.
+    On any error the model is left as it was: no half-loaded adapter, the same active ones.
+    """
+    config, tensors, saved_name = read_adapter(path, model)
+    name = name or saved_name or "default"
+    try:
+        attach(model, config, name=name, activate=False)
+    except ValueError as err:  # the file's targets do not fit this model (a module type, a rank)
+        if name in get_registry(model).configs:
+            raise
+        raise AdapterFileError(f"{path}: {err}") from err
+    try:
+        fill_adapter(model, name, tensors, path, strict)
+    except BaseException:  # even on Ctrl-C: no half-loaded adapter
+        remove(model, name)
+        raise
+    if activate:
+        activate_new(model, name)
+    return name
 
 
 def activate(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -292,8 +315,7 @@ def summary(model: nn.Module) -> Summary:
     """Parameter counts: total, trainable, per adapter and per (adapter, module)."""
     registry = get_registry(model)
     per_module = {
-        name: {host_name: sum(p.numel() for p in getattr(model.get_submodule(host_name), SLOT_ATTR)[name].parameters())
-               for host_name in registry.hosts[name]}
+        name: {host_name: sum(p.numel() for p in delta.parameters()) for host_name, _, delta in adapter_deltas(model, name)}
         for name in registry.configs
     }
     return Summary(

@@ -153,7 +153,7 @@ def _build_model(name: str, num_labels: int | None) -> Any:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .core.io import load, save
+    from . import load, save
 
     source, output = _adapter_dir(args.dir), Path(args.output)
     if adapter_format(source) is None:

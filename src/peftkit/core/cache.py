@@ -1,4 +1,4 @@
-"""peftkit's on-disk cache: converted models and built kernels, each built once into place."""
+"""peftkit's on-disk cache: converted models, each built once into place."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """Where converted models and built kernels are kept: ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
+    """Where converted models are kept: ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
     return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit").expanduser()
 
 

@@ -1,33 +1,45 @@
 """The one protocol every method's layer follows: a named delta sitting on a host module.
 
-A delta is either *additive* (it returns an increment added to the host's output, e.g.
-LoRA's s·BAx), *transforming* (it maps the input and the host's output to a new output,
-e.g. DoRA's rescaling, or a trainable copy of a classification head that ignores the base), or
-*input-transforming* (the host runs on t(x): (IA)³'s feed-forward vector s ⊙ x, OFT's blockwise rotation x·R).
-The host slot (`core.slot`)
-applies each for the rows routed to the delta and never needs to know which method it is running.
+Where a delta acts is its `placement` (one value, `Placement`):
+- OUTPUT: on the host's output, either *additive* (an increment added to it, e.g. LoRA's s·BAx) or
+  *transforming* (a new output from the input and the base output, e.g. DoRA's rescaling, or a trainable
+  copy of a classification head that ignores the base);
+- INPUT: the host runs on t(x) ((IA)³'s feed-forward vector s ⊙ x, OFT's blockwise rotation x·R);
+- HOST_CALL: folded into the host's own call where a pass allows it (a selective change of a Linear's
+  weight: one matmul on W0 + ΔW), on the output otherwise;
+- SEQUENCE: extra positions of the model's input (virtual tokens, KV prefixes: `core.sequence`).
+The host slot (`core.slot`) applies each for the rows routed to the delta and never needs to know which
+method it is running.
 """
 from __future__ import annotations
 
 import copy
+import enum
 from typing import Any
 
 import torch
 from torch import nn
 
-from .hosts import to_host_layout
+from .hosts import edited_weight, to_host_layout
+
+
+class Placement(enum.Enum):
+    """Where a delta acts on its host (see the module docstring)."""
+
+    OUTPUT = "output"  # the slot's output hook: `increment` or `transform` of the host's output
+    INPUT = "input"  # the slot's pre-hook: the host runs on `transform_input(x)`
+    HOST_CALL = "host call"  # `host_call` replaces the host's own call where it can; OUTPUT where it cannot
+    SEQUENCE = "sequence"  # core.sequence, at the model's input: the slot never applies it
 
 
 class Delta(nn.Module):
     """Base class of a method's layer. Subclasses implement `increment` or, if not additive, `transform`."""
 
-    additive: bool = True
+    placement: Placement = Placement.OUTPUT
+    additive: bool = True  # OUTPUT / HOST_CALL: `increment` added to the output, else `transform` of it
     merged: bool = False
     rewrites_base: bool = False  # True when attaching changed the host weight (PiSSA's residual)
-    on_sequence: bool = False  # virtual tokens (prompt, prefix): core.sequence applies it at the model input, not the slot
-    transforms_input: bool = False  # the host runs on transform_input(x), applied before the host's forward
     reads_input: bool = True  # False: transform ignores `x` (gets None under routing, which then skips gathering it)
-    folds_into_host: bool = False  # host_call can replace the host's own call (un-routed passes)
     reads_base: bool = False  # the unmerged forward reads the host's weight itself (DoRA's norm): see core.merging
     merge_snapshot: dict[str, torch.Tensor] | None = None  # the delta's tensors when merged, for an exact unmerge
 
@@ -40,19 +52,19 @@ class Delta(nn.Module):
         raise NotImplementedError
 
     def input_scale(self) -> torch.Tensor:
-        """s over the host's input features (input-scaling deltas: those that keep the default `transform_input`)."""
+        """s over the host's input features (INPUT deltas that keep the default `transform_input`)."""
         raise NotImplementedError
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The host's input for rows `x` (`transforms_input` deltas); by default the scaling s ⊙ x.
+        """The host's input for rows `x` (INPUT deltas); by default the scaling s ⊙ x.
 
         A delta that keeps this default is a pure scale, which the slot applies with one gather for a routed batch."""
         scale = self.input_scale()
         return (x.to(scale.dtype) * scale).to(x.dtype)
 
     def host_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The host's output for `x` with this delta folded into the host's own computation (`folds_into_host`
-        deltas), or None when this call cannot fold: the delta then acts on the host's output as usual."""
+        """The host's output for `x` with this delta folded into the host's own computation (HOST_CALL deltas),
+        or None when this call cannot fold: the delta then acts on the host's output as usual."""
         return None
 
     @property
@@ -74,7 +86,7 @@ class Delta(nn.Module):
     @property
     def acts_on_output(self) -> bool:
         """Whether the slot's output hook applies this delta (not one applied before the host or at the model input)."""
-        return not (self.merged or self.on_sequence or self.transforms_input)
+        return not self.merged and self.placement in (Placement.OUTPUT, Placement.HOST_CALL)
 
     @staticmethod
     def read_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -96,6 +108,10 @@ class Delta(nn.Module):
         Return False when not applicable; the slot then loops over the adapter groups."""
         return False
 
+    @classmethod
+    def link_adapter(cls, deltas: dict[str, "Delta"]) -> None:
+        """Optional: connect one adapter's deltas of this type (by host name) once all of them are placed."""
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW in (out, in[, k...]) layout; methods that cannot merge leave this unimplemented."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -115,12 +131,12 @@ class Delta(nn.Module):
 
     def merge_into(self, host: nn.Module) -> None:
         """Add ΔW to the host weight. One formula (`delta_weight`) serves merge and unmerge."""
-        weight = host.weight
-        weight.data += to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
+        with edited_weight(host) as weight:
+            weight += to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
 
     def unmerge_from(self, host: nn.Module) -> None:
-        weight = host.weight
-        weight.data -= to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
+        with edited_weight(host) as weight:
+            weight -= to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
 
 
 class ModuleCopy(Delta):
@@ -158,8 +174,8 @@ class ModuleCopy(Delta):
 
 def _strip_peft_state(module: nn.Module) -> None:
     """Remove any delta slots a deep copy carried over from the original module."""
-    from .slot import SLOT_ATTR, detach_slot
+    from .slot import deltas_of, detach_slot
 
     for sub in list(module.modules()):
-        if hasattr(sub, SLOT_ATTR):
+        if deltas_of(sub):
             detach_slot(sub)

@@ -16,7 +16,7 @@ equal the model's own.
 
 Given the model, loading picks the modules as PEFT does (`peft_targets`: its target_modules,
 exclude_modules, layers_to_transform / layers_pattern and modules_to_save rules), not the modules
-the file happens to hold tensors for: io.load then names tensors outside them and targeted modules
+the file happens to hold tensors for: peftkit.load then names tensors outside them and targeted modules
 without tensors. Without a model (`read_adapter`), the file's tensors are all there is to go by.
 """
 from __future__ import annotations

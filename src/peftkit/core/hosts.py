@@ -1,12 +1,18 @@
-"""The base module types a weight delta can sit on, and how their weights are laid out.
+"""The base module types a weight delta can sit on, how their weights are laid out, and how deltas reach them.
 
 Every weight-delta method (LoRA and its variants) speaks in one layout: ΔW has shape
 (out_features, in_features[, kh, kw]). This module is the one place that knows GPT-2's
 `Conv1D` stores its weight transposed and that an Embedding's "input" is its vocabulary.
+
+Deltas read a host's own parameters through `read_weight` (DoRA's norm, PiSSA's SVD, a folded call's W0) and
+change them through `edited_weight` (merge folds, PiSSA's residual, OFT's rotation): the one place where a base
+stored in another form (quantized) will be turned into a tensor and written back.
 """
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +69,14 @@ def to_host_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     if kind in ("conv1d", "embedding"):  # both store (in, out)
         return delta.T
     return delta
+
+
+def read_weight(host: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The host's parameter `name` (its weight, its bias) as a tensor in the host's own layout, to compute with."""
+    return getattr(host, name)
+
+
+@contextmanager
+def edited_weight(host: nn.Module, name: str = "weight") -> Iterator[torch.Tensor]:
+    """The host's parameter `name` in its own layout, to change in place inside the block (no autograd record)."""
+    yield getattr(host, name).data

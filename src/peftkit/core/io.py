@@ -125,35 +125,12 @@ def read_adapter(path: str | os.PathLike,
     raise AdapterFileError(f"{path} holds no adapter: expected {PEFTKIT_CONFIG} or {hf_peft.CONFIG_FILE}")
 
 
-def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, activate: bool = True,
-         strict: bool = True) -> str:
-    """Attach the adapter saved at `path` under `name` (default: its saved name or "default").
-
-    The file must fit the adapter its config builds on this model: no tensors for modules outside its targets
-    (for a PEFT file: PEFT's target_modules rules), none missing for a targeted module. `strict=False` is PEFT's
-    leniency: it warns about those, ignores the extra tensors and leaves missing ones at their fresh init.
-    Targets that match nothing, wrong shapes or dtypes and NaN / inf values are errors either way.
-    On any error the model is left as it was: no half-loaded adapter, the same active ones.
-    """
-    from ..api import activate_new, attach, remove
-
-    config, tensors, saved_name = read_adapter(path, model)
-    name = name or saved_name or "default"
-    try:
-        attach(model, config, name=name, activate=False)
-    except ValueError as err:  # the file's targets do not fit this model (a module type, a rank)
-        if name in get_registry(model).configs:
-            raise
-        raise AdapterFileError(f"{path}: {err}") from err
-    try:
-        with unfolded(model, get_registry(model), [""]):  # bias changes and base tensors against the bare base
-            _copy_into(model, name, tensors, Path(path), strict)
-    except BaseException:  # even on Ctrl-C: no half-loaded adapter
-        remove(model, name)
-        raise
-    if activate:
-        activate_new(model, name)
-    return name
+def fill_adapter(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 strict: bool = True) -> None:
+    """Copy the tensors read from `path` into attached adapter `name` (the file-fit rules of `peftkit.load`),
+    against the bare base (bias changes, base tensors); every tensor is checked before any is copied."""
+    with unfolded(model, get_registry(model), [""]):
+        _copy_into(model, name, tensors, Path(path), strict)
 
 
 def _shape_error(path: Path, key: str, saved: torch.Tensor, current: torch.Tensor) -> AdapterFileError:

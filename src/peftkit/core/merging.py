@@ -28,9 +28,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .delta import Delta, ModuleCopy
+from .delta import Delta, ModuleCopy, Placement
 from .registry import AdapterRegistry
-from .slot import SLOT_ATTR, DeltaSlot
+from .slot import DeltaSlot, deltas_of
 
 
 class MergeError(ValueError):
@@ -39,26 +39,30 @@ class MergeError(ValueError):
 
 def fold_order(slot: DeltaSlot, active: Sequence[str]) -> list[str]:
     """The active deltas of one host in fold order: input side nearest W0 first, then the output side in active order."""
-    present = [name for name in active if name in slot and not slot[name].on_sequence]
-    inputs = [name for name in reversed(present) if slot[name].transforms_input]
-    return inputs + [name for name in present if not slot[name].transforms_input]
+    present = [name for name in active if name in slot and slot[name].placement is not Placement.SEQUENCE]
+    inputs = [name for name in reversed(present) if _on_input(slot[name])]
+    return inputs + [name for name in present if not _on_input(slot[name])]
+
+
+def _on_input(delta: Delta) -> bool:
+    return delta.placement is Placement.INPUT
 
 
 def _conflict(slot: DeltaSlot, host_name: str, active: Sequence[str], merged: set[str]) -> str | None:
     """Why this host's outputs would differ from the unmerged forward with `merged` folded in, or None."""
     order = fold_order(slot, active)
     stack = [name for name in order if name in merged]
-    for side in ([n for n in order if slot[n].transforms_input], [n for n in order if not slot[n].transforms_input]):
+    for side in ([n for n in order if _on_input(slot[n])], [n for n in order if not _on_input(slot[n])]):
         for i, inner in enumerate(side):
             if inner in merged:
                 continue
             for outer in side[i + 1:]:
                 if outer in merged and not slot[inner].commutes_with(slot[outer]):
                     return (f"'{outer}' would be folded into the weight of '{host_name}' under '{inner}', which acts "
-                            f"{'on the input after' if slot[inner].transforms_input else 'on the output before'} it "
+                            f"{'on the input after' if _on_input(slot[inner]) else 'on the output before'} it "
                             f"unmerged and does not commute with it: merge '{inner}' too (or first)")
-    unmerged_inputs = [n for n in order if slot[n].transforms_input and n not in merged]
-    reading = [n for n in stack if not slot[n].transforms_input and slot[n].reads_input]
+    unmerged_inputs = [n for n in order if _on_input(slot[n]) and n not in merged]
+    reading = [n for n in stack if not _on_input(slot[n]) and slot[n].reads_input]
     if unmerged_inputs and reading:
         return (f"'{reading[0]}' reads the input of '{host_name}' untransformed, but merged it would see the input "
                 f"transformed by '{unmerged_inputs[0]}', which is not merged: merge '{unmerged_inputs[0]}' too")
@@ -83,7 +87,7 @@ def _hosts(model: nn.Module, registry: AdapterRegistry, names: Sequence[str]) ->
             if host_name not in seen:
                 seen.add(host_name)
                 host = model.get_submodule(host_name)
-                yield host_name, host, getattr(host, SLOT_ATTR)
+                yield host_name, host, deltas_of(host)
 
 
 def check(model: nn.Module, registry: AdapterRegistry, active: Sequence[str], merged: set[str], what: str) -> None:
@@ -123,7 +127,7 @@ def unfolded(model: nn.Module, registry: AdapterRegistry, host_names: Iterable[s
     for host_name, stack in registry.merge_stacks.items():
         if _under(host_name, names):
             host = model.get_submodule(host_name)
-            slot = getattr(host, SLOT_ATTR)
+            slot = deltas_of(host)
             popped += [(host, slot[name], _pop(host, slot[name])) for name in reversed(stack)]
     try:
         yield

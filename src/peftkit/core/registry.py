@@ -52,10 +52,10 @@ def get_registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
 
 def adapter_deltas(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module, "Delta"]]:
     """(host name, host module, delta) of every host one adapter sits on."""
-    from .slot import SLOT_ATTR  # the slot module imports this one
+    from .slot import delta_of  # the slot module imports this one
 
     registry = get_registry(model)
     registry.require(name)
     for host_name in registry.hosts[name]:
         host = model.get_submodule(host_name)
-        yield host_name, host, getattr(host, SLOT_ATTR)[name]
+        yield host_name, host, delta_of(host, name)

@@ -45,9 +45,9 @@ from transformers import DynamicCache
 
 from . import length_buckets
 from .config import AdapterConfig
-from .delta import Delta
+from .delta import Delta, Placement
 from .registry import REGISTRY_ATTR, AdapterRegistry
-from .slot import SLOT_ATTR
+from .slot import deltas_of
 
 ROOT = ""  # the host name of a sequence delta: the whole model
 IGNORE_INDEX = -100  # Hugging Face's label for positions without a loss
@@ -161,7 +161,7 @@ class SequenceDelta(Delta):
     """Virtual tokens of one adapter: a prompt (`kind = "prompt"`) or per-layer key/value prefixes ("prefix")."""
 
     additive = False
-    on_sequence = True
+    placement = Placement.SEQUENCE
     kind: ClassVar[Literal["prompt", "prefix"]]
 
     def __init__(self, model: nn.Module, config: SequenceConfig):
@@ -189,8 +189,7 @@ class SequenceDelta(Delta):
 # --- the call rewrite ----------------------------------------------------------------------------------------------
 
 def _sequence_deltas(model: nn.Module) -> dict[str, SequenceDelta]:
-    slot = model._modules.get(SLOT_ATTR)
-    return {} if slot is None else {n: d for n, d in slot.items() if d.on_sequence}
+    return {n: d for n, d in deltas_of(model).items() if d.placement is Placement.SEQUENCE}
 
 
 def _row_deltas(registry: AdapterRegistry, deltas: dict[str, SequenceDelta], batch: int) -> list[SequenceDelta | None]:

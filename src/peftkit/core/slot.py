@@ -1,25 +1,27 @@
 """The slot on a host module that holds its named deltas and applies them in forward hooks.
 
-Input-transforming deltas ((IA)³'s feed-forward vectors, OFT's rotations) act in a pre-forward hook, so the
-host's own matmul runs on t(x) (a pure scale costs one elementwise product); every other delta acts in the
-forward hook on the host's output, reading the host's untransformed input. A delta that can fold
-itself into the host's own computation (a selective change of a Linear's weight: one matmul on
-W0 + ΔW instead of the host's plus the delta's) replaces the host's call in un-routed passes:
-the host then runs `_folding_forward`, installed on its instance `forward` while such a delta
-sits on it, and the output hook applies the other deltas.
+Each delta acts where its `Placement` says. INPUT deltas ((IA)³'s feed-forward vectors, OFT's rotations) act
+in a pre-forward hook, so the host's own matmul runs on t(x) (a pure scale costs one elementwise product);
+OUTPUT deltas act in the forward hook on the host's output, reading the host's untransformed input. A
+HOST_CALL delta (a selective change of a Linear's weight: one matmul on W0 + ΔW instead of the host's plus
+the delta's) replaces the host's call in un-routed passes: the host then runs `_folding_forward`, installed
+on its instance `forward` while such a delta sits on it, and the output hook applies the other deltas.
+SEQUENCE deltas sit in the root module's slot and are applied by `core.sequence`.
 
 Deltas live *beside* the host (`<module>.peftkit.<adapter>.<param>`) instead of wrapping it, so
-the base model's parameter names never change and a base checkpoint loads as it is.
+the base model's parameter names never change and a base checkpoint loads as it is. Code outside this
+module reaches them through `deltas_of`, `delta_of`, `is_delta_parameter` and `host_children`.
 """
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .delta import Delta
+from .delta import Delta, Placement
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
@@ -51,9 +53,9 @@ class DeltaSlot(nn.ModuleDict):
                              f"the deltas already on it ({', '.join(self)}); they cannot share the module")
         self._read_input = reader
         super().__setitem__(name, delta)
-        if delta.transforms_input:
+        if delta.placement is Placement.INPUT:
             self._input_transforms.add(name)
-        if delta.folds_into_host:
+        if delta.placement is Placement.HOST_CALL:
             self._folders.add(name)
 
     def __delitem__(self, name: str) -> None:
@@ -85,7 +87,7 @@ class DeltaSlot(nn.ModuleDict):
         return None
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The host's input for the input-transforming deltas that apply (each row its own under routing); None
+        """The host's input for the INPUT deltas that apply (each row its own under routing); None
         when none does.
 
         Un-routed, the active ones apply in active order (pure scales multiply, as their folds into the weight do,
@@ -157,6 +159,29 @@ class DeltaSlot(nn.ModuleDict):
         return out
 
 
+def deltas_of(module: nn.Module) -> Mapping[str, Delta]:
+    """The deltas sitting on `module`, by adapter name (empty for a module without any)."""
+    return module._modules.get(SLOT_ATTR) or {}
+
+
+def delta_of(module: nn.Module, name: str) -> Delta:
+    """Adapter `name`'s delta on `module` (a KeyError naming the module's adapters when it has none there)."""
+    deltas = deltas_of(module)
+    if name not in deltas:
+        raise KeyError(f"no delta of adapter {name!r} on this {type(module).__name__} (it has: {sorted(deltas) or 'none'})")
+    return deltas[name]
+
+
+def is_delta_parameter(name: str) -> bool:
+    """Whether a parameter or state-dict name (`encoder.query.peftkit.a.lora_A`) belongs to a delta."""
+    return f".{SLOT_ATTR}." in f".{name}"
+
+
+def host_children(module: nn.Module) -> dict[str, nn.Module]:
+    """The module's own submodules, without its delta slot."""
+    return {name: child for name, child in module.named_children() if name != SLOT_ATTR}
+
+
 def _row_scales(plan: RoutingPlan, names: tuple[str, ...], scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Per-row channel scales shaped to broadcast over `like` ([rows, ..., channels]): row i takes its
     adapter's vector from [s_1, …, s_n, 1], 1 for rows of no adapter here (one gather for the batch)."""
@@ -184,7 +209,7 @@ def _transform_rows(plan: RoutingPlan | None, names: tuple[str, ...], deltas: li
 
 
 def _slot_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-    """Run the host on t(x) when an input-transforming delta applies; remember x for the output hook's deltas."""
+    """Run the host on t(x) when an INPUT delta applies; remember x for the output hook's deltas."""
     slot: DeltaSlot = getattr(module, SLOT_ATTR)
     if not slot._input_transforms:
         return None
@@ -235,7 +260,7 @@ def add_delta(module: nn.Module, registry: AdapterRegistry, module_name: str, na
         module.register_forward_pre_hook(_slot_pre_hook, with_kwargs=True)
         module.register_forward_hook(_slot_hook, with_kwargs=True)
     slot[name] = delta
-    if delta.folds_into_host and "forward" not in module.__dict__:  # not over another library's patched forward
+    if delta.placement is Placement.HOST_CALL and "forward" not in module.__dict__:  # not over another library's patched forward
         module.forward = types.MethodType(_folding_forward, module)  # a bound method: deep copies rebind it
 
 

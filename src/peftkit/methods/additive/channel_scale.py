@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...core.hosts import Conv1D
+from ...core.hosts import Conv1D, edited_weight
 
 Axis = Literal["out", "in"]
 
@@ -48,21 +48,23 @@ def _check_foldable(host: nn.Module, scale: torch.Tensor, shift: torch.Tensor | 
 def fold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor | None = None) -> None:
     """W ← diag(s) W, b ← s ⊙ b + t (axis "out"); W ← W diag(s) (axis "in"). In place."""
     _check_foldable(host, scale, shift, "cannot merge")
-    weight, bias = host.weight, host.bias
-    weight.data.mul_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
-    if axis == "out" and bias is not None:
-        bias.data.mul_(scale.reshape(bias.shape).to(bias.dtype))
-        if shift is not None:
-            bias.data.add_(shift.reshape(bias.shape).to(bias.dtype))
+    with edited_weight(host) as weight:
+        weight.mul_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
+    if axis == "out" and host.bias is not None:
+        with edited_weight(host, "bias") as bias:
+            bias.mul_(scale.reshape(bias.shape).to(bias.dtype))
+            if shift is not None:
+                bias.add_(shift.reshape(bias.shape).to(bias.dtype))
 
 
 @torch.no_grad()
 def unfold_(host: nn.Module, scale: torch.Tensor, axis: Axis, shift: torch.Tensor | None = None) -> None:
     """The inverse of `fold_`: b ← (b − t) / s, W ← W / s."""
     _check_foldable(host, scale, shift, "cannot unmerge")
-    weight, bias = host.weight, host.bias
-    weight.data.div_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
-    if axis == "out" and bias is not None:
-        if shift is not None:
-            bias.data.sub_(shift.reshape(bias.shape).to(bias.dtype))
-        bias.data.div_(scale.reshape(bias.shape).to(bias.dtype))
+    with edited_weight(host) as weight:
+        weight.div_(scale.reshape(_weight_view(host, axis)).to(weight.dtype))
+    if axis == "out" and host.bias is not None:
+        with edited_weight(host, "bias") as bias:
+            if shift is not None:
+                bias.sub_(shift.reshape(bias.shape).to(bias.dtype))
+            bias.div_(scale.reshape(bias.shape).to(bias.dtype))

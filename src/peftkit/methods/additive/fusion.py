@@ -23,7 +23,7 @@ from ...core.config import AdapterConfig, TargetSpec, register_method
 from ...core.delta import Delta
 from ...core.hosts import host_shape
 from ...core.registry import get_registry
-from ...core.slot import SLOT_ATTR
+from ...core.slot import deltas_of
 
 FUSED_MODULES = "fused-adapters"  # the only placement: wherever the fused adapters sit
 _INIT_STD = 0.02
@@ -90,7 +90,7 @@ class FusionDelta(Delta):
 
     def __init__(self, host: nn.Module, adapters: list[str]):
         super().__init__()
-        slot = getattr(host, SLOT_ATTR)
+        slot = deltas_of(host)
         self._slot = (slot,)  # a tuple, not a submodule: the fused adapters are saved and counted as themselves
         self.adapters = tuple(adapters)
         for name in adapters:

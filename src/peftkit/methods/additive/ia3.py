@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, TargetSpec, register_method
-from ...core.delta import Delta
+from ...core.delta import Delta, Placement
 from ...core.hf_peft import PeftKeys
 from ...core.hosts import LINEAR_TYPES, host_shape
 from ...core.targets import TYPE_PREFIX
@@ -114,7 +114,8 @@ class IA3Delta(Delta):
     def __init__(self, host: nn.Module, feedforward: bool):
         super().__init__()
         shape = host_shape(host)
-        self.feedforward = self.transforms_input = feedforward
+        self.feedforward = feedforward
+        self.placement = Placement.INPUT if feedforward else Placement.OUTPUT
         self.reads_input = feedforward  # the output form rescales the host output only
         size = (1, shape.in_features) if feedforward else (shape.out_features, 1)  # PEFT's layout
         # float32 on a half-precision base, as in HF PEFT

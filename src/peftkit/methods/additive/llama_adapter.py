@@ -29,7 +29,7 @@ from torch import nn
 from ...core.config import AdapterConfig, TargetSpec, register_method
 from ...core.delta import Delta
 from ...core.hf_peft import PeftKeys
-from ...core.slot import SLOT_ATTR
+from ...core.slot import host_children
 from ...core.targets import TYPE_PREFIX
 
 _PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
@@ -154,7 +154,7 @@ class LlamaAdapterDelta(Delta):
 
 
 def _check_attention(host: nn.Module) -> None:
-    children = {name for name, _ in host.named_children()} - {SLOT_ATTR}
+    children = set(host_children(host))
     head_dim = getattr(host, "head_dim", None)
     problem = None
     if children != _PROJECTIONS or not all(isinstance(getattr(host, n), nn.Linear) for n in _PROJECTIONS):

@@ -22,7 +22,7 @@ from ...core.config import AdapterConfig, register_method
 from ...core.hf_peft import PeftKeys
 from ...core.hosts import LINEAR_TYPES
 from ...core.registry import get_registry
-from ...core.slot import SLOT_ATTR
+from ...core.slot import delta_of
 from ...core.training import TrainingContext, TrainingStep
 from .lora import LoRA, LoRADelta
 
@@ -166,7 +166,7 @@ class AdaLoRAController:
         self.config = config
         self.deltas: dict[str, AdaLoRADelta] = {
             host: delta for host in get_registry(model).hosts[name]
-            if isinstance(delta := getattr(model.get_submodule(host), SLOT_ATTR)[name], AdaLoRADelta)}
+            if isinstance(delta := delta_of(model.get_submodule(host), name), AdaLoRADelta)}
         self.init_budget = config.init_r * len(self.deltas)
         self.target_budget = config.target_r * len(self.deltas)
         self._sensitivity = {(h, p): torch.zeros_like(getattr(d, p)) for h, d in self.deltas.items() for p in _RANK_DIM}

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from ...core.config import register_method
-from ...core.hosts import LINEAR_TYPES, to_host_layout
+from ...core.hosts import LINEAR_TYPES, edited_weight, read_weight, to_host_layout
 from .lora import LoRA, LoRADelta
 
 
@@ -82,7 +82,7 @@ class DoRADelta(LoRADelta):
     def base_weight(self) -> torch.Tensor:
         """W0 in (out, in[, kh, kw]) layout, float32."""
         host = self._host[0]
-        return to_host_layout(host, host.weight).float()
+        return to_host_layout(host, read_weight(host)).float()
 
     def lora_weight(self) -> torch.Tensor:
         """s·BA: the update of the direction, (out, in[, kh, kw])."""
@@ -107,7 +107,7 @@ class DoRADelta(LoRADelta):
 
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.weight_norm()  # m/n: [out] (Conv2d: [1, out, 1, 1])
-        bias = self._host[0].bias
+        bias = read_weight(self._host[0], "bias")
         if self.training and isinstance(self.dropout, nn.Dropout):
             # as PEFT: the rescaled base term sees the dropped-out input too, so W0 x is recomputed
             x = self.dropout(x.to(self.lora_A.dtype))
@@ -134,12 +134,14 @@ class DoRADelta(LoRADelta):
         self.merged_norm = self.weight_norm()
         scale = self._rows(self.magnitude / self.merged_norm).double()
         weight = scale * (self.base_weight().double() + self.lora_weight().double())
-        host.weight.data.copy_(to_host_layout(host, weight))
+        with edited_weight(host) as stored:
+            stored.copy_(to_host_layout(host, weight))
 
     def unmerge_from(self, host: nn.Module) -> None:
         """W0 = W'·(n/m) − s·BA, with the n stored at merge time (in float64, so the base comes back to rounding)."""
         scale = self._rows(self.magnitude / self.merged_norm).double()
         weight = self.base_weight().double() / scale - self.lora_weight().double()
-        host.weight.data.copy_(to_host_layout(host, weight))
+        with edited_weight(host) as stored:
+            stored.copy_(to_host_layout(host, weight))
         self.merged_norm = None
 

@@ -24,10 +24,11 @@ from torch import nn
 from ...core.config import AdapterConfig, register_method
 from ...core.hf_peft import PEFT_RAW, PeftKeys
 from ...core.delta import Delta
-from ...core.hosts import WEIGHT_HOST_TYPES, host_shape, to_host_layout
-from ...core.shared_input import SharedInputGroup
+from ...core.hosts import WEIGHT_HOST_TYPES, edited_weight, host_shape, read_weight, to_host_layout
 from ...core.targets import TargetError, match_targets, module_names
-from ..selective.sparse import SPARSE_HOST_TYPES, Mask, SparseDelta
+from ..selective.mask import Mask
+from ..selective.sparse import SPARSE_HOST_TYPES, SparseDelta
+from .shared_input import SharedInputGroup, link_siblings
 
 ABSOLUTE_BIAS = "absolute_bias"  # a PEFT file's trained bias (absolute), until `prepare_load` makes it a change
 _BIAS_CHANGE = "bias_change"  # the LoRADelta attribute holding its host's bias change
@@ -177,7 +178,7 @@ class LoRA(PeftKeys, AdapterConfig):
             if peft_name is None:
                 out[key] = value
             else:
-                base = model.get_submodule(host_name).bias.detach()
+                base = read_weight(model.get_submodule(host_name), "bias").detach()
                 out[f"{PEFT_RAW}{host_name}.{peft_name}"] = (base.float() + value.float()).to(base.dtype).cpu()
         return {}, out
 
@@ -219,7 +220,7 @@ def _take_absolute_bias(saved: dict[str, torch.Tensor], host: nn.Module, key: st
     """A PEFT file's trained (absolute) bias as the change from this model's base bias, under `key`."""
     absolute = saved.pop(ABSOLUTE_BIAS, None)
     if absolute is not None:
-        base = host.bias.detach()
+        base = read_weight(host, "bias").detach()
         saved[key] = absolute.float() - base.float().cpu() if absolute.shape == base.shape else absolute
 
 
@@ -249,7 +250,7 @@ class LoRADelta(Delta):
         self.lora_A = nn.Parameter(torch.empty(r, shape.in_features, *kernel, **factory))  # [r, in, (kh, kw)]
         self.lora_B = nn.Parameter(torch.zeros(shape.out_features, r, *ones, **factory))  # [out, r, (1, 1)]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.shared: SharedInputGroup | None = None  # set by attach for siblings that share an input
+        self.shared: SharedInputGroup | None = None  # set by `link_adapter` for siblings that share an input
         if self.kind == "conv2d":
             self._conv_args = {k: getattr(host, k) for k in ("stride", "padding", "dilation")}
             # non-zero padding modes pad explicitly (as Conv2d does), so the branch matches the merged weight
@@ -279,7 +280,7 @@ class LoRADelta(Delta):
         if self.kind not in ("linear", "conv1d"):
             raise ValueError(f"PiSSA init needs a linear host, got {self.kind}")
         r = self.lora_A.shape[0]
-        weight = to_host_layout(host, host.weight.float())  # [out, in]
+        weight = to_host_layout(host, read_weight(host).float())  # [out, in]
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         root = (s[:r] / self.scaling).sqrt()
         self.lora_A.copy_(root[:, None] * vh[:r])  # [r, in]
@@ -291,7 +292,8 @@ class LoRADelta(Delta):
 
     def restore_base(self, host: nn.Module) -> None:
         """Undo PiSSA's residual: W0 = W_res + s·B0A0."""
-        host.weight.data += to_host_layout(host, (self.pissa_B0 @ self.pissa_A0).float() * self.scaling).to(host.weight.dtype)
+        with edited_weight(host) as weight:
+            weight += to_host_layout(host, (self.pissa_B0 @ self.pissa_A0).float() * self.scaling).to(weight.dtype)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """W_res + s·BA − W0 = s·[B, −B0][A; A0]: a rank-2r LoRA on the original base."""
@@ -304,6 +306,11 @@ class LoRADelta(Delta):
 
     def down_weight(self) -> torch.Tensor:
         return self.lora_A
+
+    @classmethod
+    def link_adapter(cls, deltas: dict[str, "LoRADelta"]) -> None:
+        """Linear siblings of one parent (q, k, v) read one input: one down-projection matmul for all of them."""
+        link_siblings({host: delta for host, delta in deltas.items() if delta.kind in ("linear", "conv1d")})
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":

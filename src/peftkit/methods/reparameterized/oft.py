@@ -29,9 +29,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
-from ...core.delta import Delta
+from ...core.delta import Delta, Placement
 from ...core.hf_peft import PeftKeys
-from ...core.hosts import LINEAR_TYPES, Conv1D, host_shape, to_host_layout
+from ...core.hosts import LINEAR_TYPES, Conv1D, edited_weight, host_shape, read_weight, to_host_layout
 
 # PEFT 0.18 changed the Cayley–Neumann series; files from older versions mean another rotation.
 _PEFT_NEUMANN_SINCE = (0, 18)
@@ -107,7 +107,7 @@ class OFTDelta(Delta):
     """Blockwise rotations of one host's input: transform_input(x) = x R_bd."""
 
     additive = False
-    transforms_input = True
+    placement = Placement.INPUT
 
     def __init__(self, host: nn.Module, config: OFT):
         super().__init__()
@@ -195,11 +195,12 @@ class OFTDelta(Delta):
         return None
 
     def _blocks_of(self, host: nn.Module) -> torch.Tensor:
-        weight = to_host_layout(host, host.weight.detach()).double()  # [out, in]
+        weight = to_host_layout(host, read_weight(host).detach()).double()  # [out, in]
         return weight.reshape(weight.shape[0], self.blocks, self.block_size)  # [out, n, k]
 
     def _store(self, host: nn.Module, blocks: torch.Tensor) -> None:
-        host.weight.data.copy_(to_host_layout(host, blocks.reshape(blocks.shape[0], -1)).to(host.weight.dtype))
+        with edited_weight(host) as weight:
+            weight.copy_(to_host_layout(host, blocks.reshape(blocks.shape[0], -1)))
 
     @torch.no_grad()
     def merge_into(self, host: nn.Module) -> None:

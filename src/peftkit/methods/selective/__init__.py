@@ -7,8 +7,8 @@ from .lastk import LastK
 from .layernorm import LayerNormTuning
 from .ltsft import LTSFT, ltsft_select
 from .pafi import PaFi
+from .mask import Mask, MaskError, MaskNotSelectedError
 from .selection import NoDataError, SelectionError, fisher_scores, select
-from .sparse import Mask, MaskError, MaskNotSelectedError
 from .structured import StructuredMask, StructureError, select_units
 
 __all__ = ["BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK",

@@ -14,7 +14,8 @@ from typing import ClassVar
 from torch import nn
 
 from ...core.config import register_method
-from .sparse import Mask, SelectiveConfig, whole_masks
+from .mask import Mask
+from .sparse import SelectiveConfig, whole_masks
 
 
 @register_method

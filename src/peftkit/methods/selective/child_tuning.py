@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ...core.config import register_method
+from .mask import Mask
 from .selection import FisherSelected, Fraction
-from .sparse import Mask, SelectiveConfig, SparseDelta, whole_masks
+from .sparse import SelectiveConfig, SparseDelta, whole_masks
 
 
 @register_method

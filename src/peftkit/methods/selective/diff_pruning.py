@@ -32,7 +32,9 @@ from ...core.delta import Delta
 from ...core.registry import get_registry
 from ...core.training import TrainingContext, TrainingStep, TwoPhases
 from .selection import Fraction, SelectionError, top_fraction
-from .sparse import EMPTY, Mask, ParamDiff, SelectiveConfig, SparseDelta, masks_of
+from .mask import EMPTY, Mask
+from .param_diff import ParamDiff
+from .sparse import SelectiveConfig, SparseDelta, masks_of
 
 
 def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float) -> torch.Tensor:

@@ -25,9 +25,11 @@ from ...core.registry import adapter_deltas
 from ...core.config import register_method
 from ...core.registry import get_registry
 from ...core.training import TrainingContext, TrainingStep
+from .mask import EMPTY, Mask
 from .selection import (FisherSelected, LossFn, NoDataError, SelectionError, classification_nll, fisher_masks,
                         scoring, split_rows)
-from .sparse import EMPTY, Mask, ParamDiff, SparseDelta
+from .param_diff import ParamDiff
+from .sparse import SparseDelta
 
 
 @register_method

@@ -17,7 +17,8 @@ from torch import nn
 
 from ...core.config import TargetSpec, register_method
 from ...core.targets import TargetError, match_targets
-from .sparse import SPARSE_HOST_TYPES, Mask, SelectiveConfig, whole_masks
+from .mask import Mask
+from .sparse import SPARSE_HOST_TYPES, SelectiveConfig, whole_masks
 
 
 @register_method

@@ -14,7 +14,8 @@ from torch import nn
 
 from ...core.config import TargetSpec, register_method
 from ...core.hosts import RMSNormLike
-from .sparse import Mask, SelectiveConfig, whole_masks
+from .mask import Mask
+from .sparse import SelectiveConfig, whole_masks
 
 
 @register_method

@@ -29,7 +29,8 @@ from ...core.delta import ModuleCopy
 from ...core.registry import get_registry
 from ...core.training import TrainingContext, TrainingStep, TwoPhases
 from .selection import Fraction, SelectionError, install_masks, top_fraction
-from .sparse import Mask, SelectiveConfig, whole_masks
+from .mask import Mask
+from .sparse import SelectiveConfig, whole_masks
 
 
 @register_method

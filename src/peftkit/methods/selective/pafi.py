@@ -14,8 +14,9 @@ from typing import ClassVar
 from torch import nn
 
 from ...core.config import register_method
+from .mask import Mask
 from .selection import Fraction, top_fraction
-from .sparse import Mask, SelectiveConfig
+from .sparse import SelectiveConfig
 
 
 @register_method

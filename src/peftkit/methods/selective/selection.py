@@ -20,7 +20,8 @@ from torch import nn
 from ...core.registry import adapter_deltas
 from ...core.registry import get_registry
 from ...core.training import TrainingContext, TrainingStep
-from .sparse import Mask, MaskError, SelectiveConfig, SparseDelta, masks_of
+from .mask import Mask, MaskError
+from .sparse import SelectiveConfig, SparseDelta, masks_of
 
 Scores = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]

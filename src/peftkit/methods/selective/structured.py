@@ -30,8 +30,9 @@ from ...core.config import TargetSpec, register_method
 from ...core.registry import get_registry
 from ...core.targets import match_targets
 from ...core.training import TrainingContext, TrainingStep
+from .mask import Mask
 from .selection import Fraction, LossFn, NoDataError, SelectionError, candidates, fisher_scores, install_masks
-from .sparse import Mask, SelectiveConfig
+from .sparse import SelectiveConfig
 
 UnitKind = Literal["heads", "ffn"]
 

@@ -1,4 +1,4 @@
-"""Sibling layers that read the same input (q, k, v; gate, up) project it down as one matmul.
+"""LoRA's sibling layers that read the same input (q, k, v; gate, up) project it down as one matmul.
 
 Each member delta exposes `down_weight()` of shape (r_i, in). The first member called with an
 input computes `x @ cat(W_1..W_n)ᵀ` once; the others reuse their slice. The cache is keyed by
@@ -13,10 +13,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .routing import tensor_version
+from ...core.routing import tensor_version
 
 
 class DownProjecting(Protocol):
+    shared: SharedInputGroup | None
+
     def down_weight(self) -> torch.Tensor: ...
 
 
@@ -43,3 +45,16 @@ class SharedInputGroup:
         if self._pending == 0:  # every member served: let the activation go
             self._key, self._input, self._parts = None, None, ()
         return part
+
+
+def link_siblings(deltas: dict[str, DownProjecting]) -> None:
+    """Give the deltas of one adapter on sibling modules (one parent) of equal input width a shared group each;
+    `deltas` maps host names to the deltas that may share."""
+    groups: dict[tuple[str, int], list[DownProjecting]] = {}
+    for host_name, delta in deltas.items():
+        groups.setdefault((host_name.rpartition(".")[0], delta.down_weight().shape[1]), []).append(delta)
+    for members in groups.values():
+        if len(members) > 1:
+            group = SharedInputGroup(members)
+            for delta in members:
+                delta.shared = group
