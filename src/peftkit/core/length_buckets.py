@@ -26,7 +26,7 @@ from transformers import Cache
 from .registry import REGISTRY_ATTR, AdapterRegistry
 from .routing import RoutingPlan
 
-UNBUCKETED_ARGUMENTS = ("labels", "past_key_values")
+UNBUCKETED_ARGUMENTS = ("labels", "past_key_values", "cache")  # a cache: "cache" from transformers 5.24 on
 
 
 def install(model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Deltas on the sequence (DESIGN.md, place 3): virtual tokens before the input (prompt tuning,
+"""Deltas on the sequence (docs/design.md, place 3): virtual tokens before the input (prompt tuning,
 P-tuning) or in every attention layer's keys and values (prefix tuning).
 
 Such a delta sits in the slot of the root model (host name ""), so save, load, remove, summary and
@@ -8,9 +8,9 @@ per row (the rows' adapter names come from the same RoutingPlan the module delta
 
 - prompt rows: `input_ids` become `inputs_embeds` (the model's own input embeddings, so module
   deltas on the embedding still apply) with the row's virtual tokens in front;
-- prefix rows: a `DynamicCache` holding each layer's prefix keys and values is passed as
-  `past_key_values` (the prefix is put in the cache once; a generation step that continues a cache
-  adds nothing and recomputes nothing);
+- prefix rows: a `DynamicCache` holding each layer's prefix keys and values is passed as the model's cache
+  argument (`past_key_values`; `cache` from transformers 5.24 on): the prefix is put in the cache once, and a
+  generation step that continues a cache adds nothing and recomputes nothing;
 - `attention_mask`, `position_ids`, `token_type_ids` (0 on virtual tokens) and token-level
   `labels` (-100 on virtual tokens) are extended to match.
 
@@ -207,6 +207,11 @@ def _row_deltas(registry: AdapterRegistry, deltas: dict[str, SequenceDelta], bat
     return [deltas[active[0]] if active else None] * batch
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name of the model's key/value cache argument: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _bind(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call as keyword arguments only (positional ones named by the forward signature)."""
     names = [n for n, p in inspect.signature(model.forward).parameters.items()
@@ -299,9 +304,9 @@ def _rewrite_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     if all(d is None for d in rows) or length_buckets.prompt_widths(model, call, rows) is not None:
         return None  # nothing to add, or the forward runs one pass per prompt length (each call rewritten then)
     layout = _Layout(rows, next(iter(deltas.values())), x.device)
-    past = call.get("past_key_values")
+    past = call.get(cache_argument(model))
     if getattr(past, UNCACHED, False):  # our own prefix cache, handed back by `generate(use_cache=False)`: drop it
-        past = call["past_key_values"] = None
+        past = call[cache_argument(model)] = None
     cached = past.get_seq_length() if past is not None else 0
     if cached and not layout.causal:
         raise SequenceError("continuing a key/value cache with prompt or prefix adapters needs a causal model")
@@ -355,9 +360,9 @@ def _insert_prompts(model: nn.Module, call: dict[str, Any], layout: _Layout, mas
 
 def _insert_prefixes(model: nn.Module, call: dict[str, Any], layout: _Layout) -> None:
     """The prefix keys and values in the call's (empty) cache, or in a new one."""
-    cache = call.get("past_key_values")
+    cache = call.get(cache_argument(model))
     if cache is None:
-        cache = call["past_key_values"] = DynamicCache()
+        cache = call[cache_argument(model)] = DynamicCache()
         # the model returns the cache it was given; one made for a call without caching must not be continued
         setattr(cache, UNCACHED, call.get("use_cache") is False)
     embeds = call.get("inputs_embeds")

@@ -29,7 +29,7 @@ from torch.utils.data import default_collate
 
 from ..api import adapter_parameters
 from ..core.registry import adapter_deltas, get_registry
-from ..core.slot import SLOT_ATTR
+from ..core.slot import is_delta_parameter
 from ..core.training import TrainingContext
 from .engine import BatchLoss, Engine, MicroBatch, Run, param_groups, scale_lr, selection_indices, task_loss, to_device
 from .tasks import ModelInputs as Inputs
@@ -228,7 +228,7 @@ class MultiJobTrainer:
             raise JobError(f"job adapter {job.adapter!r} is not attached (attached: {', '.join(registry.configs) or 'none'})")
         if job.adapter in self.jobs and not self.jobs[job.adapter].done:
             raise JobError(f"adapter {job.adapter!r} already has a running job; one job per adapter")
-        shared = [n for n, p in self.model.named_parameters() if p.requires_grad and f".{SLOT_ATTR}." not in f".{n}"]
+        shared = [n for n, p in self.model.named_parameters() if p.requires_grad and not is_delta_parameter(n)]
         if shared:
             raise JobError(f"trainable parameters outside any adapter would mix the jobs' gradients: {shared[:5]}; "
                            "freeze them or make them part of an adapter (modules_to_save)")

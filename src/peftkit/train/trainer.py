@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..api import attach
 from ..core.io import adapter_files, write_dir_atomically
 from ..core.registry import REGISTRY_ATTR, get_registry
-from ..core.slot import SLOT_ATTR
+from ..core.slot import is_delta_parameter
 from ..core.training import TrainingContext, TrainingStep
 from ..models import require_extra
 from .config import DataSection, TrainConfig, TrainConfigError, config_from_mapping, load_config
@@ -153,7 +153,7 @@ def _flat_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter parameter and buffer, by state-dict key: what a checkpoint restores exactly."""
-    return {k: v for k, v in model.state_dict().items() if f".{SLOT_ATTR}." in f".{k}"}
+    return {k: v for k, v in model.state_dict().items() if is_delta_parameter(k)}
 
 
 @torch.inference_mode()
