@@ -234,3 +234,24 @@ def test_peftkit_train_multijob_and_hf_trainer_give_the_same_adapter(tmp_path, m
     for key in ours:
         torch.testing.assert_close(multijob[key], ours[key], rtol=1e-4, atol=1e-6, msg=f"MultiJobTrainer: {key}")
         torch.testing.assert_close(hf[key], ours[key], rtol=1e-4, atol=1e-6, msg=f"HF Trainer: {key}")
+
+
+def test_a_method_with_its_own_steps_beside_another_job_equals_it_alone(tmp_path) -> None:
+    """AdaLoRA's rank allocation and orthogonality loss act on its own run only when jobs share forward passes."""
+    from peftkit import LoRA, attach
+
+    cfg = config(tmp_path, "adalora", **RUN)
+
+    def train(with_other: bool) -> dict[str, torch.Tensor]:
+        model, _, task, data = prepare(config_from_mapping(cfg))
+        jobs = MultiJobTrainer(model)
+        if with_other:
+            attach(model, LoRA(targets=QV, r=2), name="other")
+            jobs.add(task_job(task, data.train, "other", batch_size=4, epochs=2, lr=0.05, seed=1))
+        jobs.add(task_job(task, data.train, "default", batch_size=4, epochs=2, lr=0.05, seed=0))
+        jobs.run()
+        return {k: v for k, v in adapter_state(model).items() if ".default." in k}
+
+    alone, beside = train(False), train(True)
+    for key in alone:
+        torch.testing.assert_close(beside[key], alone[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -128,12 +128,63 @@ def test_relora_restarts_merge_into_the_base(tmp_path) -> None:
     assert not torch.equal(model.get_submodule(host).weight, fresh.get_submodule(host).weight)
 
 
-class LearningRates(Callback):
+class GroupRates(Callback):
     def on_train_begin(self, trainer) -> None:
         self.lrs = sorted(group["lr"] for group in trainer.optimizer.param_groups)
 
 
 def test_loraplus_gives_the_optimizer_a_faster_group_for_b(tmp_path) -> None:
-    seen = LearningRates()
+    seen = GroupRates()
     train(tmp_path, {"method": "loraplus", "targets": QV, "r": 2, "lr_ratio": 8.0}, callbacks=[seen])
     assert seen.lrs == [pytest.approx(0.02), pytest.approx(0.16)]
+
+
+def test_fishdip_reselects_after_every_every_steps(tmp_path) -> None:
+    steps = Steps()
+    train(tmp_path, {"method": "fishdip", "targets": QV, "fraction": 0.01, "every": 3, "samples": 4}, callbacks=[steps])
+    assert steps.at_reselection == [3, 6]  # of 8 steps: after the 3rd and the 6th
+
+
+class Steps(Callback):
+    """The step count at which each Fish-Dip re-selection happened (the method's step runs before this one)."""
+
+    def __init__(self) -> None:
+        self.at_reselection: list[int] = []
+        self.count = 0
+
+    def on_step_end(self, trainer) -> None:
+        step = next(s for s in trainer.callbacks if type(s).__name__ == "Reselect")
+        if step.schedule.reselections > self.count:
+            self.count = step.schedule.reselections
+            self.at_reselection.append(trainer.step)
+
+
+def test_phase_change_refuses_a_run_that_stopped_before_it() -> None:
+    from types import SimpleNamespace
+
+    from peftkit.core.training import PhaseChange
+
+    change = PhaseChange(at_step=5, change=lambda: None)
+    change.on_train_end(SimpleNamespace(step=6))  # after the change: nothing to say
+    with pytest.raises(ValueError, match="stopped at step 3, before the phase change at step 5"):
+        change.on_train_end(SimpleNamespace(step=3))
+
+
+def test_phase1_share_and_phase2_lr_scale_place_and_size_the_second_phase(tmp_path) -> None:
+    seen = LearningRates()
+    train(tmp_path, {"method": "ltsft", "targets": QV, "fraction": 0.01, "phase1_share": 0.25, "phase2_lr_scale": 10.0},
+          callbacks=[seen])
+    # 8 steps at lr 0.02, linear decay: the change after step 2 starts a fresh optimizer at 10 × 0.02 on a fresh
+    # schedule over the 6 steps left
+    assert seen.lrs[1] == pytest.approx(0.02) and seen.lrs[2] == seen.lrs[3] == pytest.approx(0.2)
+    assert seen.lrs[4] == pytest.approx(0.2 * (1 - 1 / 6))
+
+
+class LearningRates(Callback):
+    """The optimizer's learning rate after each step's hooks (the step's own, or a fresh optimizer's)."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_step_end(self, trainer) -> None:
+        self.lrs[trainer.step] = trainer.optimizer.param_groups[0]["lr"]

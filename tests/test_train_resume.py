@@ -128,7 +128,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
 
 @pytest.mark.parametrize("method, reason", [
     ({"method": "ltsft", "fraction": 0.02, "targets": QV}, "restarted its optimizer at step 6"),
-    ({"method": "relora", "r": 2, "targets": QV, "restart_every": 3}, "relora writes into the base weights"),
+    ({"method": "fishdip", "fraction": 0.02, "targets": QV, "samples": 4, "every": 3}, "Reselect changes the adapter"),
 ])
 def test_resume_is_refused_by_name_where_a_checkpoint_cannot_hold_the_run(tmp_path, method, reason) -> None:
     config = tiny_config(tmp_path, method=method, data={"train_limit": 48, "eval_limit": 16},
@@ -137,3 +137,18 @@ def test_resume_is_refused_by_name_where_a_checkpoint_cannot_hold_the_run(tmp_pa
         run_training(config, callbacks=[CrashAfter(9)])
     with pytest.raises(TrainConfigError, match=reason):
         run_training(config, resume=True)
+
+
+def test_relora_asks_for_no_saved_adapter_and_no_best_checkpoint(tmp_path) -> None:
+    config = tiny_config(tmp_path, method={"method": "relora", "r": 2, "targets": QV, "restart_every": 3})
+    with pytest.raises(TrainConfigError, match="relora writes into the base weights.*output.save: false"):
+        run_training(config)
+
+
+def test_two_phase_run_chooses_its_best_epoch_in_phase_two(tmp_path) -> None:
+    """An eval in phase 1 must not become the best checkpoint: it holds the dense adapter, not phase 2's."""
+    config = tiny_config(tmp_path, method={"method": "ltsft", "fraction": 0.02, "targets": QV},
+                         data={"train_limit": 48, "eval_limit": 16}, schedule={"epochs": 3, "batch_size": 8},
+                         optimizer={"lr": 5e-2})  # 18 steps, the phase change after step 9, evals after 6, 12, 18
+    result = run_training(config)
+    assert result.best["step"] in (12, 18) and result.steps == 18

@@ -2,9 +2,9 @@
 
 A method may need more than gradient steps on its parameters: a selection on data before training
 (FishMask's Fisher mask), work after each optimizer step (AdaLoRA's rank allocation, SoRA's proximal
-step, ReLoRA's restarts), an extra loss term (Diff pruning's L0 penalty), a phase change (LT-SFT),
-work at the end (Diff pruning's projection), optimizer parameter groups (LoRA+), or a field that only
-the run knows (AdaLoRA's total_step). Its config says so through `AdapterConfig.fill_from_run`,
+step, ReLoRA's restarts), an extra loss term (Diff pruning's L0 penalty), a phase change (LT-SFT's
+selection, Diff pruning's projection), optimizer parameter groups (LoRA+), or a field that only the
+run knows (AdaLoRA's total_step). Its config says so through `AdapterConfig.fill_from_run`,
 `AdapterConfig.optimizer_groups` and `AdapterConfig.training_steps`, and every entry point that trains
 (`peftkit train`, `run_training`, `MultiJobTrainer`, the Hugging Face `Trainer` callback, the benchmark)
 applies them, so a method runs the same everywhere. Core defines the types here so that it never imports the trainer; the
@@ -27,6 +27,8 @@ class TrainingStep:
     `restart_optimizer(lr_scale)` for a method that changes what it trains mid-run (a fresh optimizer over the
     parameters trainable now at lr_scale × the run's learning rate, and a fresh schedule over the steps left)."""
 
+    resumable = True  # False: a checkpoint cannot hold what the step changes (refused by name on resume)
+
     def on_train_begin(self, trainer: Any) -> None: ...
 
     def on_step_end(self, trainer: Any) -> None:
@@ -39,7 +41,7 @@ class TrainingStep:
     def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, trainer: Any) -> None:
-        """After the last step, before the final evaluation and save (Diff pruning's projection)."""
+        """After the last step, before the final evaluation and save."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the step carries from one optimizer step to the next (AdaLoRA's smoothed importance scores): saved in
@@ -63,6 +65,12 @@ class PhaseChange(TrainingStep):
         if trainer.step == self.at_step:
             self.change()
             trainer.restart_optimizer(self.lr_scale)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if trainer.step < self.at_step:  # stopped early: the adapter is still phase 1's, not the method's result
+            raise ValueError(f"training stopped at step {trainer.step}, before the phase change at step "
+                             f"{self.at_step}: the adapter is still its first phase's (dense) change; stop later "
+                             "(eval.patience, max_steps) or lower phase1_share")
 
 
 class TwoPhases(BaseModel):

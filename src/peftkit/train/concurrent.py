@@ -95,7 +95,9 @@ class Job:
     epochs: int = 1
     lr: float = 1e-3
     seed: int = 0
-    optimizer: OptimizerFactory | None = None  # params or parameter groups -> optimizer; default: AdamW(lr=self.lr)
+    # params or parameter groups -> optimizer; default: AdamW(lr=self.lr, weight_decay=0), as `peftkit train`'s. A
+    # method's groups (LoRA+) carry their own lr, from `lr`.
+    optimizer: OptimizerFactory | None = None
     schedule: ScheduleFactory | None = None  # (optimizer, total_steps) -> scheduler, stepped once per step
     max_grad_norm: float | None = None
     select_collate: Collate | None = None
@@ -175,7 +177,8 @@ def _optimizer(model: nn.Module, job: Job, steps: int, lr_scale: float = 1.0) ->
     if not params:
         raise JobError(f"adapter {job.adapter!r} has no trainable parameters")
     groups = param_groups(model, job.adapter, job.lr, params)
-    optimizer = job.optimizer(groups) if job.optimizer is not None else torch.optim.AdamW(groups, lr=job.lr)
+    optimizer = job.optimizer(groups) if job.optimizer is not None else torch.optim.AdamW(groups, lr=job.lr,
+                                                                                           weight_decay=0.0)
     scale_lr(optimizer, lr_scale)
     return optimizer, job.schedule(optimizer, steps) if job.schedule is not None else None
 
@@ -288,7 +291,6 @@ class MultiJobTrainer:
         """Backbone in eval mode, the stepping jobs' deltas in train mode; refuse anything that couples rows."""
         self.model.eval()
         for state in states:
-            state.optimizer.zero_grad(set_to_none=True)
             for _, _, delta in adapter_deltas(self.model, state.adapter):
                 delta.train()
         for name, module in self.model.named_modules():

@@ -134,6 +134,10 @@ class TrainConfig(_Section):
                                            ("output.save_every_steps", self.output.save_every_steps)) if on]
             if needs:
                 raise ValueError(f"output.save is false, but {' and '.join(needs)} need(s) saved checkpoints")
+        if getattr(self.method, "trains_base", False) and (self.output.save or self.eval.restore_best):
+            raise ValueError(f"method {self.method.method} writes into the base weights while it trains, so neither a "
+                             "saved adapter nor the best epoch's checkpoint holds its model: set output.save: false "
+                             "and eval.restore_best: false (and save the merged model yourself)")
         return self
 
     @field_validator("method", mode="before")

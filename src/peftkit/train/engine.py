@@ -26,7 +26,7 @@ from torch import nn
 from ..api import routed
 from ..core.registry import REGISTRY_ATTR
 from ..core.training import TrainingStep
-from .tasks import ModelInputs, RowStats, Task
+from .tasks import ModelInputs, RowStats, Task, model_logits
 
 
 SELECTION_BATCHES = 4  # training batches a method's selection on data (Fisher) looks at before training
@@ -59,7 +59,8 @@ def scale_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
 
 
 class TrainingError(ValueError):
-    """A step that cannot be taken as asked (a batch with no loss units, so no mean loss)."""
+    """Training that cannot go on as asked: a batch with no loss units (no mean loss), runs sharing a parameter, a
+    method step the trainer cannot give (a fresh optimizer inside Hugging Face's Trainer)."""
 
 
 # (logits of the batch's rows, its targets) -> (loss sum per row [B], units per row [B])
@@ -132,6 +133,9 @@ class Engine:
 
     def step(self, work: list[tuple[Run, list[MicroBatch]]]) -> list[float]:
         """One optimizer step of every run over its micro-batches; returns each run's mean loss per unit."""
+        params = [id(p) for run, _ in work for p in run.params]
+        if len(params) != len(set(params)):
+            raise TrainingError("two runs share a parameter: its gradient would be normalised and stepped twice")
         stats = torch.zeros(len(work), 2, dtype=torch.float64)  # per run: loss sum, units
         slot = {id(run): i for i, (run, _) in enumerate(work)}
         for group in self._passes([batches for _, batches in work]):
@@ -139,11 +143,12 @@ class Engine:
                 stats[slot[id(batch.run)]] += torch.tensor([loss_sum, units], dtype=torch.float64)
         if self.sync is not None:
             stats = self.sync.sum(stats)
-        losses = []
-        for (run, _), (loss_sum, units) in zip(work, stats.tolist()):
+        for (run, _), (_, units) in zip(work, stats.tolist()):  # before any gradient is touched
             if units <= 0:
                 raise TrainingError(f"adapter {run.adapter!r}: its batch at step {run.step} has no loss units "
                                     "(e.g. every label masked), so its mean loss is undefined")
+        losses = []
+        for (run, _), (loss_sum, units) in zip(work, stats.tolist()):
             for p in run.params:  # the backward passes summed the rows' losses: make it the mean
                 if p.grad is not None:
                     p.grad.div_(units)
@@ -202,8 +207,7 @@ class Engine:
         routing = routed(self.model, rows) if self.route else nullcontext()
         with routing:  # backward inside: gradient checkpointing re-runs the forward
             with self.autocast():
-                out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-                logits = getattr(out, "logits", out)
+                logits = model_logits(self.model, inputs)
                 total, start, sums = logits.new_zeros((), dtype=torch.float32), 0, []
                 for b in group:
                     loss_sum, units = b.loss(logits[start:start + b.rows], to_device(b.targets, device))

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..api import attach
 from ..core.io import adapter_files, write_dir_atomically
-from ..core.registry import REGISTRY_ATTR, get_registry
+from ..core.registry import get_registry
 from ..core.slot import is_delta_parameter
 from ..core.training import TrainingContext, TrainingStep
 from ..models import require_extra
@@ -204,7 +204,7 @@ class Trainer:
         if parallel:
             broadcast_adapters(model, [config.adapter_name])  # every process starts from rank 0's initialisation
         self.steps_per_epoch, self.total_steps = planned_steps(config, num_rows(data.train))
-        optimizer = _make_optimizer(config, param_groups(model, config.adapter_name, config.optimizer.lr, params))
+        optimizer = self._new_optimizer()
         self.run = Run(model, config.adapter_name, optimizer, self._schedule(optimizer, 0), self.total_steps,
                        self.callbacks, config.optimizer.max_grad_norm, host=self)
         self.engine = Engine(model, sync=self.sync, autocast=self._autocast, is_main=self.ctx.is_main)
@@ -225,6 +225,12 @@ class Trainer:
     optimizer = property(lambda self: self.run.optimizer)
     scheduler = property(lambda self: self.run.scheduler)
 
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        """The config's optimizer over the parameters trainable now, in the method's groups (LoRA+) if it has them."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return _make_optimizer(self.config, param_groups(self.model, self.config.adapter_name, self.config.optimizer.lr,
+                                                         params))
+
     def _schedule(self, optimizer: torch.optim.Optimizer, start: int) -> torch.optim.lr_scheduler.LambdaLR:
         """The learning-rate schedule over steps `start`..`total_steps` (a method's new phase starts its own)."""
         schedule = self.config.schedule
@@ -234,11 +240,11 @@ class Trainer:
     def restart_optimizer(self, lr_scale: float = 1.0) -> None:
         """A fresh optimizer over the parameters trainable now, at `lr_scale` × the run's learning rate, and a fresh
         schedule over the remaining steps: for a method that changes what it trains mid-run (LT-SFT's phase 2)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(self.config, param_groups(self.model, self.config.adapter_name,
-                                                              self.config.optimizer.lr, params))
+        optimizer = self._new_optimizer()
         scale_lr(optimizer, lr_scale)
         self.run.optimizer, self.run.scheduler = optimizer, self._schedule(optimizer, self.step)
+        # the first phase's checkpoints hold an adapter of another shape: the best epoch is chosen in this phase
+        self.best, self.bad_epochs = None, 0
         self.phase_start = self.step
 
     # --- evaluation ------------------------------------------------------------------------------
@@ -445,7 +451,7 @@ class Trainer:
             tensors[f"model.{key}"] = value.detach().cpu().contiguous()
         for i, callback in enumerate(self.callbacks):  # the method's steps come first, in the same order every run
             for key, value in callback.state_dict().items():
-                tensors[f"steps.{i}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"steps.{i}.{type(callback).__qualname__}.{key}"] = value.detach().cpu().contiguous()
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "before": self.before,
             "best": self.best, "last_eval": self.last_eval, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
@@ -493,17 +499,17 @@ class Trainer:
         if changed:
             raise TrainConfigError(f"cannot resume from {path}: the config changed since the checkpoint "
                                    f"({', '.join(changed)}); only {', '.join(_RESUMABLE_CHANGES)} may differ")
-        if state["phase_start"]:
+        if state.get("phase_start"):  # absent in checkpoints written before phases existed
             raise TrainConfigError(f"cannot resume from {path}: the method restarted its optimizer at step "
                                    f"{state['phase_start']} (a second training phase, e.g. LT-SFT's), and a resume "
                                    "past that point is not supported; start the run again")
-        method = get_registry(self.model).configs.get(self.config.adapter_name) if REGISTRY_ATTR in self.model.__dict__ else None
-        if method is not None and method.trains_base:
-            raise TrainConfigError(f"cannot resume from {path}: {method.method} writes into the base weights while it "
-                                   "trains, and checkpoints hold only the adapter; start the run again")
+        fixed = [type(c).__name__ for c in self.callbacks if not c.resumable]
+        if fixed:
+            raise TrainConfigError(f"cannot resume from {path}: {', '.join(fixed)} changes the adapter in ways a "
+                                   "checkpoint does not hold (Fish-Dip's re-selections); start the run again")
         self._load_adapter_state(path)
         for i, callback in enumerate(self.callbacks):
-            prefix = f"steps.{i}."
+            prefix = f"steps.{i}.{type(callback).__qualname__}."
             callback.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
         self.optimizer.load_state_dict(_unflatten(state["optimizer"], tensors))
         self.scheduler.load_state_dict(_unflatten(state["scheduler"], tensors))
@@ -640,6 +646,9 @@ def run_training(config: TrainConfig | dict[str, Any] | str | os.PathLike, resum
         if ctx is not None and isinstance(config.method, FullFinetune):
             raise TrainConfigError("method: full does not train under torchrun: only adapter gradients are "
                                    "synchronised across processes")
+        if ctx is not None and config.method.trains_base:  # each process would restart from its own random init
+            raise TrainConfigError(f"method {config.method.method} writes into the base weights while it trains, "
+                                   "which processes do not synchronise: train it in one process")
         model, processor, task, data = prepare(config, say)
         steps = method_steps(config, model, task, data, ctx)
         return Trainer(model, task, data, config, [*steps, *callbacks], processor, ctx).fit(resume=resume)

@@ -161,7 +161,10 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new:
 
 
 class Reselect(TrainingStep):
-    """Fish-Dip's training step: its schedule bound to the run's optimizer, called after every optimizer step."""
+    """Fish-Dip's training step: its schedule bound to the run's optimizer, called after every optimizer step.
+    A checkpoint cannot restore the entries a re-selection froze, so a Fish-Dip run does not resume."""
+
+    resumable = False
 
     def __init__(self, schedule: FishDipSchedule):
         self.schedule = schedule
@@ -170,4 +173,4 @@ class Reselect(TrainingStep):
         self.schedule.bind(trainer.optimizer)
 
     def on_step_end(self, trainer: Any) -> None:
-        self.schedule(trainer.step)
+        self.schedule(trainer.step - 1)  # the schedule counts steps from 0; trainer.step includes this one
