@@ -75,7 +75,7 @@ def _train_alone(model: nn.Module, job: Job) -> list[float]:
     peftkit.activate(model, job.adapter)
     model.eval()
     params = [p for p in peftkit.adapter_parameters(model, job.adapter) if p.requires_grad]
-    opt = job.optimizer(params) if job.optimizer else torch.optim.AdamW(params, lr=job.lr)
+    opt = job.optimizer(params) if job.optimizer else torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     schedule = job.schedule(opt, job.total_steps) if job.schedule else None
     losses = []
     generator = torch.Generator().manual_seed(job.seed)
@@ -293,7 +293,7 @@ def test_task_jobs_equal_the_tasks_own_scoring(task_name) -> None:
         alone = copy.deepcopy(initial)
         peftkit.activate(alone, job.adapter)
         alone.eval()
-        opt = torch.optim.AdamW([p for p in peftkit.adapter_parameters(alone, job.adapter)], lr=job.lr)
+        opt = torch.optim.AdamW([p for p in peftkit.adapter_parameters(alone, job.adapter)], lr=job.lr, weight_decay=0.0)
         losses = []
         for idx in job.batch_indices():
             stats = task.row_stats(alone, task.collate(job.data, idx))  # padding cut to the batch's longest row

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.io import load, read_adapter
+from ..api import load
+from ..core.io import read_adapter
 from .config import TrainConfig, TrainConfigError
 from .full import is_full, load_full
 from .tasks import TASKS, RawData, Task, num_rows, read_inputs
