@@ -73,7 +73,8 @@ def _randomize_peft(model: nn.Module) -> None:
 
 def _cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Callable[[], Any]]]:
     """method -> (tiny model, peftkit config, PEFT config); prompt learning on BERT is SEQ_CLS without modules_to_save."""
-    from peftkit import IA3, OFT, VeRA, AdaLoRA, DoRA, LlamaAdapter, LoHa, LoKr, LoRAFA, PrefixTuning, PromptTuning, PTuning
+    from peftkit import (IA3, OFT, VeRA, AdaLoRA, DoRA, LlamaAdapter, LoHa, LoKr, LoRAFA, LoRAPlus, PrefixTuning,
+                         PromptTuning, PTuning, ReLoRA)
 
     qv = ["query", "value"]
     return {
@@ -83,6 +84,10 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Call
                  lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=qv, use_dora=True)),
         "lorafa": (tiny_bert, lambda: LoRAFA(r=2, alpha=4, targets=qv, rank_pattern={"value": 3}),
                    lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=qv, rank_pattern={"value": 3})),
+        "loraplus": (tiny_bert, lambda: LoRAPlus(r=2, alpha=4, targets=qv, lr_ratio=4),
+                     lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=qv)),
+        "relora": (tiny_bert, lambda: ReLoRA(r=2, alpha=4, targets=qv, restart_every=5),
+                   lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=qv)),
         "adalora": (tiny_bert, lambda: AdaLoRA(init_r=4, target_r=2, total_step=10, targets=qv),
                     lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=qv)),
         "vera": (tiny_bert, lambda: VeRA(r=4, targets=qv), lambda: peft.VeraConfig(r=4, target_modules=qv)),
