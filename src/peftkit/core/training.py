@@ -41,7 +41,8 @@ class TrainingStep:
     def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, trainer: Any) -> None:
-        """After the last step, before the final evaluation and save."""
+        """After the last step, before the final evaluation and save; it must not change the weights (the final
+        metrics may be the last evaluation's)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the step carries from one optimizer step to the next (AdaLoRA's smoothed importance scores): saved in

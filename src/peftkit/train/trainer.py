@@ -380,11 +380,9 @@ class Trainer:
         if restore:
             self._load_adapter_state(self.output / "checkpoints" / "best")
             chosen = {"step": self.best["step"], "epoch": self.best["epoch"]}
-        for callback in self.callbacks:  # on the weights that are kept: a projection changes them
+        for callback in self.callbacks:  # a check on the run as it ended (PhaseChange: did phase 2 happen?)
             callback.on_train_end(self)
-        if any(type(c).on_train_end is not TrainingStep.on_train_end for c in self.callbacks):
-            after = self.evaluate()
-        elif restore:
+        if restore:
             after = self.best["metrics"]
         elif self.last_eval is not None and self.last_eval["step"] == self.step:
             after = self.last_eval["metrics"]
