@@ -39,6 +39,8 @@ METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {  # config, lear
                         (5e-4, 1e-3, 3e-3)),
     "bottleneck": ({"method": "bottleneck", "preset": "pfeiffer", "targets": ["output.dense"],
                     "exclude": ["attention.output.dense"]}, (3e-4, 1e-3, 3e-3)),
+    "bottleneck-houlsby": ({"method": "bottleneck", "preset": "houlsby"}, (3e-4, 1e-3, 3e-3)),
+    "bottleneck-parallel": ({"method": "bottleneck", "preset": "parallel"}, (3e-4, 1e-3, 3e-3)),
     "fishmask": ({"method": "fishmask", "fraction": 0.005, "targets": "all-linear", "exclude": ["classifier"]},
                  (1e-3, 3e-3, 1e-2)),
 }
