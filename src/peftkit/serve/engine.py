@@ -395,7 +395,7 @@ class Engine:
         if rest:
             row.handle.deliver(TokenEvent(rest, row.output[-1]))
         row.handle.deliver(FinishEvent(reason, len(row.handle.request.prompt_ids), len(row.output), row.text.text,
-                                       error))
+                                       error, row.output))
         if self.metrics is not None:
             self.metrics.finished(reason)
         self._remove_row(index)

@@ -46,14 +46,13 @@ class TextStream:
         """Take one token; return (newly released text, whether a stop string ended the output)."""
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            return "", False
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if hits:
             self.text = text[:min(hits)]
             return self._release(len(self.text)), True
         self.text = text
-        return self._release(len(text) - self._held(text)), False
+        partial = len(text) - len(text.rstrip("\ufffd"))  # a character split across tokens: wait for the rest
+        return self._release(len(text) - max(partial, self._held(text))), False
 
     def finish(self) -> str:
         """The rest of the text (the output ended without a stop string)."""
