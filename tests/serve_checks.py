@@ -84,3 +84,6 @@ class ReadyStore:
 
     def failure(self, name: str) -> str | None:
         return None
+
+    def wait_reads(self, names: set[str], timeout: float) -> None:
+        return None

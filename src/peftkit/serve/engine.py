@@ -221,8 +221,8 @@ class Engine:
         self._prefill()
         if self._decoding():
             self._decode()
-        elif self._waiting and not self._rows:
-            time.sleep(0.005)  # only adapters still loading: let the loader work
+        elif self._waiting and not self._rows and self.store is not None:  # all waiting for adapter reads
+            self.store.wait_reads({h.request.adapter for h in self._waiting} - {None}, timeout=0.05)
         if self.metrics is not None:
             self.metrics.set_running(len(self._rows))
             self.metrics.set_queue(len(self._waiting))
@@ -248,7 +248,7 @@ class Engine:
             adapter = handle.request.adapter
             if adapter is not None:
                 state = self.store.state(adapter)
-                if state == "loading":
+                if state != "ready" and state != "failed":  # still being read from disk: keeps its place
                     continue
                 if state == "failed":
                     self._waiting.remove(handle)
