@@ -124,10 +124,15 @@ def test_pinned_and_in_use_are_never_evicted(llama, saved, tmp_path) -> None:
 
 
 def test_adapter_that_can_never_fit_fails(llama, saved, tmp_path) -> None:
-    store = AdapterStore(llama, tmp_path / "root", max_loaded=1)
+    def pinned_last(path: Path, model: nn.Module):  # b is attached first: the pinned adapter must still get in
+        time.sleep(0.3 if path.name == "a" else 0)
+        return read_adapter(path, model)
+
+    store = AdapterStore(llama, tmp_path / "root", max_loaded=1, reader=pinned_last)
     store.register("p", "a", pin=True)
     store.register("b", "b")
     _settle(store, {"b"})
+    assert store.state("p") == "ready" and set(peftkit.adapters(llama)) == {"p"}
     assert store.state("b") == "failed" and "beside the 1 pinned adapters" in store.failure("b")
     store = AdapterStore(tiny_llama(), tmp_path / "root", max_bytes=100)
     store.register("a", "a")

@@ -178,11 +178,11 @@ class AdapterStore:
                 elif adapter.state != "failed":
                     self._misses += 1
             self._wanted = wanted
-            for name in wanted:
-                self._want(self._adapters[name])
             for adapter in list(self._adapters.values()):
                 if adapter.state == "loading" and adapter.read.done():
                     self._attach(adapter)
+            for name in wanted:  # after the attaches: a wanted adapter a pinned one evicted reads again
+                self._want(self._adapters[name])
 
     def _want(self, adapter: _Adapter) -> None:
         if adapter.state == "ready":
@@ -218,9 +218,10 @@ class AdapterStore:
         adapter.state, adapter.read, adapter.failure = "failed", None, f"adapter {adapter.name!r} failed to load: {why}"
 
     def _make_room(self, nbytes: int, name: str) -> bool:
-        """Whether an adapter of `nbytes` fits after evicting adapters nobody wants; one that cannot fit even beside
-        the pinned adapters alone fails (waiting would never help)."""
-        self._evict(lambda a: a.name in self._wanted, nbytes)
+        """Whether an adapter of `nbytes` fits after evicting adapters nobody wants (for a pinned one: all but those
+        in use); one that cannot fit even beside the pinned adapters alone fails (waiting would never help)."""
+        pinning = self._adapters[name].pinned
+        self._evict(lambda a: a.name in self._wanted and not pinning, nbytes)
         if self._fits(self._loaded.values(), nbytes):
             return True
         pinned = [a for a in self._loaded.values() if a.pinned]
