@@ -52,7 +52,7 @@ def test_mixed_ranks_and_scalings_equal_rows_alone(tiny, ids) -> None:
     names = _loras(tiny, [1, 2, 3, 4, 5, 6])
     _assert_rows(tiny, ids, ROWS)
     bank = _bank(tiny)
-    assert set(bank._entries) == set(names) and bank.a.shape[1:] == (6, 16) and bank.b.shape[1:] == (16, 6)
+    assert set(bank._entries) == set(names) and bank.a.shape[1:] == (6, 16) and bank.b.shape[1:] == (6, 16)
     assert not bank.a[0].any() and not bank.b[0].any()  # rows of no adapter here
     a_before = bank.a
     _assert_rows(tiny, ids, list(reversed(ROWS)))

@@ -381,7 +381,7 @@ class LoRADelta(Delta):
         index = positions[plan.row_index(names).to(a.device)]  # rows of other adapters: the all-zero entry 0
         rows = x.shape[0]
         down = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(a.dtype), a.index_select(0, index).transpose(1, 2))
-        up = b.index_select(0, index).transpose(1, 2)  # [rows, R, out]
+        up = b.index_select(0, index)  # [rows, R, out]
         if out.dtype == a.dtype:
             out.view(rows, -1, out.shape[-1]).baddbmm_(down, up)
         else:  # a half-precision base: the increment in the factors' precision, as the group loop adds it
@@ -406,12 +406,13 @@ class LoRADelta(Delta):
 
 
 def _stacked(deltas: list[LoRADelta]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A's [1 + n, R, in] and s·B's [1 + n, out, R] of `deltas`, entry 0 all zeros (rows of no adapter here), every
-    rank zero-padded to the largest, R (exact: the padded rows of A meet the padded columns of B)."""
+    """A's [1 + n, R, in] and (s·B)ᵀ's [1 + n, R, out] of `deltas` (B rank-major: the up-projection reads each row's
+    factor contiguously), entry 0 all zeros (rows of no adapter here), every rank zero-padded to the largest, R
+    (exact: the padded rows of A meet the padded rows of Bᵀ)."""
     rank = max(d.lora_A.shape[0] for d in deltas)
     a, b = deltas[0].lora_A, deltas[0].lora_B
     return (torch.stack([a.new_zeros(rank, a.shape[1]), *(_padded_a(d, rank) for d in deltas)]),
-            torch.stack([b.new_zeros(b.shape[0], rank), *(_padded_b(d, rank) for d in deltas)]))
+            torch.stack([b.new_zeros(rank, b.shape[0]), *(_padded_b(d, rank) for d in deltas)]))
 
 
 def _padded_a(delta: LoRADelta, rank: int) -> torch.Tensor:
@@ -419,7 +420,7 @@ def _padded_a(delta: LoRADelta, rank: int) -> torch.Tensor:
 
 
 def _padded_b(delta: LoRADelta, rank: int) -> torch.Tensor:
-    return F.pad(delta.lora_B * delta.scaling, (0, rank - delta.lora_B.shape[1]))
+    return F.pad(delta.lora_B.t() * delta.scaling, (0, 0, 0, rank - delta.lora_B.shape[1]))
 
 
 def _stamp(delta: LoRADelta) -> tuple[int, int, int, int, float]:
@@ -444,7 +445,7 @@ class _Banked:
 
 class LoRABank(DeltaBank):
     """The LoRA factors of one host's adapters, stacked for routed batches without gradients: A [1 + n, R, in] and
-    s·B [1 + n, out, R] (`_stacked`'s layout). An adapter is copied in when first routed here and stays; its entry is
+    (s·B)ᵀ [1 + n, R, out] (`_stacked`'s layout). An adapter is copied in when first routed here and stays; its entry is
     rewritten when its delta or factors change (another object, an in-place change, another scaling), so stale
     weights are never served; a removed adapter's place is reused. The stack grows by doubling."""
 
@@ -458,7 +459,7 @@ class LoRABank(DeltaBank):
     def _start(self, like: LoRADelta) -> None:
         """An empty stack (the zero entry only) for factors like `like`'s."""
         a, b = like.lora_A, like.lora_B
-        self.a, self.b = a.new_zeros(1, 0, a.shape[1]), b.new_zeros(1, b.shape[0], 0)
+        self.a, self.b = a.new_zeros(1, 0, a.shape[1]), b.new_zeros(1, 0, b.shape[0])
         self._entries, self._free, self._positions = {}, [], {}
 
     def discard(self, name: str) -> None:
@@ -469,7 +470,7 @@ class LoRABank(DeltaBank):
 
     @torch.no_grad()
     def lookup(self, deltas: dict[str, LoRADelta]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A stack, s·B stack, the positions of `deltas` then 0), first bringing their entries up to date."""
+        """(A stack, (s·B)ᵀ stack, the positions of `deltas` then 0), first bringing their entries up to date."""
         like = next(iter(deltas.values()))
         if (self.a is None or self.a.device != like.lora_A.device or self.a.dtype != like.lora_A.dtype
                 or (self.a.is_inference() and not torch.is_inference_mode_enabled())):
@@ -489,7 +490,7 @@ class LoRABank(DeltaBank):
         rank = delta.lora_A.shape[0]
         if rank > self.a.shape[1]:
             self.a = F.pad(self.a, (0, 0, 0, rank - self.a.shape[1]))
-            self.b = F.pad(self.b, (0, rank - self.b.shape[2]))
+            self.b = F.pad(self.b, (0, 0, 0, rank - self.b.shape[1]))
         entry = self._entries.pop(name, None)
         if entry is None:
             if not self._free:
@@ -497,7 +498,7 @@ class LoRABank(DeltaBank):
             self._positions.clear()
         position = self._free.pop() if entry is None else entry.position
         self.a[position] = _padded_a(delta, self.a.shape[1])
-        self.b[position] = _padded_b(delta, self.b.shape[2])
+        self.b[position] = _padded_b(delta, self.b.shape[1])
         self._entries[name] = _Banked(position, delta, _stamp(delta), (delta.lora_A.detach(), delta.lora_B.detach()))
 
     def _grow(self) -> None:
