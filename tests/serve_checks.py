@@ -45,8 +45,9 @@ def randomize(model: torch.nn.Module, name: str, std: float = 0.3) -> None:
 
 
 def with_adapters(model: torch.nn.Module, names: list[str] | None = None) -> torch.nn.Module:
-    for name in names or list(METHODS):
-        peftkit.attach(model, METHODS[name.split("#")[0]], name=name, activate=False)
+    for name in names or list(METHODS):  # "ia3-2": another (IA)3 adapter
+        config = METHODS[name] if name in METHODS else METHODS[name.rsplit("-", 1)[0]]
+        peftkit.attach(model, config, name=name, activate=False)
         randomize(model, name)
     return model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.serve import (ContextTooLong, Engine, FinishEvent, GenerationRequest, QueueFull, SamplingParams,
+from peftkit.serve import (AdapterStore, ContextTooLong, Engine, FinishEvent, GenerationRequest, QueueFull, SamplingParams,
                            TokenEvent, UnknownAdapter)
 from tests.serve_checks import METHODS, ReadyStore, smollm2_tokenizer, solo, tiny_llama, with_adapters
 
@@ -182,3 +182,36 @@ def test_chat_template_and_smollm2_answers_like_generate():
     for adapter, events in zip([None, "lora"], results):
         assert events[-1].text == tokenizer.decode(solo(model, ids, adapter, 10), skip_special_tokens=True)
     assert "Paris" in results[0][-1].text
+
+
+def test_adapters_load_evict_and_unload_while_requests_run(model, tmp_path):
+    """More adapters than the store may hold (3 loaded at most), loaded on first use in the background and evicted
+    while other requests decode, one registered and one unregistered mid-run: every answer equals its solo run."""
+    tokenizer = smollm2_tokenizer()
+    names = [f"{method}-{i}" for i in range(2) for method in ("lora", "ia3", "prefix", "bottleneck")]
+    source = with_adapters(tiny_llama(), names)
+    for name in names:
+        peftkit.save(source, tmp_path / name, name=name)
+    base = tiny_llama()  # the same base weights (same seed), no adapters yet
+    store = AdapterStore(base, root=tmp_path, max_loaded=3)
+    for name in names[:-1]:
+        store.register(name, tmp_path / name)
+    engine = Engine(base, tokenizer, store, max_batch=4, prefill_budget=32).start()
+    try:
+        requests = [GenerationRequest(tokenizer(PROMPTS[i % 4])["input_ids"], names[i % 7], greedy(3 + i % 5))
+                    for i in range(21)]
+        handles = [engine.submit(r) for r in requests]
+        store.register(names[-1], tmp_path / names[-1])
+        late = GenerationRequest(tokenizer(PROMPTS[0])["input_ids"], names[-1], greedy(6))
+        handles.append(engine.submit(late))
+        requests.append(late)
+        results = [list(h)[-1] for h in handles]
+        store.unregister(names[0])
+        with pytest.raises(UnknownAdapter):
+            engine.submit(GenerationRequest(requests[0].prompt_ids, names[0], greedy(2)))
+    finally:
+        engine.stop()
+        store.close()
+    assert store.stats()["evictions"] > 0 and len(peftkit.adapters(base)) <= 3
+    for request, finish in zip(requests, results):
+        assert finish.tokens == solo(source, request.prompt_ids, request.adapter, request.params.max_tokens), request

@@ -1,8 +1,11 @@
 """Serving many adapters over one frozen base (docs/serving.md): an engine with continuous batching, an adapter
 store, and an OpenAI-compatible HTTP API."""
+from .encoder import EncoderEngine
 from .engine import Engine, RequestHandle
 from .requests import (AdapterUnavailable, ContextTooLong, FinishEvent, GenerationRequest, QueueFull, SamplingParams,
                        ServeError, TokenEvent, UnknownAdapter)
+from .store import AdapterStore, PathRefused
 
-__all__ = ["Engine", "RequestHandle", "AdapterUnavailable", "ContextTooLong", "FinishEvent", "GenerationRequest", "QueueFull", "SamplingParams",
-           "ServeError", "TokenEvent", "UnknownAdapter"]
+__all__ = ["AdapterStore", "AdapterUnavailable", "ContextTooLong", "EncoderEngine", "Engine", "FinishEvent",
+           "GenerationRequest", "PathRefused", "QueueFull", "RequestHandle", "SamplingParams", "ServeError",
+           "TokenEvent", "UnknownAdapter"]

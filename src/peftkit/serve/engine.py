@@ -35,7 +35,7 @@ from ..core.sequence import SequenceDelta, cache_argument, input_embeddings, kv_
 from ..core.slot import deltas_of
 from .kv import SlotKVCache
 from .requests import (AdapterUnavailable, ContextTooLong, FinishEvent, FinishReason, GenerationRequest, QueueFull,
-                       SamplingParams, TokenEvent, UnknownAdapter)
+                       SamplingParams, ServeError, TokenEvent, UnknownAdapter)
 from .sampling import TextStream, generator_for, next_token
 
 Event = TokenEvent | FinishEvent
@@ -247,13 +247,15 @@ class Engine:
         for handle in list(self._waiting):
             adapter = handle.request.adapter
             if adapter is not None:
-                state = self.store.state(adapter)
-                if state != "ready" and state != "failed":  # still being read from disk: keeps its place
-                    continue
-                if state == "failed":
+                try:
+                    state = self.store.state(adapter)
+                    if state == "failed":
+                        raise AdapterUnavailable(self.store.failure(adapter))
+                except ServeError as error:  # its load failed, or it was unregistered after the request came
                     self._waiting.remove(handle)
-                    error = AdapterUnavailable(self.store.failure(adapter))
                     handle.deliver(FinishEvent("error", len(handle.request.prompt_ids), 0, "", str(error)))
+                    continue
+                if state != "ready":  # still being read from disk: the request keeps its place
                     continue
             self._waiting.remove(handle)
             try:
