@@ -16,9 +16,12 @@ PROMPTS = ["Hello there, how are you?", "What is the capital of France? Tell me 
            "A long story " * 12]
 
 
+ADAPTERS = [*METHODS, "lora-2", "lora-3"]  # four LoRA adapters on q_proj / v_proj: the batched LoRA bank path
+
+
 @pytest.fixture(scope="module")
 def model():
-    return with_adapters(tiny_llama())
+    return with_adapters(tiny_llama(), ADAPTERS)
 
 
 def greedy(max_tokens: int, **fields) -> SamplingParams:
@@ -36,13 +39,13 @@ def run(engine: Engine, requests: list[GenerationRequest]) -> list[list]:
 
 
 def test_mixed_adapters_in_one_running_batch_equal_each_request_alone(model):
-    """24 requests over the base and six adapters (LoRA of two ranks, (IA)3, prefix, prompt, bottleneck), more
+    """27 requests over the base and eight adapters (LoRA of two ranks, (IA)3, prefix, prompt, bottleneck), more
     than the batch holds and with prompts longer than the prefill budget: rows join and leave at every step."""
     tokenizer = smollm2_tokenizer()
-    engine = Engine(model, tokenizer, ReadyStore(model), max_batch=6, prefill_budget=16)
-    adapters = [None, *METHODS]
+    engine = Engine(model, tokenizer, ReadyStore(model), max_batch=8, prefill_budget=16)
+    adapters = [None, *ADAPTERS]
     requests = [GenerationRequest(engine.prompt_ids(PROMPTS[i % 4]), adapters[i % len(adapters)],
-                                  greedy(2 + (i * 7) % 19)) for i in range(24)]
+                                  greedy(2 + (i * 7) % 19)) for i in range(27)]
     results = run(engine, requests)
     assert engine.stats() == {"waiting": 0, "running": 0, "tokens_generated": sum(
         r[-1].completion_tokens for r in results)}
@@ -59,7 +62,7 @@ def test_mixed_adapters_in_one_running_batch_equal_each_request_alone(model):
 def test_adapters_change_outputs(model):
     """The equality above means something: the adapters' answers differ from the base's and from each other."""
     ids = smollm2_tokenizer()("Hello there")["input_ids"]
-    answers = {name: tuple(solo(model, ids, name, 8)) for name in [None, *METHODS]}
+    answers = {name: tuple(solo(model, ids, name, 8)) for name in [None, *ADAPTERS]}
     assert len(set(answers.values())) == len(answers)
 
 
