@@ -276,7 +276,7 @@ async def _stream(handle: Any, reply: _Reply, include_usage: bool) -> AsyncItera
 
 # --- the app -----------------------------------------------------------------------------------------------------
 
-def _check_key(api_key: str) -> Callable[[Request], None]:
+def key_check(api_key: str) -> Callable[[Request], None]:
     expected = f"Bearer {api_key}".encode()
 
     def check(request: Request) -> None:
@@ -336,7 +336,7 @@ def create_app(engine: Any, store: Any, *, api_key: str | None = None, encoder: 
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    api = APIRouter(dependencies=[Depends(_check_key(api_key))] if api_key is not None else [])
+    api = APIRouter(dependencies=[Depends(key_check(api_key))] if api_key is not None else [])
 
     def adapter(model: str) -> str | None:
         return None if model == base else model
