@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import functools
 import socket
 import threading
 import time
@@ -10,10 +13,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
+import peftkit
+from peftkit import IA3, LoRA, PrefixTuning
+from peftkit.models import load_smollm2
 from peftkit.serve import (ContextTooLong, FinishEvent, GenerationRequest, QueueFull, ServeError, TokenEvent,
                            UnknownAdapter)
+
+from .conftest import randomize
 
 
 @contextmanager
@@ -124,3 +137,70 @@ class FakeEngine:
         handle = FakeHandle(self, request)
         self.running.add(handle)
         return handle
+
+
+# --- a real engine over a tiny random Llama with SmolLM2's tokenizer, and adapters of several methods ------------
+
+@functools.cache
+def smollm2_tokenizer() -> Any:
+    return load_smollm2()[1]
+
+
+def tiny_llama_for(tokenizer: Any) -> LlamaForCausalLM:
+    """Random weights, fixed by seed; SmolLM2's vocabulary so its tokenizer and chat template apply."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, initializer_range=0.3)
+    return LlamaForCausalLM(config).eval()
+
+
+# name -> config; "peft-lora" is saved by Hugging Face `peft` (see save_adapters)
+ADAPTERS: dict[str, Any] = {
+    "lora-a": LoRA(r=2, targets=["q_proj", "v_proj"]),
+    "lora-b": LoRA(r=8, alpha=4, targets="all-linear"),
+    "lora-c": LoRA(r=4, targets=["o_proj", "down_proj"]),
+    "ia3-a": IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]),
+    "ia3-b": IA3(targets=["q_proj", "up_proj"]),
+    "prefix-a": PrefixTuning(num_virtual_tokens=3),
+    "prefix-b": PrefixTuning(num_virtual_tokens=7),
+    "peft-lora": None,
+}
+
+
+def save_adapters(base: nn.Module, root: Path) -> dict[str, Path]:
+    """Each of ADAPTERS with random non-zero weights, saved under `root` (peftkit's format, or peft's)."""
+    paths = {}
+    for name, config in ADAPTERS.items():
+        model, paths[name] = copy.deepcopy(base), root / name
+        if config is None:
+            lora = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                  init_lora_weights=False)  # random B too: the adapter changes outputs
+            get_peft_model(model, lora).save_pretrained(paths[name])
+        else:
+            peftkit.attach(model, config, name)
+            randomize(model, name)
+            peftkit.save(model, paths[name], name)
+    return paths
+
+
+class Solo:
+    """Reference answers: Hugging Face `generate` (greedy) on a copy of the base with one adapter active."""
+
+    def __init__(self, base: nn.Module, tokenizer: Any, paths: dict[str, Path]) -> None:
+        self.model, self.tokenizer = copy.deepcopy(base), tokenizer
+        for name, path in paths.items():
+            peftkit.load(self.model, path, name=name, activate=False)
+
+    def __call__(self, adapter: str | None, prompt_ids: list[int], max_tokens: int) -> tuple[str, int]:
+        """(text, completion tokens) of a greedy answer."""
+        ids = torch.tensor([prompt_ids])
+        with torch.no_grad(), (peftkit.disabled(self.model) if adapter is None else contextlib.nullcontext()):
+            if adapter is not None:
+                peftkit.activate(self.model, adapter)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                      do_sample=False)[0, len(prompt_ids):].tolist()
+        if self.tokenizer.eos_token_id in out:
+            out = out[:out.index(self.tokenizer.eos_token_id) + 1]
+        return self.tokenizer.decode(out, skip_special_tokens=True), len(out)

@@ -1,6 +1,9 @@
 """`peftkit serve`'s HTTP API (issue #17), through a live uvicorn server and the official `openai` client."""
 from __future__ import annotations
 
+import asyncio
+import copy
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,10 +12,12 @@ import httpx
 import openai
 import pytest
 
+from peftkit.serve.engine import Engine
 from peftkit.serve.http import create_app
 from peftkit.serve.metrics import ServeMetrics
+from peftkit.serve.store import AdapterStore
 
-from .serve_checks import FakeEngine, FakeStore, live_server
+from .serve_checks import ADAPTERS, FakeEngine, FakeStore, Solo, live_server, save_adapters, smollm2_tokenizer, tiny_llama_for
 
 KEY = "sesame"
 
@@ -200,3 +205,114 @@ def test_api_key(tmp_path: Path) -> None:
 def test_embeddings_need_an_encoder(fake) -> None:
     url, _, _ = fake
     _error(httpx.post(f"{url}/v1/embeddings", json={"model": "alpha", "input": "x"}), 404, "--model minilm")
+
+
+# --- the real engine: a tiny random Llama with SmolLM2's tokenizer, adapters of LoRA, (IA)3, prefix and peft's LoRA
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Engine, Solo, AdapterStore]]:
+    tokenizer = smollm2_tokenizer()
+    base = tiny_llama_for(tokenizer)
+    root = tmp_path_factory.mktemp("adapters")
+    paths = save_adapters(base, root)
+    solo = Solo(base, tokenizer, paths)
+    model = copy.deepcopy(base)
+    store = AdapterStore(model, root=root, max_loaded=3)  # fewer than the 8 adapters: the store must evict
+    for name, path in paths.items():
+        store.register(name, path)
+    metrics = ServeMetrics(store)
+    engine = Engine(model, tokenizer, store, max_batch=16, metrics=metrics, name="tiny").start()
+    try:
+        with live_server(create_app(engine, store, metrics=metrics)) as url:
+            yield url, engine, solo, store
+    finally:
+        engine.stop()
+        store.close()
+
+
+def _adapter(model: str) -> str | None:
+    return None if model == "tiny" else model
+
+
+@pytest.mark.parametrize("model", ["tiny", "lora-a", "ia3-a", "prefix-a", "peft-lora"])
+def test_greedy_answers_equal_generate_alone(real, model: str) -> None:
+    url, engine, solo, _ = real
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    prompt, messages = "The weather today", [{"role": "user", "content": "Tell me a story"}]
+    expected = solo(_adapter(model), engine.prompt_ids(prompt), 8)
+    done = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    assert (done.choices[0].text, done.usage.completion_tokens) == expected
+    streamed = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == expected[0]
+
+    expected = solo(_adapter(model), engine.chat_ids(messages), 6)
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    assert (chat.choices[0].message.content, chat.usage.completion_tokens) == expected
+    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                              stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected[0]
+
+
+def test_adapters_really_differ(real) -> None:
+    _, engine, solo, _ = real
+    ids = engine.prompt_ids("The weather today")
+    answers = {name: solo(_adapter(name), ids, 8)[0] for name in ["tiny", *ADAPTERS]}
+    assert len(set(answers.values())) == len(answers), answers
+
+
+def test_32_concurrent_requests_over_8_adapters(real) -> None:
+    url, engine, solo, _ = real
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    jobs = [(list(ADAPTERS)[i % 8], " ".join(words[:1 + i % 11]), 3 + (7 * i) % 10) for i in range(32)]
+
+    async def ask_all() -> list[tuple[str, int]]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        replies = await asyncio.gather(*(client.completions.create(model=name, prompt=prompt, max_tokens=n,
+                                                                   temperature=0) for name, prompt, n in jobs))
+        return [(r.choices[0].text, r.usage.completion_tokens) for r in replies]
+
+    answers = asyncio.run(ask_all())
+    assert answers == [solo(name, engine.prompt_ids(prompt), n) for name, prompt, n in jobs]
+    assert httpx.get(f"{url}/health").status_code == 200
+    scraped = httpx.get(f"{url}/metrics").text
+    assert _value(scraped, "peftkit_adapter_cache_evictions_total") > 0  # 8 adapters through 3 places
+
+
+def _value(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_real_errors_and_disconnect(real, tmp_path: Path) -> None:
+    url, _, _, store = real
+    _error(httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 200}), 400,
+           "context of 128")
+    _error(httpx.post(f"{url}/v1/completions", json={"model": "lora-z", "prompt": "x"}), 404, "lora-z")
+    _error(httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)}), 403,
+           "outside the adapter root")
+    body = {"model": "lora-a", "prompt": "Hello", "max_tokens": 100, "stream": True}
+    before = _value(httpx.get(f"{url}/metrics").text, 'peftkit_requests_finished_total{reason="abort"}')
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
+        next(response.iter_lines())
+    _wait(lambda: _value(httpx.get(f"{url}/metrics").text,
+                         'peftkit_requests_finished_total{reason="abort"}') == before + 1)
+    assert _value(httpx.get(f"{url}/metrics").text, "peftkit_running_requests") == 0
+
+
+def test_load_and_unload_while_serving(real) -> None:
+    url, engine, solo, store = real
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter",
+                        json={"lora_name": "again", "lora_path": str(store.root / "lora-b")})
+    assert loaded.status_code == 200, loaded.text
+    body = {"model": "again", "prompt": "Hello there", "max_tokens": 40, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as response:
+        lines = response.iter_lines()
+        pieces = [_piece(next(lines))]  # running now: its adapter cannot go
+        _error(httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "again"}), 400, "in use")
+        pieces += [_piece(line) for line in lines if line.startswith("data: {")]
+    assert "".join(pieces) == solo("lora-b", engine.prompt_ids("Hello there"), 40)[0]
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "again"}).status_code == 200
+    _error(httpx.post(f"{url}/v1/completions", json=body), 404, "again")
+
+
+def _piece(line: str) -> str:
+    return json.loads(line.removeprefix("data: "))["choices"][0]["text"]
