@@ -32,6 +32,7 @@ class AdapterRegistry:
     merge_stacks: dict[str, list[str]] = field(default_factory=dict)  # host -> merged deltas in fold order (core.merging)
     plan: RoutingPlan | None = None
     disabled: bool = False
+    caller_places_virtual_tokens: bool = False  # a serving engine writes prompts and prefixes itself (core.sequence)
 
     def require(self, name: str) -> AdapterConfig:
         if name not in self.configs:

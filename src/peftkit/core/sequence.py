@@ -293,7 +293,7 @@ def _rewrite_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 del model._forward_pre_hooks[key]
                 model._forward_pre_hooks_with_kwargs.pop(key, None)
         return None
-    if registry.disabled:
+    if registry.disabled or registry.caller_places_virtual_tokens:
         return None
     call = _bind(model, args, kwargs)
     ids, embeds = call.get("input_ids"), call.get("inputs_embeds")

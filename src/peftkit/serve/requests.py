@@ -77,3 +77,4 @@ class FinishEvent:
     completion_tokens: int
     text: str  # the whole output
     error: str | None = None
+    tokens: list[int] = field(default_factory=list)  # the output's token ids
