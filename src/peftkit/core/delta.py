@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import copy
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .hosts import edited_weight, to_host_layout
+
+if TYPE_CHECKING:
+    from .routing import RoutingPlan
 
 
 class Placement(enum.Enum):
@@ -102,11 +105,17 @@ class Delta(nn.Module):
         return out.add_(self.increment(x))
 
     @classmethod
-    def add_routed_batch_(cls, deltas: list["Delta"], row_index: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Optional: apply many same-type deltas to a routed batch at once (row i uses
-        `deltas[row_index[i]]`, or none when `row_index[i] == len(deltas)`), in place on `out`.
-        Return False when not applicable; the slot then loops over the adapter groups."""
-        return False
+    def add_routed_batch_(cls, deltas: dict[str, "Delta"], plan: "RoutingPlan", x: torch.Tensor, out: torch.Tensor,
+                          bank: "DeltaBank | None") -> tuple[str, ...]:
+        """Optional: apply many deltas of this type on one host to a routed batch at once, in place on `out` (a row
+        whose adapter is not among `deltas` gets nothing). Return the names applied; the slot applies the others
+        group by group. `bank`: what `new_bank` made for this type on this host, kept across forward passes."""
+        return ()
+
+    @classmethod
+    def new_bank(cls) -> "DeltaBank | None":
+        """Optional: per-host state for `add_routed_batch_` (LoRA's stacked factors), made on its first use."""
+        return None
 
     @classmethod
     def link_adapter(cls, deltas: dict[str, "Delta"]) -> None:
@@ -137,6 +146,14 @@ class Delta(nn.Module):
     def unmerge_from(self, host: nn.Module) -> None:
         with edited_weight(host) as weight:
             weight -= to_host_layout(host, self.delta_weight().to(torch.float32)).to(weight.dtype)
+
+
+class DeltaBank:
+    """State a delta type keeps on one host across routed forward passes (`Delta.new_bank`); the slot tells it when
+    an adapter's delta leaves the host."""
+
+    def discard(self, name: str) -> None:
+        """Forget adapter `name`."""
 
 
 class ModuleCopy(Delta):

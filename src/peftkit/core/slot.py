@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .delta import Delta, Placement
+from .delta import Delta, DeltaBank, Placement
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
     from .routing import RoutingPlan
 
 SLOT_ATTR = "peftkit"
-# From this many adapter groups in one routed layer on, try the delta type's batched path.
+# From this many adapter groups of one delta type in one routed layer on, try the type's batched path.
 BATCHED_MIN_GROUPS = 4
 
 
@@ -45,6 +45,7 @@ class DeltaSlot(nn.ModuleDict):
         self._input_transforms: set[str] = set()  # names of input-transforming deltas: most hosts have none
         self._folders: set[str] = set()  # names of deltas that can replace the host's call (`Delta.host_call`)
         self._folded: str | None = None  # the delta folded into the running call, which the output hook skips
+        self._banks: dict[type[Delta], DeltaBank | None] = {}  # per delta type: its batched path's kept state
 
     def __setitem__(self, name: str, delta: Delta) -> None:
         reader = type(delta).read_input
@@ -62,6 +63,9 @@ class DeltaSlot(nn.ModuleDict):
         super().__delitem__(name)
         self._input_transforms.discard(name)
         self._folders.discard(name)
+        for bank in self._banks.values():
+            if bank is not None:
+                bank.discard(name)
 
     def folded_call(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """The host's output for `x` with the first active delta that can fold into the host's call folded in,
@@ -133,10 +137,9 @@ class DeltaSlot(nn.ModuleDict):
         if not present:
             return out
         plan = plan.for_rows(x.shape[0], f"module '{self._module_name}'")
-        if len(present) >= BATCHED_MIN_GROUPS:  # many small groups: one batched kernel beats a Python loop
-            deltas = [self._modules[name] for name in present]
-            kind = type(deltas[0])
-            if all(type(d) is kind for d in deltas) and kind.add_routed_batch_(deltas, plan.row_index(present), x, out):
+        if len(present) >= BATCHED_MIN_GROUPS:  # many small groups: one batched kernel per type beats a Python loop
+            present = self._apply_batched(plan, present, x, out)
+            if not present:
                 return out
         perm, segments = plan.layout(present)
         # [n_routed, ...] grouped by adapter; None when no delta here reads it (a serial adapter, an output scale)
@@ -157,6 +160,21 @@ class DeltaSlot(nn.ModuleDict):
                 else:
                     out.index_copy_(0, index, delta.transform(seg, out.index_select(0, index)).to(out.dtype))
         return out
+
+    def _apply_batched(self, plan: RoutingPlan, present: tuple[str, ...], x: torch.Tensor,
+                       out: torch.Tensor) -> tuple[str, ...]:
+        """Each delta type with many adapter groups here applies them at once (each row has one adapter, so the
+        types' order does not matter); returns the names left for the group loop."""
+        by_type: dict[type[Delta], dict[str, Delta]] = {}
+        for name in present:
+            by_type.setdefault(type(self._modules[name]), {})[name] = self._modules[name]
+        done: set[str] = set()
+        for kind, deltas in by_type.items():
+            if len(deltas) >= BATCHED_MIN_GROUPS:
+                if kind not in self._banks:
+                    self._banks[kind] = kind.new_bank()
+                done.update(kind.add_routed_batch_(deltas, plan, x, out, self._banks[kind]))
+        return tuple(name for name in present if name not in done)
 
 
 def deltas_of(module: nn.Module) -> Mapping[str, Delta]:
