@@ -51,6 +51,8 @@ class ServeSettings(BaseModel):
     adapter_memory: int | None = Field(None, ge=1, description="bytes of loaded adapters")
     max_batch: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=1)
+    max_context: int | None = Field(2048, ge=2, description="tokens per request, prompt + output (None: the "
+                                                          "model's own); the KV cache holds max_batch of them")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, min_length=1)
@@ -85,6 +87,7 @@ class Server:
 
     def stop(self) -> None:
         (self.engine or self.encoder).stop()
+        self.store.close()
 
 
 def build_server(settings: ServeSettings) -> Server:
@@ -111,12 +114,13 @@ def build_server(settings: ServeSettings) -> Server:
     if settings.model == "minilm":
         from .encoder import EncoderEngine
 
-        engine, encoder = None, EncoderEngine(model, tokenizer, store, max_batch=settings.max_batch, name="minilm")
+        engine, encoder = None, EncoderEngine(model, tokenizer, store, max_batch=settings.max_batch, name="minilm",
+                                              max_queue=settings.max_queue)
     else:
         from .engine import Engine
 
         engine = Engine(model, tokenizer, store, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        metrics=metrics, name=settings.model)
+                        max_context=settings.max_context, metrics=metrics, name=settings.model)
         encoder = None
     app = create_app(engine, store, api_key=settings.api_key, encoder=encoder, metrics=metrics)
     return Server(engine, encoder, store, metrics, app)
@@ -127,7 +131,7 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         model=args.model, adapters=parse_adapters(args.adapter), adapter_root=args.adapter_root, pins=args.pin,
         max_loaded_adapters=args.max_loaded_adapters,
         adapter_memory=None if args.adapter_memory is None else parse_size(args.adapter_memory),
-        max_batch=args.max_batch, max_queue=args.max_queue, host=args.host, port=args.port, api_key=args.api_key,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context, host=args.host, port=args.port, api_key=args.api_key,
         device=args.device, dtype=args.dtype, ray=args.ray, replicas=args.replicas)
 
 
@@ -174,6 +178,9 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch", type=int, default=64, help="most requests decoding together (default 64)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="most requests waiting; more are refused with 429 (default 256)")
+    serve.add_argument("--max-context", type=int, default=2048,
+                       help="most tokens per request, prompt + output (default 2048; the KV cache preallocates "
+                            "max-batch x max-context positions: SmolLM2 takes 45 KiB per position in float32)")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
     serve.add_argument("--api-key", metavar="KEY", default=os.environ.get("PEFTKIT_API_KEY"),

@@ -378,7 +378,8 @@ def create_app(engine: Any, store: Any, *, api_key: str | None = None, encoder: 
                             "embeddings")
         texts = [body.input] if isinstance(body.input, str) else body.input
         vectors = await asyncio.to_thread(encoder.embed, texts, adapter(body.model))
-        tokens = sum(len(ids) for ids in encoder.tokenizer(texts)["input_ids"])
+        counted = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+        tokens = sum(len(ids) for ids in counted)
         return {"object": "list", "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [{"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
                          for i, vector in enumerate(vectors)]}
