@@ -16,6 +16,11 @@ from torch import nn
 
 import peftkit
 from peftkit import LoRA
+from peftkit.serve.cli import Server
+from peftkit.serve.engine import Engine
+from peftkit.serve.http import create_app
+from peftkit.serve.metrics import ServeMetrics
+from peftkit.serve.store import AdapterStore
 from peftkit.serve import (ContextTooLong, FinishEvent, GenerationRequest, QueueFull, ServeError, TokenEvent,
                            UnknownAdapter)
 
@@ -162,3 +167,14 @@ def solo_answer(reference: nn.Module, adapter: str | None, prompt_ids: list[int]
     """(text, completion tokens) of `generate` run alone, greedy, with one adapter (None: the base)."""
     tokens = solo(reference, prompt_ids, adapter, max_tokens)
     return smollm2_tokenizer().decode(tokens, skip_special_tokens=True), len(tokens)
+
+
+def tiny_server(root: Path, max_loaded: int | None = None) -> Server:
+    """A server (not started) over the tiny base with ADAPTERS (saved under `root`) registered."""
+    store = AdapterStore(tiny_llama(), root=root, max_loaded=max_loaded)
+    for name in ADAPTERS:
+        store.register(name, root / name)
+    metrics = ServeMetrics(store)
+    engine = Engine(store.model, smollm2_tokenizer(), store, max_batch=16, max_context=128, metrics=metrics,
+                    name="tiny")
+    return Server(engine, None, store, metrics, create_app(engine, store, metrics=metrics))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from collections.abc import Iterator
@@ -15,14 +14,14 @@ import pytest
 import torch
 
 from peftkit.serve import SamplingParams
-from peftkit.serve.cli import ServeSettings, build_server
+from peftkit.cli import main
+from peftkit.serve.cli import ServeSettings, build_server, parse_size
 from peftkit.serve.engine import Engine
 from peftkit.serve.http import create_app
 from peftkit.serve.metrics import ServeMetrics
-from peftkit.serve.store import AdapterStore
 
-from .serve_checks import smollm2_tokenizer, tiny_llama
-from .serve_http_checks import ADAPTERS, FakeEngine, FakeStore, live_server, save_adapters, solo_answer
+from .serve_http_checks import (ADAPTERS, FakeEngine, FakeStore, live_server, save_adapters, solo_answer,
+                                tiny_server)
 
 KEY = "sesame"
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's own noise
@@ -219,7 +218,6 @@ def test_embeddings_need_an_encoder(fake) -> None:
 class Live:
     url: str
     engine: Engine
-    store: AdapterStore
     reference: torch.nn.Module  # the base with every adapter attached, for solo answers
 
     def solo(self, model: str, prompt_ids: list[int], max_tokens: int) -> tuple[str, int]:
@@ -230,18 +228,13 @@ class Live:
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("adapters")
     reference = save_adapters(root)
-    store = AdapterStore(tiny_llama(), root=root, max_loaded=3)  # fewer places than adapters: the store evicts
-    for name in ADAPTERS:
-        store.register(name, root / name)
-    metrics = ServeMetrics(store)
-    engine = Engine(store.model, smollm2_tokenizer(), store, max_batch=16, max_context=128, metrics=metrics,
-                    name="tiny").start()
+    server = tiny_server(root, max_loaded=3)  # fewer places than adapters: the store evicts
+    server.start()
     try:
-        with live_server(create_app(engine, store, metrics=metrics)) as url:
-            yield Live(url, engine, store, reference)
+        with live_server(server.app) as url:
+            yield Live(url, server.engine, reference)
     finally:
-        engine.stop()
-        store.close()
+        server.stop()
 
 
 @pytest.mark.parametrize("model", ["tiny", "lora", "ia3", "prefix", "peft-lora"])
@@ -365,3 +358,25 @@ def test_minilm_embeddings() -> None:
     torch.testing.assert_close(torch.tensor([item.embedding for item in packed.data]), torch.tensor(expected))
     torch.testing.assert_close(torch.tensor(plain.data[0].embedding), torch.tensor(expected[0]))
     assert packed.usage.prompt_tokens == sum(len(ids) for ids in server.encoder.tokenizer(texts)["input_ids"])
+
+
+# --- `peftkit serve`'s command line ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pin", "x"], "--pin x: not among the --adapter names"),
+    (["--adapter", "chat"], "--adapter takes NAME=DIR, got 'chat'"),
+    (["--adapter", "a=x", "--adapter", "a=y"], "--adapter 'a' is given twice"),
+    (["--adapter-memory", "5XB"], "--adapter-memory takes a size such as 512MB or 2GiB, got '5XB'"),
+    (["--replicas", "2"], "--replicas needs --ray (one process serves one replica)"),
+    (["--max-batch", "0"], "max_batch: Input should be greater than or equal to 1"),
+])
+def test_serve_flags_are_checked_before_loading(argv: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", *argv]) == 2
+    assert capsys.readouterr().err == f"peftkit: error: {message}\n"
+
+
+@pytest.mark.parametrize("text, size", [("4096", 4096), ("512MB", 512_000_000), ("1.5GiB", 3 * 2**29),
+                                        ("64 kib", 65536)])
+def test_adapter_memory_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
