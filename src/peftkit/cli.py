@@ -2,8 +2,8 @@
 
 `peftkit train [CONFIG.yaml]` trains an adapter as the config says; without a config it runs the bundled
 default (MiniLM-L6 + LoRA on BBC News). `peftkit eval` and `peftkit predict` use a trained adapter with its
-config. Each subcommand is one `_add_<name>(commands)` function (`bench` in `bench.cli`; `inspect`, `convert`
-and `methods` in `cli_tools`).
+config. Each subcommand is one `_add_<name>(commands)` function (`bench` in `bench.cli`; `serve` in `serve.cli`;
+`inspect`, `convert` and `methods` in `cli_tools`).
 """
 from __future__ import annotations
 
@@ -214,9 +214,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     ValueError covers peftkit's own (AdapterFileError, MergeError, TargetError, ...) and pydantic's."""
     from peftkit.core.registry import UnknownAdapterError
     from peftkit.methods import MaskNotSelectedError
+    from peftkit.serve import ServeError
 
     return (ValueError, ImportError, FileNotFoundError, FileExistsError, PermissionError, MaskNotSelectedError,
-            UnknownAdapterError)
+            UnknownAdapterError, ServeError)
 
 
 def _one_line(err: BaseException) -> str:
@@ -235,6 +236,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from peftkit.bench.cli import add_bench
     from peftkit.cli_tools import add_convert, add_inspect, add_methods
+    from peftkit.serve.cli import add_serve
 
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(commands)
     _add_predict(commands)
     add_bench(commands)
+    add_serve(commands)
     add_inspect(commands)
     add_convert(commands)
     add_methods(commands)
