@@ -179,8 +179,8 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=256,
                        help="most requests waiting; more are refused with 429 (default 256)")
     serve.add_argument("--max-context", type=int, default=2048,
-                       help="most tokens per request, prompt + output (default 2048; the KV cache preallocates "
-                            "max-batch x max-context positions: SmolLM2 takes 45 KiB per position in float32)")
+                       help="most tokens per request, prompt + output (default 2048; the KV cache grows on demand "
+                            "up to max-batch x max-context positions: SmolLM2 takes 45 KiB per position in float32)")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
     serve.add_argument("--api-key", metavar="KEY", default=os.environ.get("PEFTKIT_API_KEY"),

@@ -198,6 +198,9 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            idle = not (self._submitted or self._waiting or self._rows or self._stopping)
+            if idle and self.store is not None:  # nothing runs now: the store may unload what finished requests used
+                self.store.prepare(set(), set())
             with self._wake:
                 if not (self._submitted or self._waiting or self._rows or self._stopping):
                     self._wake.wait()
