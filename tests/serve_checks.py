@@ -88,3 +88,13 @@ class ReadyStore:
 
     def wait_reads(self, names: set[str], timeout: float) -> None:
         return None
+
+    def virtual_tokens(self, name: str) -> int:
+        return getattr(peftkit.adapters(self.model)[name], "num_virtual_tokens", 0)
+
+
+class LoadingStore(ReadyStore):
+    """Adapters that never finish loading: their requests wait in the queue."""
+
+    def state(self, name: str) -> str:
+        return "loading"

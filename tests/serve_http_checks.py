@@ -125,10 +125,13 @@ class FakeEngine:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return self.prompt_ids("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
+    def room(self, adapter: str | None, prompt_tokens: int) -> int:
+        if adapter is not None:
+            self.store.check(adapter)
+        return self.max_context - prompt_tokens
+
     def submit(self, request: GenerationRequest) -> FakeHandle:
-        if request.adapter is not None:
-            self.store.check(request.adapter)
-        if len(request.prompt_ids) + request.params.max_tokens > self.max_context:
+        if request.params.max_tokens > self.room(request.adapter, len(request.prompt_ids)):
             raise ContextTooLong(f"{len(request.prompt_ids)} + {request.params.max_tokens} > {self.max_context}")
         if len(self.running) >= self.max_queue:
             raise QueueFull(f"{len(self.running)} requests are waiting")

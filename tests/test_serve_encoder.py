@@ -124,7 +124,7 @@ def test_concurrent_mixed_adapter_calls_equal_each_text_alone(served) -> None:
 
 def test_unknown_and_failed_adapters(served, tmp_path) -> None:
     engine = served
-    with pytest.raises(UnknownAdapter, match="'nope' does not exist"):
+    with pytest.raises(UnknownAdapter, match="no adapter named 'nope'"):
         engine.embed(["x"], "nope")
     (tmp_path / "lora2" / "adapter.safetensors").write_bytes(b"garbage")
     with pytest.raises(AdapterUnavailable, match="not a readable safetensors"):

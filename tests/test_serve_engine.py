@@ -3,14 +3,17 @@ alone; stop strings, EOS, cancellation, sampling seeds, refusals, and the cache'
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
 
 import peftkit
-from peftkit.serve import (AdapterStore, ContextTooLong, Engine, FinishEvent, GenerationRequest, QueueFull, SamplingParams,
-                           TokenEvent, UnknownAdapter)
-from tests.serve_checks import METHODS, ReadyStore, smollm2_tokenizer, solo, tiny_llama, with_adapters
+from peftkit.serve import (AdapterStore, ContextTooLong, Engine, EngineStopped, FinishEvent, GenerationRequest,
+                           QueueFull, SamplingParams, ServeError, TokenEvent, UnknownAdapter)
+from peftkit.serve.engine import IDLE_TICK
+from peftkit.serve.sampling import next_token
+from tests.serve_checks import METHODS, LoadingStore, ReadyStore, smollm2_tokenizer, solo, tiny_llama, with_adapters
 
 PROMPTS = ["Hello there, how are you?", "What is the capital of France? Tell me in detail please.", "x",
            "A long story " * 12]
@@ -148,29 +151,47 @@ def test_async_stream(model):
 def test_refusals(model):
     tokenizer = smollm2_tokenizer()
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    engine = Engine(model, tokenizer, ReadyStore(model), max_queue=2)  # not started: the queue fills up
-    with pytest.raises(UnknownAdapter, match="'nope'"):
-        engine.submit(GenerationRequest(ids, "nope", greedy(4)))
-    with pytest.raises(UnknownAdapter, match="none"):
-        Engine(model, tokenizer).submit(GenerationRequest(ids, "lora", greedy(4)))
-    with pytest.raises(ContextTooLong, match="512"):
-        engine.submit(GenerationRequest(ids, None, greedy(510)))
-    with pytest.raises(ContextTooLong, match="empty"):
-        engine.submit(GenerationRequest([], None, greedy(4)))
-    engine.submit(GenerationRequest(ids, None, greedy(4)))
-    engine.submit(GenerationRequest(ids, None, greedy(4)))
-    with pytest.raises(QueueFull, match="2 waiting"):
-        engine.submit(GenerationRequest(ids, None, greedy(4)))
+    engine = Engine(model, tokenizer, LoadingStore(model), max_queue=2).start()  # its adapters never load
+    try:
+        with pytest.raises(UnknownAdapter, match="'nope'"):
+            engine.submit(GenerationRequest(ids, "nope", greedy(4)))
+        with pytest.raises(UnknownAdapter, match="none"):
+            Engine(model, tokenizer).submit(GenerationRequest(ids, "lora", greedy(4)))
+        with pytest.raises(ContextTooLong, match="512"):
+            engine.submit(GenerationRequest(ids, None, greedy(510)))
+        with pytest.raises(ServeError, match="empty"):
+            engine.submit(GenerationRequest([], None, greedy(4)))
+        waiting = [engine.submit(GenerationRequest(ids, "lora", greedy(4))) for _ in range(2)]
+        with pytest.raises(QueueFull, match="2 waiting"):
+            engine.submit(GenerationRequest(ids, None, greedy(4)))
+    finally:
+        engine.stop()
+    assert [list(h)[-1].reason for h in waiting] == ["abort", "abort"]
     assert QueueFull.status == 429 and UnknownAdapter.status == 404 and ContextTooLong.status == 400
 
 
 def test_virtual_tokens_count_against_the_context(model):
-    """A prompt that fits alone but not after the prefix adapter's 5 virtual tokens ends with an error event."""
+    """A prompt that fits alone but not after the prefix adapter's 5 virtual tokens is refused when it arrives."""
     tokenizer = smollm2_tokenizer()
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    events = run(Engine(model, tokenizer, ReadyStore(model)),
-                 [GenerationRequest(ids, "prefix", greedy(512 - len(ids)))])[0]
-    assert events[-1].reason == "error" and "5 virtual tokens" in events[-1].error
+    engine = Engine(model, tokenizer, ReadyStore(model))
+    assert engine.room("prefix", len(ids)) == engine.room(None, len(ids)) - 5 == 512 - len(ids) - 5
+    with pytest.raises(ContextTooLong, match="5 virtual tokens"):
+        engine.submit(GenerationRequest(ids, "prefix", greedy(512 - len(ids))))
+
+
+def test_stopped_engine_refuses_and_shutdown_ends_every_request(model):
+    tokenizer = smollm2_tokenizer()
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    engine = Engine(model, tokenizer, ReadyStore(model))
+    with pytest.raises(EngineStopped):
+        engine.submit(GenerationRequest(ids, None, greedy(4)))
+    engine.start()
+    handles = [engine.submit(GenerationRequest(ids, "lora", greedy(300))) for _ in range(3)]
+    engine.stop()
+    assert [list(h)[-1].reason for h in handles] == ["abort"] * 3
+    with pytest.raises(EngineStopped):
+        engine.submit(GenerationRequest(ids, None, greedy(4)))
 
 
 def test_chat_template_and_smollm2_answers_like_generate():
@@ -218,3 +239,69 @@ def test_adapters_load_evict_and_unload_while_requests_run(model, tmp_path):
     assert store.stats()["evictions"] > 0 and len(peftkit.adapters(base)) <= 3
     for request, finish in zip(requests, results):
         assert finish.tokens == solo(source, request.prompt_ids, request.adapter, request.params.max_tokens), request
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Adapters saved to disk, the model they were made on, and a fresh copy of its base (same seed)."""
+    root = tmp_path_factory.mktemp("adapters")
+    source = with_adapters(tiny_llama(), ["lora", "ia3", "prefix"])
+    for name in ("lora", "ia3", "prefix"):
+        peftkit.save(source, root / name, name=name)
+    return root, source
+
+
+def test_an_adapter_that_cannot_attach_fails_alone(saved, monkeypatch):
+    """An attach that raises something other than a misfit (out of memory) fails that adapter's requests only; the
+    engine keeps serving, also after going idle."""
+    root, source = saved
+    import peftkit.serve.store as store_module
+
+    def attach(model, config, name, activate):
+        if name == "ia3":
+            raise torch.OutOfMemoryError("no memory for this adapter")
+        return peftkit.attach(model, config, name=name, activate=activate)
+
+    monkeypatch.setattr(store_module, "attach", attach)
+    tokenizer = smollm2_tokenizer()
+    store = AdapterStore(tiny_llama(), root=root)
+    for name in ("lora", "ia3"):
+        store.register(name, name)
+    engine = Engine(store.model, tokenizer, store).start()
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    try:
+        bad, good = (engine.submit(GenerationRequest(ids, name, greedy(4))) for name in ("ia3", "lora"))
+        assert list(bad)[-1].error.endswith("OutOfMemoryError: no memory for this adapter")
+        assert list(good)[-1].tokens == solo(source, ids, "lora", 4)
+        time.sleep(2 * IDLE_TICK)  # idle ticks run the store again
+        assert engine.generate(ids, "lora", greedy(4)).tokens == solo(source, ids, "lora", 4)
+    finally:
+        engine.stop()
+        store.close()
+
+
+def test_unload_then_load_under_the_same_name(saved):
+    """vLLM's update flow: unload an adapter, load another under its name, while the server is idle."""
+    root, source = saved
+    tokenizer = smollm2_tokenizer()
+    store = AdapterStore(tiny_llama(), root=root)
+    store.register("current", "lora")
+    engine = Engine(store.model, tokenizer, store).start()
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    try:
+        assert engine.generate(ids, "current", greedy(5)).tokens == solo(source, ids, "lora", 5)
+        time.sleep(2 * IDLE_TICK)  # the idle engine tells the store nothing is in use
+        store.unregister("current")
+        store.register("current", "prefix")
+        assert engine.generate(ids, "current", greedy(5)).tokens == solo(source, ids, "prefix", 5)
+        assert engine.room("current", len(ids)) == 512 - len(ids) - 5  # the new adapter's virtual tokens count
+    finally:
+        engine.stop()
+        store.close()
+
+
+def test_top_p_zero_keeps_the_most_likely_token():
+    logits = torch.tensor([0.5, 2.0, 1.0, -1.0])
+    params = SamplingParams(temperature=1.0, top_p=0.0)
+    generator = torch.Generator().manual_seed(0)
+    assert {next_token(logits, params, generator) for _ in range(20)} == {1}

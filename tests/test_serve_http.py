@@ -109,7 +109,7 @@ def test_completion_errors_name_the_problem(fake, body: dict, status: int, words
      ["messages.0.content"]),
     ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
       "max_completion_tokens": 4}, ["max_tokens and max_completion_tokens differ"]),
-    ({"model": "alpha", "messages": [{"role": "user", "content": "x" * 80}]}, ["the context holds 64"]),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x" * 80}]}, ["97 tokens leave no room"]),
 ])
 def test_chat_errors_name_the_problem(fake, body: dict, words: list[str]) -> None:
     url, _, _ = fake

@@ -2,10 +2,10 @@
 store, and an OpenAI-compatible HTTP API."""
 from .encoder import EncoderEngine
 from .engine import Engine, RequestHandle
-from .requests import (AdapterUnavailable, ContextTooLong, FinishEvent, GenerationRequest, QueueFull, SamplingParams,
-                       ServeError, TokenEvent, UnknownAdapter)
+from .requests import (AdapterUnavailable, ContextTooLong, EngineStopped, FinishEvent, GenerationRequest, QueueFull,
+                       SamplingParams, ServeError, TokenEvent, UnknownAdapter)
 from .store import AdapterStore, PathRefused
 
-__all__ = ["AdapterStore", "AdapterUnavailable", "ContextTooLong", "EncoderEngine", "Engine", "FinishEvent",
-           "GenerationRequest", "PathRefused", "QueueFull", "RequestHandle", "SamplingParams", "ServeError",
-           "TokenEvent", "UnknownAdapter"]
+__all__ = ["AdapterStore", "AdapterUnavailable", "ContextTooLong", "EncoderEngine", "Engine", "EngineStopped",
+           "FinishEvent", "GenerationRequest", "PathRefused", "QueueFull", "RequestHandle", "SamplingParams",
+           "ServeError", "TokenEvent", "UnknownAdapter"]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+GRACE_SECONDS = 10
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -109,6 +110,8 @@ def build_server(settings: ServeSettings) -> Server:
     store = AdapterStore(model, root=settings.adapter_root, max_loaded=settings.max_loaded_adapters,
                          max_bytes=settings.adapter_memory)
     for name, path in settings.adapters.items():
+        if name == settings.model:
+            raise ValueError(f"--adapter {name}=...: {name!r} names the base model; give the adapter another name")
         store.register(name, path, pin=name in settings.pins)
     metrics = ServeMetrics(store)
     if settings.model == "minilm":
@@ -152,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
           + (" (API key required)" if settings.api_key else ""), flush=True)
     server.start()
     try:
-        uvicorn.run(server.app, host=settings.host, port=settings.port, log_level="info")
+        # on Ctrl-C, streams get GRACE_SECONDS to finish before they are cut (a second Ctrl-C cuts them at once)
+        uvicorn.run(server.app, host=settings.host, port=settings.port, log_level="info",
+                    timeout_graceful_shutdown=GRACE_SECONDS)
     finally:
         server.stop()
     return 0

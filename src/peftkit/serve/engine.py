@@ -34,11 +34,12 @@ from ..core.registry import REGISTRY_ATTR
 from ..core.sequence import SequenceDelta, cache_argument, input_embeddings, kv_geometry
 from ..core.slot import deltas_of
 from .kv import SlotKVCache
-from .requests import (AdapterUnavailable, ContextTooLong, FinishEvent, FinishReason, GenerationRequest, QueueFull,
+from .requests import (AdapterUnavailable, ContextTooLong, EngineStopped, FinishEvent, FinishReason, GenerationRequest, QueueFull,
                        SamplingParams, ServeError, TokenEvent, UnknownAdapter)
 from .sampling import TextStream, generator_for, next_token
 
 Event = TokenEvent | FinishEvent
+IDLE_TICK = 0.5  # seconds an idle engine sleeps between looks at the store (an unregistered adapter leaves)
 
 
 class RequestHandle:
@@ -149,18 +150,18 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; refused at once (a ServeError) for an unknown adapter, a prompt that cannot fit, or a
         full queue."""
-        if request.adapter is not None:
-            if self.store is None:
-                raise UnknownAdapter(f"no adapter named {request.adapter!r}: this server has none")
-            self.store.check(request.adapter)
         if not request.prompt_ids:
-            raise ContextTooLong("the prompt is empty")
-        needed = len(request.prompt_ids) + request.params.max_tokens
-        if needed > self.max_context:
+            raise ServeError("the prompt is empty")
+        room = self.room(request.adapter, len(request.prompt_ids))
+        if request.params.max_tokens > room:
             raise ContextTooLong(f"the prompt's {len(request.prompt_ids)} tokens plus max_tokens "
-                                 f"{request.params.max_tokens} exceed the model's context of {self.max_context}")
+                                 f"{request.params.max_tokens} exceed the model's context of {self.max_context}"
+                                 + (f" (less the adapter's {self.max_context - len(request.prompt_ids) - room} "
+                                    "virtual tokens)" if room < self.max_context - len(request.prompt_ids) else ""))
         handle = RequestHandle(request)
         with self._wake:
+            if self._thread is None or self._stopping:
+                raise EngineStopped("the engine is not running")
             if len(self._submitted) + len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} waiting requests; retry later")
             self._submitted.append(handle)
@@ -168,6 +169,17 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queued()
         return handle
+
+    def room(self, adapter: str | None, prompt_tokens: int) -> int:
+        """The most output tokens a request may ask for: the context less the prompt and the adapter's virtual
+        tokens (raises UnknownAdapter for an adapter not registered)."""
+        virtual = 0
+        if adapter is not None:
+            if self.store is None:
+                raise UnknownAdapter(f"no adapter named {adapter!r}: this server has none")
+            self.store.check(adapter)
+            virtual = self.store.virtual_tokens(adapter)
+        return self.max_context - prompt_tokens - virtual
 
     def generate(self, prompt_ids: list[int], adapter: str | None = None,
                  params: SamplingParams | None = None) -> FinishEvent:
@@ -198,28 +210,36 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            idle = not (self._submitted or self._waiting or self._rows or self._stopping)
-            if idle and self.store is not None:  # nothing runs now: the store may unload what finished requests used
-                self.store.prepare(set(), set())
             with self._wake:
                 if not (self._submitted or self._waiting or self._rows or self._stopping):
-                    self._wake.wait()
+                    self._wake.wait(timeout=IDLE_TICK)
                 if self._stopping:
+                    self._waiting.extend(self._submitted)
+                    self._submitted.clear()
                     break
                 self._waiting.extend(self._submitted)
                 self._submitted.clear()
             try:
-                self.iterate()
+                if self._waiting or self._rows:
+                    self.iterate()
+                else:
+                    self._idle()
             except Exception as error:  # a bug or a failed forward: fail the requests in flight, keep serving
                 self._fail_all(f"{type(error).__name__}: {error}")
         self._fail_all("the server is shutting down", reason="abort")
+
+    def _idle(self) -> None:
+        """Nothing runs: the store may unload what finished requests used, and the cache returns to its first size."""
+        if self.store is not None:
+            self.store.prepare(set(), set())
+        self.cache.release()
 
     def iterate(self) -> None:
         """One scheduler iteration (module docstring); public so a test can drive the engine without its thread."""
         self._drop_cancelled()
         if self.store is not None:
             in_use = {row.adapter for row in self._rows} - {None}
-            wanted = in_use | {h.request.adapter for h in list(self._waiting)[:self.max_batch]} - {None}
+            wanted = in_use | {h.request.adapter for h in self._waiting} - {None}
             self.store.prepare(wanted, in_use)
         self._prefill()
         if self._decoding():
@@ -255,28 +275,34 @@ class Engine:
                     if state == "failed":
                         raise AdapterUnavailable(self.store.failure(adapter))
                 except ServeError as error:  # its load failed, or it was unregistered after the request came
-                    self._waiting.remove(handle)
-                    handle.deliver(FinishEvent("error", len(handle.request.prompt_ids), 0, "", str(error)))
+                    self._reject(handle, str(error))
                     continue
                 if state != "ready":  # still being read from disk: the request keeps its place
                     continue
-            self._waiting.remove(handle)
             try:
-                return self._place(handle)
-            except Exception as error:  # never lose a request: it gets the error, then the loop's handler runs
-                handle.deliver(FinishEvent("error", len(handle.request.prompt_ids), 0, "", str(error)))
-                raise
+                row = self._place(handle)
+            except Exception as error:  # e.g. no memory for its cache row: this request fails, the others go on
+                self._reject(handle, str(error) if isinstance(error, ServeError) else f"{type(error).__name__}: {error}")
+                continue
+            self._waiting.remove(handle)
+            return row
         return None
 
-    def _place(self, handle: RequestHandle) -> _Running | None:
+    def _reject(self, handle: RequestHandle, message: str) -> None:
+        """End a waiting request with an error before it ran."""
+        self._waiting.remove(handle)
+        handle.deliver(FinishEvent("error", len(handle.request.prompt_ids), 0, "", message))
+        if self.metrics is not None:
+            self.metrics.finished("error")
+
+    def _place(self, handle: RequestHandle) -> _Running:
         request = handle.request
         sequence = _sequence_delta(self.model, request.adapter)
         virtual = sequence.num_virtual_tokens if sequence is not None else 0
-        if virtual + len(request.prompt_ids) + request.params.max_tokens > self.max_context:
-            handle.deliver(FinishEvent("error", len(request.prompt_ids), 0, "", str(ContextTooLong(
-                f"the adapter's {virtual} virtual tokens, the prompt's {len(request.prompt_ids)} tokens and "
-                f"max_tokens {request.params.max_tokens} exceed the model's context of {self.max_context}"))))
-            return None
+        if virtual + len(request.prompt_ids) + request.params.max_tokens > self.max_context:  # its file changed
+            raise ContextTooLong(f"the adapter's {virtual} virtual tokens, the prompt's {len(request.prompt_ids)} "
+                                 f"tokens and max_tokens {request.params.max_tokens} exceed the model's context of "
+                                 f"{self.max_context}")
         row = _Running(handle, TextStream(self.tokenizer, request.params.stop), generator_for(request.params),
                        list(request.prompt_ids))
         index = len(self._rows)

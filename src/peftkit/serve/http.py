@@ -139,11 +139,12 @@ class ChatBody(_Generation):
             raise ValueError("max_tokens and max_completion_tokens differ; send one")
         return self
 
-    def limit(self, prompt_tokens: int, max_context: int) -> int:
+    def limit(self, prompt_tokens: int, room: int) -> int:
+        """max_tokens as sent, or by default all the `room` the context leaves (after prompt and virtual tokens)."""
         wanted = self.max_completion_tokens or self.max_tokens
-        if wanted is None and prompt_tokens >= max_context:
-            raise ContextTooLong(f"the prompt has {prompt_tokens} tokens; the context holds {max_context}")
-        return wanted or max_context - prompt_tokens
+        if wanted is None and room < 1:
+            raise ContextTooLong(f"the prompt's {prompt_tokens} tokens leave no room to answer in the context")
+        return wanted or room
 
 
 class EmbeddingBody(BaseModel):
@@ -313,7 +314,9 @@ def create_app(engine: Any, store: Any, *, api_key: str | None = None, encoder: 
         raise ValueError("create_app needs an engine (decoder) or an encoder")
     base = engine.name if engine is not None else encoder.name
     metrics = metrics if metrics is not None else ServeMetrics(store)
-    app = FastAPI(title="peftkit serve", description=f"adapters over {base}")
+    # with a key, the interactive docs would be the one place answering without it: they are off then
+    closed = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="peftkit serve", description=f"adapters over {base}", **closed)
     started = int(time.time())
 
     @app.exception_handler(ServeError)
@@ -369,7 +372,8 @@ def create_app(engine: Any, store: Any, *, api_key: str | None = None, encoder: 
     @api.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request) -> Response:
         prompt_ids = decoder().chat_ids([message.plain() for message in body.messages])
-        return await generate(body, prompt_ids, body.limit(len(prompt_ids), engine.max_context), True, request)
+        room = engine.room(adapter(body.model), len(prompt_ids))
+        return await generate(body, prompt_ids, body.limit(len(prompt_ids), room), True, request)
 
     @api.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody) -> dict[str, Any]:

@@ -26,9 +26,15 @@ class SlotKVCache:
     def __init__(self, layers: int, heads: int, head_dim: int, max_rows: int, max_length: int, dtype: torch.dtype,
                  device: torch.device, rows: int = 4, capacity: int = 128):
         self.max_rows, self.max_length, self.dtype, self.device = max_rows, max_length, dtype, device
-        shape = (min(rows, max_rows), heads, min(capacity, max_length), head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.first_shape = (min(rows, max_rows), heads, min(capacity, max_length), head_dim)
+        self.keys = [torch.zeros(self.first_shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(self.first_shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    def release(self) -> None:
+        """Back to the first size (no request running), so a burst's memory does not stay held."""
+        if self.keys[0].shape != self.first_shape:
+            self.keys = [torch.zeros(self.first_shape, dtype=self.dtype, device=self.device) for _ in self.keys]
+            self.values = [torch.zeros(self.first_shape, dtype=self.dtype, device=self.device) for _ in self.values]
 
     @property
     def rows(self) -> int:

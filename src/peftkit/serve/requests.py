@@ -33,6 +33,13 @@ class QueueFull(ServeError):
     code = "queue_full"
 
 
+class EngineStopped(ServeError):
+    """The engine is not running (not started yet, or shut down)."""
+
+    status = 503
+    code = "service_unavailable"
+
+
 class AdapterUnavailable(ServeError):
     """The adapter is registered but its load failed (corrupt file, does not fit the base)."""
 
@@ -47,7 +54,7 @@ class SamplingParams(BaseModel):
 
     max_tokens: int = Field(16, ge=1, description="most tokens to generate")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0: greedy (argmax)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="nucleus sampling mass (0: the most likely token only)")
     seed: int | None = Field(None, description="seed of this request's own generator")
     stop: list[str] = Field(default_factory=list, description="strings that end the output (not included in it)")
 

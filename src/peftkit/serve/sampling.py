@@ -15,7 +15,9 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs[before >= params.top_p] = 0.0
+        dropped = before >= params.top_p
+        dropped[0] = False  # the most likely token always stays (top_p 0 keeps it alone)
+        sorted_probs[dropped] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 

@@ -9,6 +9,7 @@ the model changes: attach + fill of finished reads and removals are quick, the d
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from .requests import AdapterUnavailable, ServeError, UnknownAdapter
 State = Literal["unloaded", "loading", "ready", "failed"]
 Reader = Callable[[Path, nn.Module], tuple[AdapterConfig, dict[str, torch.Tensor], str | None]]
 LAYOUTS = ((PEFTKIT_CONFIG, PEFTKIT_WEIGHTS), (hf_peft.CONFIG_FILE, hf_peft.WEIGHTS_FILE))
+PEFT_SEQUENCE_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}  # PEFT's methods that add virtual tokens
 
 
 class PathRefused(ServeError):
@@ -58,6 +60,7 @@ class _Adapter:
     read: Future[_Read] | None = None
     failure: str | None = None
     nbytes: int = 0  # of its tensors, while loaded
+    virtual_tokens: int | None = None  # read from its config when first asked
 
 
 class AdapterStore:
@@ -95,7 +98,8 @@ class AdapterStore:
             raise ServeError(str(err)) from None
         directory = self._checked_dir(Path(path))
         with self._lock:
-            if name in self._adapters or name in self._doomed or name in adapters(self.model):
+            # an unregistered adapter still on the model leaves it at the next `prepare`, before any new one comes
+            if name in self._adapters or (name in adapters(self.model) and name not in self._doomed):
                 raise ServeError(f"an adapter named {name!r} is already registered; unregister it first or pick another name")
             self._adapters[name] = _Adapter(name, directory, pin)
 
@@ -140,6 +144,15 @@ class AdapterStore:
         with self._lock:
             return self._require(name).failure
 
+    def virtual_tokens(self, name: str) -> int:
+        """Positions a prompt or prefix adapter adds in front of every request (0 for other methods), from its
+        config file: known before the adapter is loaded, so an over-long request is refused when it arrives."""
+        with self._lock:
+            adapter = self._require(name)
+            if adapter.virtual_tokens is None:
+                adapter.virtual_tokens = _virtual_tokens(adapter.path)
+            return adapter.virtual_tokens
+
     def stats(self) -> dict[str, int]:
         """Cache counters: a hit or a miss each time an adapter becomes wanted, found loaded or not."""
         with self._lock:
@@ -166,11 +179,12 @@ class AdapterStore:
         `wanted`: adapters of queued and running requests; `in_use`: those of running requests (never evicted).
         Pinned adapters are always wanted. A finished read that would only fit by evicting a wanted adapter waits."""
         with self._lock:
-            for name in self._doomed:
+            in_use = set(in_use)
+            for name in [n for n in self._doomed if n not in in_use]:  # rows admitted before the unregister finish
                 remove(self.model, name)
-            self._doomed.clear()
+                self._doomed.remove(name)
             wanted = {n for n in wanted if n in self._adapters} | {n for n, a in self._adapters.items() if a.pinned}
-            self._in_use = set(in_use) & wanted
+            self._in_use = in_use & wanted
             for name in wanted - self._wanted:
                 adapter = self._adapters[name]
                 if adapter.state == "ready":
@@ -196,6 +210,8 @@ class AdapterStore:
         return _Read(config, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
 
     def _attach(self, adapter: _Adapter) -> None:
+        if adapter.name in self._doomed:  # its unregistered namesake still serves running rows: attach after them
+            return
         try:
             read = adapter.read.result()
         except Exception as err:  # a refused path, a corrupt or misfitting file: this adapter fails, nothing else
@@ -204,8 +220,8 @@ class AdapterStore:
             return  # stays loading: tried again by the next `prepare`
         try:
             attach(self.model, read.config, name=adapter.name, activate=False)
-        except ValueError as err:
-            return self._fail(adapter, f"{adapter.path}: {err}")
+        except Exception as err:  # does not fit the model, or out of memory: this adapter fails, the server goes on
+            return self._fail(adapter, f"{adapter.path}: {type(err).__name__}: {err}")
         try:
             fill_adapter(self.model, adapter.name, read.tensors, adapter.path)
         except Exception as err:
@@ -254,7 +270,8 @@ class AdapterStore:
     def _require(self, name: str) -> _Adapter:
         adapter = self._adapters.get(name)
         if adapter is None:
-            raise UnknownAdapter(f"the adapter {name!r} does not exist")
+            raise UnknownAdapter(f"no adapter named {name!r} is registered (GET /v1/models lists the base model "
+                                 f"and the adapters)")
         return adapter
 
     def _checked_dir(self, path: Path) -> Path:
@@ -262,7 +279,8 @@ class AdapterStore:
         candidate = path if self.root is None or path.is_absolute() else self.root / path
         directory = self._inside_root(candidate, path)
         if not directory.is_dir():
-            raise ServeError(f"adapter path {path} is not a directory")
+            where = f" (taken relative to the adapter root: {candidate})" if candidate != path else ""
+            raise ServeError(f"adapter path {path} is not a directory{where}")
         present = [(config, weights) for config, weights in LAYOUTS if (directory / config).is_file()]
         if not present:
             raise ServeError(f"{path} holds no adapter: expected {PEFTKIT_CONFIG} or {hf_peft.CONFIG_FILE}")
@@ -281,6 +299,17 @@ class AdapterStore:
         if self.root is not None and not resolved.is_relative_to(self.root):
             raise PathRefused(f"adapter path {given} is outside the adapter root {self.root}")
         return resolved
+
+
+def _virtual_tokens(directory: Path) -> int:
+    """`num_virtual_tokens` of a prompt-learning adapter's config (peftkit's or PEFT's layout), else 0."""
+    for config_file, _ in LAYOUTS:
+        if (directory / config_file).is_file():
+            data = json.loads((directory / config_file).read_text(encoding="utf-8"))
+            config = data.get("config", data)
+            sequence = config.get("targets") == "sequence" or config.get("peft_type") in PEFT_SEQUENCE_TYPES
+            return int(config.get("num_virtual_tokens") or 0) if sequence else 0
+    return 0
 
 
 def _skeleton(model: nn.Module) -> nn.Module:

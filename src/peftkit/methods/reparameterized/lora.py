@@ -454,7 +454,7 @@ class LoRABank(DeltaBank):
         self.b: torch.Tensor | None = None
         self._entries: dict[str, _Banked] = {}
         self._free: list[int] = []  # positions of removed adapters and spare capacity
-        self._positions: dict[tuple[str, ...], torch.Tensor] = {}  # per set of names: their positions, then 0
+        self._positions: dict[tuple[str, ...], torch.Tensor] = {}  # the last set of names: their positions, then 0
 
     def _start(self, like: LoRADelta) -> None:
         """An empty stack (the zero entry only) for factors like `like`'s."""
@@ -483,7 +483,8 @@ class LoRABank(DeltaBank):
         positions = self._positions.get(key)
         if positions is None:
             places = [self._entries[name].position for name in key]
-            positions = self._positions[key] = torch.tensor([*places, 0], device=self.a.device)
+            positions = torch.tensor([*places, 0], device=self.a.device)
+            self._positions = {key: positions}  # the latest set only: a serving batch's set changes as rows come and go
         return self.a, self.b, positions
 
     def _copy_in(self, name: str, delta: LoRADelta) -> None:
