@@ -41,11 +41,13 @@ def run(engine: Engine, requests: list[GenerationRequest]) -> list[list]:
         engine.stop()
 
 
-def test_mixed_adapters_in_one_running_batch_equal_each_request_alone(model):
+@pytest.mark.parametrize("budget", [16, 96])
+def test_mixed_adapters_in_one_running_batch_equal_each_request_alone(model, budget):
     """27 requests over the base and eight adapters (LoRA of two ranks, (IA)3, prefix, prompt, bottleneck), more
-    than the batch holds and with prompts longer than the prefill budget: rows join and leave at every step."""
+    than the batch holds: rows join and leave at every step. Budget 16: prompts longer than it are prefilled in
+    chunks; 96: several newcomers' prompts (padded, prompt adapters' virtual tokens in front) share one forward."""
     tokenizer = smollm2_tokenizer()
-    engine = Engine(model, tokenizer, ReadyStore(model), max_batch=8, prefill_budget=16)
+    engine = Engine(model, tokenizer, ReadyStore(model), max_batch=8, prefill_budget=budget)
     adapters = [None, *ADAPTERS]
     requests = [GenerationRequest(engine.prompt_ids(PROMPTS[i % 4]), adapters[i % len(adapters)],
                                   greedy(2 + (i * 7) % 19)) for i in range(27)]

@@ -319,37 +319,73 @@ class Engine:
         return row
 
     def _prefill(self) -> None:
-        """Prompt tokens of newcomers, at most `prefill_budget` per iteration (a partly prefilled row stays last)."""
+        """Prompt tokens of newcomers, at most `prefill_budget` per iteration, several rows in one forward (a partly
+        prefilled row stays last)."""
+        group: list[tuple[_Running, list[int], int]] = []  # (row, its chunk of prompt tokens, positions it fills)
         budget = self.prefill_budget
         while budget > 0:
-            row = self._rows[-1] if self._rows and (self._rows[-1].pending or self._rows[-1].virtual is not None) \
-                else None
+            row = self._next_to_prefill(group)
             if row is None:
-                if len(self._rows) >= self.max_batch or not self._waiting:
-                    return
-                row = self._admit()
-                if row is None:
-                    return
+                break
             chunk = row.pending[:budget]
+            used = len(chunk) + (0 if row.virtual is None else len(row.virtual))
+            width = max(used, *(n for _, _, n in group)) if group else used
+            if any(r.length + width > self.max_context for r, _, _ in [*group, (row, chunk, used)]):
+                self._prefill_rows(group)  # the padded chunks would not fit: this row starts the next forward
+                group = []
             row.pending = row.pending[len(chunk):]
-            budget -= len(chunk) + (0 if row.virtual is None else len(row.virtual))
-            logits = self._prefill_chunk(len(self._rows) - 1, row, chunk)
-            if not row.pending:
-                self._emit(len(self._rows) - 1, logits)
+            group.append((row, chunk, used))
+            budget -= used
+        self._prefill_rows(group)
 
-    def _prefill_chunk(self, index: int, row: _Running, chunk: list[int]) -> torch.Tensor:
-        ids = torch.tensor([chunk], device=self.device)
+    def _next_to_prefill(self, group: list[tuple[_Running, list[int], int]]) -> _Running | None:
+        """The partly prefilled last row, else a newly admitted one (None: none fits or waits)."""
+        last = self._rows[-1] if self._rows else None
+        if last is not None and (last.pending or last.virtual is not None) and all(r is not last for r, _, _ in group):
+            return last
+        if len(self._rows) >= self.max_batch or not self._waiting:
+            return None
+        return self._admit()
+
+    def _prefill_rows(self, group: list[tuple[_Running, list[int], int]]) -> None:
+        """One forward over the group's consecutive cache rows, chunks right-padded to the longest (pad positions lie
+        past each row's length: the row's next tokens overwrite them before any query can see them); rows whose
+        prompt is done get their first token."""
+        if not group:
+            return
+        first = self._rows.index(group[0][0])
+        width = max(used for _, _, used in group)
+        adapters = [row.adapter for row, _, _ in group]
+        positions = torch.tensor([row.length for row, _, _ in group], device=self.device)
+        self.cache.reserve(len(self._rows), int(positions.max()) + width)
+        longest = max(len(chunk) for _, chunk, _ in group)
+        ids = torch.tensor([chunk + [0] * (longest - len(chunk)) for _, chunk, _ in group], device=self.device)
+        keep = width - min(used for _, _, used in group) + 1  # logits from the earliest last token on
         with torch.inference_mode():
-            inputs: dict[str, Any] = {"input_ids": ids}
-            if row.virtual is not None:  # a prompt adapter: its virtual tokens first, then the real ones
-                with self._routing([row.adapter]):
+            if all(row.virtual is None for row, _, _ in group):
+                inputs = {"input_ids": ids}
+            else:  # prompt adapters: their virtual tokens first, then the real ones
+                with self._routing(adapters):
                     embedded = input_embeddings(self.model)(ids)
-                inputs = {"inputs_embeds": torch.cat([row.virtual.to(embedded.dtype)[None], embedded], 1)}
-                row.virtual = None
-            new = next(iter(inputs.values())).shape[1]
-            logits = self._forward(index, [row.adapter], torch.tensor([row.length], device=self.device), new, inputs)
-        row.length += new
-        return logits[0]
+                inputs = {"inputs_embeds": self._with_virtual(group, embedded, width)}
+            logits = self._forward(first, adapters, positions, width, inputs, keep)
+        for row, _, used in group:
+            row.length += used
+            row.virtual = None
+        for k in reversed(range(len(group))):  # from the end: finishing a row moves only rows already seen
+            row, _, used = group[k]
+            if not row.pending:
+                self._emit(first + k, logits[k, used - 1 - (width - keep)])
+
+    @staticmethod
+    def _with_virtual(group: list[tuple[_Running, list[int], int]], embedded: torch.Tensor,
+                      width: int) -> torch.Tensor:
+        """[rows, width, d]: each row's virtual token embeddings (if any) before its chunk's, zeros after."""
+        rows = embedded.new_zeros(len(group), width, embedded.shape[-1])
+        for k, (row, chunk, used) in enumerate(group):
+            virtual = row.virtual.to(embedded.dtype) if row.virtual is not None else embedded[k, :0]
+            rows[k, :used] = torch.cat([virtual, embedded[k, :len(chunk)]])
+        return rows
 
     # --- decode ----------------------------------------------------------------------------------------------------
 
@@ -360,16 +396,16 @@ class Engine:
         ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
         positions = torch.tensor([row.length for row in rows], device=self.device)
         with torch.inference_mode():
-            logits = self._forward(0, [row.adapter for row in rows], positions, 1, {"input_ids": ids})
+            logits = self._forward(0, [row.adapter for row in rows], positions, 1, {"input_ids": ids})[:, -1]
         for row in rows:
             row.length += 1
         for index in reversed(range(count)):  # from the end, so finishing a row does not move a row not yet seen
             self._emit(index, logits[index])
 
     def _forward(self, first_row: int, adapters: list[str | None], positions: torch.Tensor, new: int,
-                 inputs: dict[str, Any]) -> torch.Tensor:
-        """Last-position logits [rows, vocab] of one pass over cache rows first_row.. (each row's new tokens at its own
-        positions)."""
+                 inputs: dict[str, Any], keep: int = 1) -> torch.Tensor:
+        """Logits [rows, keep, vocab] at the last `keep` positions of one pass over cache rows first_row.. (each row's
+        `new` tokens at its own positions)."""
         step = self.cache.step(first_row, positions, new)
         mask = step.mask()
         if not self._bool_mask:
@@ -377,8 +413,8 @@ class Engine:
                 ~mask, torch.finfo(self.cache.dtype).min)
         with self._routing(adapters):
             out = self.model(**inputs, attention_mask=mask, position_ids=step.position_index,
-                             **{self._cache_arg: step}, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+                             **{self._cache_arg: step}, use_cache=True, logits_to_keep=keep)
+        return out.logits.float()
 
     @contextmanager
     def _routing(self, adapters: list[str | None]) -> Iterator[None]:
