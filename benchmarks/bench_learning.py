@@ -2,12 +2,13 @@
 
 MiniLM-L6 on the bundled BBC News topics (5 classes; the 2,127 distinct articles, stratified): the bundled train
 split is cut into train and validation rows, the bundled test split is the test set. Each method (full
-fine-tuning, LoRA on query/value and on every Linear, a bottleneck adapter, FishMask) is trained through
-`run_training` (what `peftkit train CONFIG` runs) at max length 128 for 2 epochs, at each learning rate of its
-small grid (3 values around the method's usual range; full fine-tuning's is lower). The best epoch and the best learning rate are chosen on the validation rows; the
+fine-tuning, LoRA on query/value and on every Linear, Pfeiffer / parallel / Houlsby bottleneck adapters, FishMask)
+is trained through `run_training` (what `peftkit train CONFIG` runs) at max length 128 for 2 epochs, at each
+learning rate of its small grid (3 values around the method's usual range; full fine-tuning's is lower). The best
+epoch and the best learning rate are chosen on the validation rows; the
 test rows are scored once, with that choice, so the reported accuracy is not picked on the rows it is measured on.
 
-    python benchmarks/bench_learning.py                  # everything (about an hour on 2 CPU cores)
+    python benchmarks/bench_learning.py                  # everything (about two hours on 2 quiet CPU cores)
     python benchmarks/bench_learning.py --quick          # 200 training rows, 1 epoch, one lr each: a smoke run
     python benchmarks/bench_learning.py --methods lora full
 
