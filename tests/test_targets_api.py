@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import peftkit
 from peftkit import LoRA, TargetError
-from peftkit.core.targets import match_targets
+from peftkit.core.targets import match_targets, module_names, own_modules
 
 from .conftest import randomize
 
@@ -178,3 +178,15 @@ def test_load_hands_each_host_only_its_own_tensors(tmp_path, monkeypatch) -> Non
     peftkit.load(fresh, saved)
     assert received["ModuleCopy"] and all(key.startswith("module.") for key in received["ModuleCopy"])
     assert sorted(received["LoRADelta"]) == ["lora_A", "lora_A", "lora_B", "lora_B"]
+
+
+def test_target_walk_sees_the_model_only_however_many_adapters_are_attached(tiny) -> None:
+    """Choosing targets walks the model's own modules: attached deltas neither show up nor lengthen the walk (a
+    server attaches adapters while dozens of others are loaded)."""
+    names = module_names(tiny)
+    walked = len(list(own_modules(tiny)))
+    for i in range(5):
+        peftkit.attach(tiny, LoRA(r=2, targets="all-linear"), name=f"a{i}", activate=False)
+    assert module_names(tiny) == names
+    assert len(list(own_modules(tiny))) == walked < len(list(tiny.named_modules()))
+    assert [n for n, _ in own_modules(tiny)] == [n for n, _ in tiny.named_modules() if ".peftkit" not in f".{n}"]

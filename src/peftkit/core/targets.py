@@ -11,17 +11,35 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 
 from torch import nn
 
 from .hosts import LINEAR_TYPES
 
 ALL_LINEAR = "all-linear"
+SLOT_NAME = "peftkit"  # the attribute holding a host's deltas (core.slot.SLOT_ATTR; that module imports this one)
 TYPE_PREFIX = "type:"
 
 
 class TargetError(ValueError):
     """A target specification that matches nothing, or matches a module of the wrong type."""
+
+
+def own_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of the model's own modules, in model order, never descending into peftkit's delta slots: a walk
+    that costs the same however many adapters are attached (a server attaches adapters while others are loaded)."""
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        children = [(f"{name}.{child}" if name else child, sub) for child, sub in module._modules.items()
+                    if sub is not None and child != SLOT_NAME]
+        stack.extend(reversed(children))
 
 
 def _matches(name: str, module: nn.Module, entry: str) -> bool:
@@ -39,7 +57,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     """Names of the model's output layer (an LM head), which 'all-linear' leaves alone."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return {name for name, module in model.named_modules() if head is not None and module is head}
+    return {name for name, module in own_modules(model) if head is not None and module is head}
 
 
 def _close_names(names: list[str], wanted: str) -> str:
@@ -52,7 +70,7 @@ def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str
     if isinstance(spec, str):
         if spec == ALL_LINEAR:
             heads = _output_head_names(model)
-            modules = dict(model.named_modules())
+            modules = dict(own_modules(model))
             return {n for n in names if isinstance(modules[n], LINEAR_TYPES) and n not in heads}
         try:
             pattern = re.compile(spec)
@@ -63,7 +81,7 @@ def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str
             raise TargetError(f"{what} regex {spec!r} matches no module; close module names: {_close_names(names, spec)}")
         return found
     found: set[str] = set()
-    modules = dict(model.named_modules())
+    modules = dict(own_modules(model))
     for entry in spec:
         hits = {n for n in names if _matches(n, modules[n], entry)}
         if not hits:
@@ -74,7 +92,7 @@ def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str
 
 def module_names(model: nn.Module) -> list[str]:
     """The model's own module names, in model order: no root, none of peftkit's deltas."""
-    return [n for n, _ in model.named_modules() if n and ".peftkit." not in f".{n}."]
+    return [n for n, _ in own_modules(model) if n]
 
 
 def match_targets(
@@ -93,7 +111,7 @@ def match_targets(
         chosen -= _select(names, exclude, model, "exclude")
     if not chosen:
         raise TargetError(f"targets {targets!r} minus exclude {exclude!r} leave no module to adapt")
-    modules = dict(model.named_modules())
+    modules = dict(own_modules(model))
     wrong = [n for n in chosen if not isinstance(modules[n], host_types)]
     if wrong:
         allowed = ", ".join(t.__name__ for t in host_types)
