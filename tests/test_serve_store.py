@@ -298,3 +298,14 @@ def test_peft_format_directory_gives_peft_outputs(llama, tmp_path) -> None:
         mixed = llama(IDS).logits
     torch.testing.assert_close(mixed[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[1], expected[1], atol=1e-3)
+
+
+def test_virtual_tokens_from_the_config_and_a_corrupt_config_refused(llama, saved, tmp_path) -> None:
+    """The prompt length an adapter adds is read from its config before loading; a config that is not JSON makes
+    the request's adapter unavailable, with the file named."""
+    store = _store(llama, tmp_path)
+    assert store.virtual_tokens("a") == 0  # LoRA
+    (tmp_path / "root" / "b" / "peftkit_adapter.json").write_text("{not json")
+    with pytest.raises(AdapterUnavailable, match="peftkit_adapter.json is not valid JSON"):
+        store.virtual_tokens("b")
+    store.close()

@@ -85,7 +85,7 @@ def _listed(keys: list[str], limit: int = 5) -> str:
     return f"{keys[:limit]}{'...' if len(keys) > limit else ''}"
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path) -> dict[str, Any]:
     try:
         content = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -104,7 +104,7 @@ def read_adapter(path: str | os.PathLike,
     path = Path(path)
     recover(path)  # a save killed between its renames left the old adapter beside the path
     if (path / PEFTKIT_CONFIG).is_file():
-        meta = _read_json(path / PEFTKIT_CONFIG)
+        meta = read_json(path / PEFTKIT_CONFIG)
         try:
             config = config_from_dict(meta["config"])
         except KeyError:
@@ -118,7 +118,7 @@ def read_adapter(path: str | os.PathLike,
     if (path / hf_peft.CONFIG_FILE).is_file():
         raw = _read_tensors(path / hf_peft.WEIGHTS_FILE)
         try:
-            config, tensors = hf_peft.from_peft(_read_json(path / hf_peft.CONFIG_FILE), raw, model)
+            config, tensors = hf_peft.from_peft(read_json(path / hf_peft.CONFIG_FILE), raw, model)
         except (TypeError, ValueError) as err:  # TypeError: a field of the wrong JSON type
             raise AdapterFileError(f"{path / hf_peft.CONFIG_FILE}: {err}") from None
         return config, tensors, None

@@ -306,7 +306,7 @@ class Engine:
         row = _Running(handle, TextStream(self.tokenizer, request.params.stop), generator_for(request.params),
                        list(request.prompt_ids))
         index = len(self._rows)
-        self.cache.reserve(index + 1, virtual + len(request.prompt_ids) + 1)
+        self.cache.reserve(index + 1, virtual)  # the row, and its prefix if any (prefill reserves the prompt's room)
         if sequence is not None and sequence.kind == "prefix":
             with torch.inference_mode():
                 self.cache.write_prefix(index, sequence.virtual())

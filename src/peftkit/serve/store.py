@@ -9,7 +9,6 @@ the model changes: attach + fill of finished reads and removals are quick, the d
 from __future__ import annotations
 
 import copy
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -26,7 +25,7 @@ from torch import nn
 from ..api import _check_name, adapters, attach, remove
 from ..core import hf_peft
 from ..core.config import AdapterConfig
-from ..core.io import PEFTKIT_CONFIG, PEFTKIT_WEIGHTS, fill_adapter, read_adapter
+from ..core.io import PEFTKIT_CONFIG, PEFTKIT_WEIGHTS, AdapterFileError, fill_adapter, read_adapter, read_json
 from .requests import AdapterUnavailable, ServeError, UnknownAdapter
 
 State = Literal["unloaded", "loading", "ready", "failed"]
@@ -150,7 +149,10 @@ class AdapterStore:
         with self._lock:
             adapter = self._require(name)
             if adapter.virtual_tokens is None:
-                adapter.virtual_tokens = _virtual_tokens(adapter.path)
+                try:
+                    adapter.virtual_tokens = _virtual_tokens(adapter.path)
+                except AdapterFileError as err:  # its load will fail the same way: refuse the request now
+                    raise AdapterUnavailable(f"adapter {name!r}: {err}") from None
             return adapter.virtual_tokens
 
     def stats(self) -> dict[str, int]:
@@ -305,7 +307,7 @@ def _virtual_tokens(directory: Path) -> int:
     """`num_virtual_tokens` of a prompt-learning adapter's config (peftkit's or PEFT's layout), else 0."""
     for config_file, _ in LAYOUTS:
         if (directory / config_file).is_file():
-            data = json.loads((directory / config_file).read_text(encoding="utf-8"))
+            data = read_json(directory / config_file)
             config = data.get("config", data)
             sequence = config.get("targets") == "sequence" or config.get("peft_type") in PEFT_SEQUENCE_TYPES
             return int(config.get("num_virtual_tokens") or 0) if sequence else 0
