@@ -84,6 +84,9 @@ class AdapterStore:
         self._adapters: dict[str, _Adapter] = {}
         self._loaded: OrderedDict[str, _Adapter] = OrderedDict()  # least recently used first
         self._doomed: list[str] = []  # unregistered while on the model: removed by the next `prepare`
+        # kept apart so that `prepare` costs the same with thousands registered as with ten
+        self._pinned: set[str] = set()
+        self._loading: dict[str, _Adapter] = {}
         self._wanted: set[str] = set()
         self._in_use: set[str] = set()
         self._hits = self._misses = self._evictions = 0
@@ -101,6 +104,8 @@ class AdapterStore:
             if name in self._adapters or (name in adapters(self.model) and name not in self._doomed):
                 raise ServeError(f"an adapter named {name!r} is already registered; unregister it first or pick another name")
             self._adapters[name] = _Adapter(name, directory, pin)
+            if pin:
+                self._pinned.add(name)
 
     def unregister(self, name: str) -> None:
         """Forget adapter `name`; it leaves the model at the next `prepare`. Refused while requests use it."""
@@ -109,6 +114,8 @@ class AdapterStore:
             if name in self._in_use or name in self._wanted:
                 raise ServeError(f"adapter {name!r} is in use by running or queued requests; unregister it when they finish")
             del self._adapters[name]
+            self._pinned.discard(name)
+            self._loading.pop(name, None)
             if adapter.read is not None:
                 adapter.read.cancel()  # a read already running finishes; its result is dropped
             if self._loaded.pop(name, None) is not None:
@@ -185,7 +192,7 @@ class AdapterStore:
             for name in [n for n in self._doomed if n not in in_use]:  # rows admitted before the unregister finish
                 remove(self.model, name)
                 self._doomed.remove(name)
-            wanted = {n for n in wanted if n in self._adapters} | {n for n, a in self._adapters.items() if a.pinned}
+            wanted = {n for n in wanted if n in self._adapters} | self._pinned
             self._in_use = in_use & wanted
             for name in wanted - self._wanted:
                 adapter = self._adapters[name]
@@ -194,9 +201,8 @@ class AdapterStore:
                 elif adapter.state != "failed":
                     self._misses += 1
             self._wanted = wanted
-            for adapter in list(self._adapters.values()):
-                if adapter.state == "loading" and adapter.read.done():
-                    self._attach(adapter)
+            for adapter in [a for a in self._loading.values() if a.read.done()]:
+                self._attach(adapter)
             for name in wanted:  # after the attaches: a wanted adapter a pinned one evicted reads again
                 self._want(self._adapters[name])
 
@@ -205,6 +211,7 @@ class AdapterStore:
             self._loaded.move_to_end(adapter.name)
         elif adapter.state == "unloaded":
             adapter.state, adapter.read = "loading", self._pool.submit(self._read, adapter.path)
+            self._loading[adapter.name] = adapter
 
     def _read(self, directory: Path) -> _Read:
         """Worker thread: the adapter's config and tensors in memory (the directory checked again: it may have changed)."""
@@ -230,10 +237,12 @@ class AdapterStore:
             remove(self.model, adapter.name)
             return self._fail(adapter, str(err))
         adapter.state, adapter.read, adapter.nbytes = "ready", None, read.nbytes
+        del self._loading[adapter.name]
         self._loaded[adapter.name] = adapter
 
     def _fail(self, adapter: _Adapter, why: str) -> None:
         adapter.state, adapter.read, adapter.failure = "failed", None, f"adapter {adapter.name!r} failed to load: {why}"
+        self._loading.pop(adapter.name, None)
 
     def _make_room(self, nbytes: int, name: str) -> bool:
         """Whether an adapter of `nbytes` fits after evicting adapters nobody wants (for a pinned one: all but those
