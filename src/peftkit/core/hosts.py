@@ -14,6 +14,7 @@ import abc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -71,12 +72,31 @@ def to_host_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+@runtime_checkable
+class QuantizedHost(Protocol):
+    """A Linear whose weight is stored compressed (4-bit, grouped INT4, ...): deltas see it only as a float tensor."""
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W as float32, (out_features, in_features)."""
+
+    def store_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` (out_features, in_features) and keep it as the stored weight."""
+
+
 def read_weight(host: nn.Module, name: str = "weight") -> torch.Tensor:
     """The host's parameter `name` (its weight, its bias) as a tensor in the host's own layout, to compute with."""
+    if name == "weight" and isinstance(host, QuantizedHost):
+        return host.dequantized_weight()
     return getattr(host, name)
 
 
 @contextmanager
 def edited_weight(host: nn.Module, name: str = "weight") -> Iterator[torch.Tensor]:
-    """The host's parameter `name` in its own layout, to change in place inside the block (no autograd record)."""
+    """The host's parameter `name` in its own layout, to change in place inside the block (no autograd record).
+    A quantized weight is dequantized for the block and quantized again after it."""
+    if name == "weight" and isinstance(host, QuantizedHost):
+        weight = host.dequantized_weight()
+        yield weight
+        host.store_weight(weight)
+        return
     yield getattr(host, name).data
