@@ -12,7 +12,7 @@ import peftkit
 from peftkit.serve import (AdapterStore, ContextTooLong, Engine, EngineStopped, FinishEvent, GenerationRequest,
                            QueueFull, SamplingParams, ServeError, TokenEvent, UnknownAdapter)
 from peftkit.serve.engine import IDLE_TICK
-from peftkit.serve.sampling import next_token
+from peftkit.serve.sampling import TextStream, next_token
 from tests.serve_checks import METHODS, LoadingStore, ReadyStore, smollm2_tokenizer, solo, tiny_llama, with_adapters
 
 PROMPTS = ["Hello there, how are you?", "What is the capital of France? Tell me in detail please.", "x",
@@ -307,3 +307,25 @@ def test_top_p_zero_keeps_the_most_likely_token():
     params = SamplingParams(temperature=1.0, top_p=0.0)
     generator = torch.Generator().manual_seed(0)
     assert {next_token(logits, params, generator) for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("stop", [[], ["über", "🙂 x"]])
+def test_text_stream_pieces_add_up_to_the_whole_decode(stop):
+    """Incremental detokenizing (a window of the latest tokens) releases exactly what decoding every token at once
+    gives: spaces, accented letters, and emoji split across byte tokens included; cut at the first stop string."""
+    tokenizer = smollm2_tokenizer()
+    text = "Grüße aus München 🙂 x — naïve café, 日本語 über alles.\n  Two  spaces and   three. " * 3
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream, pieces, stopped = TextStream(tokenizer, stop), [], False
+    for token in ids:
+        piece, stopped = stream.add(token)
+        pieces.append(piece)
+        if stopped:
+            break
+    if not stopped:
+        pieces.append(stream.finish())
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    cuts = [whole.find(s) for s in stop if s in whole]
+    assert "".join(pieces) == (whole[:min(cuts)] if cuts else whole)
+    assert stopped == bool(cuts)
+    assert all("\ufffd" not in piece for piece in pieces)

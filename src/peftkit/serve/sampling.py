@@ -36,28 +36,42 @@ def generator_for(params: SamplingParams) -> torch.Generator | None:
 
 class TextStream:
     """A request's output text, released piece by piece: text that might still become a stop string, or that ends
-    in an incomplete character, is held back until the next tokens decide it."""
+    in an incomplete character, is held back until the next tokens decide it.
+
+    Decoding is incremental (as vLLM and TGI do it): each token decodes a short window of the latest tokens, the
+    tokens before it only as context for spacing, so a step costs the same at the 1,000th token as at the first."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # all text decided so far
         self.sent = 0  # characters of `text` released
+        self.context = self.decoded = 0  # ids[context:decoded] give the window its spacing; ids[:decoded] are in text
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Take one token; return (newly released text, whether a stop string ended the output)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        start = len(self.text)
+        self.text += self._new_text()
+        hits = [i for i in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
-            self.text = text[:min(hits)]
+            self.text = self.text[:min(hits)]
             return self._release(len(self.text)), True
-        self.text = text
-        partial = len(text) - len(text.rstrip("\ufffd"))  # a character split across tokens: wait for the rest
-        return self._release(len(text) - max(partial, self._held(text))), False
+        return self._release(len(self.text) - self._held(self.text)), False
+
+    def _new_text(self, final: bool = False) -> str:
+        """The text the tokens after `decoded` add, or "" while they end inside a character split across tokens
+        (unless `final`: bytes that never became a character come out as U+FFFD, as a whole decode gives them)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, after = decode(self.ids[self.context:self.decoded]), decode(self.ids[self.context:])
+        if (after.endswith("\ufffd") and not final) or len(after) <= len(before):
+            return ""
+        self.context, self.decoded = self.decoded, len(self.ids)
+        return after[len(before):]
 
     def finish(self) -> str:
         """The rest of the text (the output ended without a stop string)."""
+        self.text += self._new_text(final=True)
         return self._release(len(self.text))
 
     def _held(self, text: str) -> int:
