@@ -19,6 +19,9 @@ all rows, a static batch). Sections, each side by side in one process:
   registered   1,000 registered adapters vs 10, the same 8 in use, 32 requests (target: within 5%)
   mix          decode iteration with 64 running rows: 64 LoRA vs 16 LoRA + 16 (IA)3 + 16 prefix + 16 bottleneck
                (target: mix <= 1.2x LoRA)
+  http         32 streamed chat completions over 8 adapters sent at once through `peftkit serve`'s HTTP app
+               (uvicorn on a local port, httpx) vs the same requests submitted to the engine in Python: output
+               tokens/s (target: HTTP >= 90% of the engine)
   open-loop    Poisson arrivals at --rate over 64 adapters, popularity distinct / uniform / zipf-1.5 / identical,
                engine vs adapter switching: tokens/s, TTFT, TPOT, end-to-end p50/p99 (plots open-loop.png)
 
@@ -63,7 +66,7 @@ from peftkit.serve import AdapterStore, Engine, FinishEvent, GenerationRequest, 
 ADAPTERS = 64
 LORA = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
 POPULARITY = ("distinct", "uniform", "zipf-1.5", "identical")
-SECTIONS = ("64-adapters", "single", "registered", "open-loop", "mix")  # mix attaches more adapters: last
+SECTIONS = ("64-adapters", "single", "registered", "http", "open-loop", "mix")  # mix attaches more adapters: last
 
 
 @dataclass
@@ -168,13 +171,17 @@ def save_mix(model: torch.nn.Module, folder: Path) -> list[str]:
     return [f"a{i}" for i in range(ADAPTERS // 4)] + names
 
 
-def dialogues(engine: Engine, tokenizer: Any, count: int, cap: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    """(chat prompt ids, answer length capped at `cap`) of `count` chatterbot question/answer pairs."""
+def questions(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """`count` chatterbot question/answer pairs, shuffled (the corpus's 1,179 again for long runs)."""
     pairs = load_chatterbot()
     random.Random(seed).shuffle(pairs)
-    pairs = [pairs[i % len(pairs)] for i in range(count)]  # the corpus's 1,179 pairs again for long runs
+    return [pairs[i % len(pairs)] for i in range(count)]
+
+
+def dialogues(engine: Engine, tokenizer: Any, count: int, cap: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(chat prompt ids, answer length capped at `cap`) of `count` chatterbot question/answer pairs."""
     return [(engine.chat_ids([{"role": "user", "content": p["question"]}]),
-             max(1, min(cap, len(tokenizer(p["answer"])["input_ids"])))) for p in pairs]
+             max(1, min(cap, len(tokenizer(p["answer"])["input_ids"])))) for p in questions(count, seed)]
 
 
 def popularity(kind: str, count: int, rng: np.random.Generator) -> list[str]:
@@ -211,6 +218,50 @@ def engine_closed(engine: Engine, requests: list[Request]) -> tuple[float, list[
     if failed:
         raise RuntimeError(f"{len(failed)} engine requests failed, first: {failed[0]}")
     return wall, [f.tokens for f in finishes]
+
+
+def http_closed(engine: Engine, store: AdapterStore, bodies: list[dict[str, Any]]) -> tuple[float, int]:
+    """All chat completions posted at once to a live `peftkit serve` app over this engine (streamed; the tokens
+    counted from each stream's usage chunk); (wall seconds from the first post to the last [DONE], output tokens)."""
+    import asyncio
+
+    import httpx
+    import uvicorn
+
+    from peftkit.serve.http import create_app
+
+    async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> int:
+        tokens = None
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage")
+                    tokens = usage["completion_tokens"] if usage else tokens
+        if tokens is None:
+            raise RuntimeError("a stream ended without its usage chunk")
+        return tokens
+
+    async def all_of(url: str) -> tuple[float, int]:
+        async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=None)) as client:
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one(client, body) for body in bodies))
+            return time.perf_counter() - start, sum(counts)
+
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, store), host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    engine.start()
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        return asyncio.run(all_of(f"http://127.0.0.1:{port}"))
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        engine.stop()
 
 
 def truncated(tokens: list[int], max_tokens: int, eos: set[int]) -> list[int]:
@@ -450,6 +501,31 @@ class Bench:
         return {"requests": a.registered_requests, "in_use": 8, "contenders": rows, "ratio_1000_vs_10": ratio,
                 "store": "AdapterStore (no limits); each contender's own store and names, the 8 loaded in round 0",
                 "target": {"within": 0.05, "met": abs(ratio - 1) <= 0.05}}
+
+    def section_http(self) -> dict[str, Any]:
+        """The same chat requests through the HTTP app (streamed, as clients mostly ask) and through the engine."""
+        a = self.args
+        asked = questions(a.http_requests)
+        adapters = [f"a{i % 8}" for i in range(a.http_requests)]
+        requests = [Request(self.engine.chat_ids([{"role": "user", "content": q["question"]}]), a.max_tokens, name)
+                    for q, name in zip(asked, adapters)]
+        bodies = [{"model": name, "messages": [{"role": "user", "content": q["question"]}], "max_tokens": a.max_tokens,
+                   "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                  for q, name in zip(asked, adapters)]
+        samples: dict[str, list[float]] = defaultdict(list)
+        for round_ in range(a.rounds + 1):  # round 0 warms up
+            for name in (("engine", "HTTP") if round_ % 2 else ("HTTP", "engine")):
+                wall, tokens = engine_closed(self.engine, requests) if name == "engine" else http_closed(
+                    self.engine, self.engine.store, bodies)
+                count = sum(map(len, tokens)) if name == "engine" else tokens
+                if round_:
+                    samples[name].append(count / wall)
+        rows = {n: {"tokens_per_s": statistics.median(s), "samples": s} for n, s in samples.items()}
+        ratio = rows["HTTP"]["tokens_per_s"] / rows["engine"]["tokens_per_s"]
+        print(f"  tokens/s: {json.dumps({k: round(v['tokens_per_s'], 1) for k, v in rows.items()})}, "
+              f"HTTP/engine = {ratio:.3f}", flush=True)
+        return {"requests": a.http_requests, "max_tokens": a.max_tokens, "contenders": rows, "ratio_http_vs_engine":
+                ratio, "target": {"at_least": 0.9, "met": ratio >= 0.9}}
 
     def decode_iterations(self, requests: list[Request]) -> list[float]:
         """Seconds of each engine iteration with every row decoding (all 64 rows admitted and prefilled; EOS off,
@@ -727,6 +803,16 @@ def report(results: dict[str, Any], command: str, env: dict[str, Any]) -> str:
                   for n, r in rows.items()]
         lines += ["", f"1000 / 10 = {section['ratio_1000_vs_10']:.3f}; target within 5%: "
                       f"{verdict(section['target'])}. Store: {section['store']}.", ""]
+    section = results.get("http")
+    if section:
+        rows = section["contenders"]
+        lines += [f"### Through HTTP vs the engine in Python: {section['requests']} streamed chat completions over 8 "
+                  f"adapters at once, max_tokens {section['max_tokens']} [{section['foreign']:.0%}]", "",
+                  "| path | tokens/s (median) | runs |", "|---|---:|---|"]
+        lines += [f"| {n} | {r['tokens_per_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['samples'])} |"
+                  for n, r in rows.items()]
+        lines += ["", f"HTTP / engine = {section['ratio_http_vs_engine']:.3f}; target ≥ 0.9: "
+                      f"{verdict(section['target'])}.", ""]
     section = results.get("mix")
     if section:
         rows = section["contenders"]
@@ -776,7 +862,7 @@ def main() -> None:
     args.mix_tokens = 16 if quick else 24
     args.open_tokens = 12 if quick else 32
     args.rounds = 1 if quick else 3
-    args.registered_requests = 32
+    args.registered_requests = args.http_requests = 32
     args.requests = args.requests or (16 if quick else 40)
     args.output.mkdir(parents=True, exist_ok=True)
     env = setup_environment()
@@ -799,7 +885,7 @@ def run_sections(bench: Bench, args: argparse.Namespace, env: dict[str, Any]) ->
     results: dict[str, Any] = {"environment": env, "checks": bench.check_adapters()}
     print(f"checks: {results['checks']}", flush=True)
     sections = {"64-adapters": bench.section_64_adapters, "single": bench.section_single,
-                "registered": bench.section_registered, "mix": bench.section_mix,
+                "registered": bench.section_registered, "http": bench.section_http, "mix": bench.section_mix,
                 "open-loop": bench.section_open_loop, "steady": bench.steady}
     for name in ["steady"] if args.steady else [name for name in SECTIONS if name in args.only]:
         print(f"{name}:", flush=True)

@@ -19,8 +19,8 @@ from .core.io import AdapterFileError, fill_adapter, read_adapter
 from .core.merging import MergeError
 from .core.registry import REGISTRY_ATTR, AdapterRegistry, adapter_deltas, get_registry
 from .core.routing import RoutingPlan
-from .core.slot import DeltaSlot, add_delta, delta_of, is_delta_parameter, remove_delta
-from .core.targets import match_targets
+from .core.slot import DeltaSlot, add_delta, delta_of, remove_delta
+from .core.targets import match_targets, own_modules
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 _RESERVED = frozenset(dir(DeltaSlot)) | frozenset(vars(nn.Module()))  # names a slot already uses
@@ -53,12 +53,18 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     registry.configs[name] = config
     registry.hosts[name] = host_names + copy_names
     _link(model, name)
-    for param_name, param in model.named_parameters():
-        if not is_delta_parameter(param_name):
-            param.requires_grad_(False)
+    freeze_base(model)
     if activate:
         activate_new(model, name)
     return model
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of the model's own modules (never a delta's): costs the same however many adapters
+    are loaded."""
+    for _, module in own_modules(model):
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(False)
 
 
 def _place(model: nn.Module, registry: AdapterRegistry, config: AdapterConfig, name: str, host_names: list[str],
