@@ -513,14 +513,17 @@ class Bench:
                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
                   for q, name in zip(asked, adapters)]
         samples: dict[str, list[float]] = defaultdict(list)
+        counts = {}
         for round_ in range(a.rounds + 1):  # round 0 warms up
             for name in (("engine", "HTTP") if round_ % 2 else ("HTTP", "engine")):
                 wall, tokens = engine_closed(self.engine, requests) if name == "engine" else http_closed(
                     self.engine, self.engine.store, bodies)
-                count = sum(map(len, tokens)) if name == "engine" else tokens
+                counts[name] = sum(map(len, tokens)) if name == "engine" else tokens
                 if round_:
-                    samples[name].append(count / wall)
-        rows = {n: {"tokens_per_s": statistics.median(s), "samples": s} for n, s in samples.items()}
+                    samples[name].append(counts[name] / wall)
+        if counts["HTTP"] != counts["engine"]:  # greedy, same prompts: the same tokens either way
+            raise RuntimeError(f"HTTP produced {counts['HTTP']} tokens, the engine {counts['engine']}")
+        rows = {n: {"tokens_per_s": statistics.median(s), "tokens": counts[n], "samples": s} for n, s in samples.items()}
         ratio = rows["HTTP"]["tokens_per_s"] / rows["engine"]["tokens_per_s"]
         print(f"  tokens/s: {json.dumps({k: round(v['tokens_per_s'], 1) for k, v in rows.items()})}, "
               f"HTTP/engine = {ratio:.3f}", flush=True)
