@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import peftkit
 from peftkit import IA3, LoRA
@@ -273,3 +274,20 @@ def test_classify_errors(classifying, tmp_path: Path) -> None:
     with pytest.raises(AdapterUnavailable, match="gives 5 label names .* but the adapter's head has 3 classes"):
         engine.classify(["x"], "mismatch")
     assert engine.classify(["x"], "tone")[0].label.startswith("LABEL_")  # the others keep serving
+
+
+@pytest.mark.parametrize("data, labels", [
+    ({"train": "gone.csv", "labels": ["calm", "angry", "sad"]}, ("calm", "angry", "sad")),  # declared: nothing read
+    ({"train": "gone.csv"}, ("LABEL_0", "LABEL_1", "LABEL_2")),  # local files are never read by the server
+])
+def test_label_names_from_the_run_config(classifying, data: dict, labels: tuple[str, ...]) -> None:
+    engine, _, root = classifying
+    run = root / f"run-{len(data)}"
+    shutil.copytree(root / "tone" / "adapter", run / "adapter", dirs_exist_ok=True)
+    config = yaml.safe_load((root / "news" / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "data": data}), encoding="utf-8")
+    engine.store.register("run", run.relative_to(root) / "adapter")
+    [result] = engine.classify(["x"], "run")
+    assert tuple(result.probs) == labels and result.label in labels
+    tone = engine.classify(["x"], "tone")[0]  # the same head under its numbered names
+    assert list(result.probs.values()) == pytest.approx(list(tone.probs.values()), abs=1e-6)

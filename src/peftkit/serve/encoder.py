@@ -278,19 +278,20 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 _HEADS: dict[int, Head] = {}  # id(config of a read adapter) -> its head, for as long as that config object lives
 
 
-def read_encoder_adapter(directory: Path, model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
+def read_encoder_adapter(directory: Path,
+                         model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
     """The adapter store's reader on an encoder server (`AdapterStore(model, reader=read_encoder_adapter)`):
     `read_adapter`, with an adapter saved from MiniLM as a sequence classifier made to fit the served `BertModel`:
     its module names lose their `bert.` prefix and its head copy (`classifier`) is split off into a `Head`, found
     by `head_of(model, name)` once the store has attached the adapter under `name`.
 
-    Label names come from the training run's config beside the directory (OUTPUT/config.yaml beside OUTPUT/adapter,
-    read as `peftkit predict` reads it); without one they are LABEL_0, LABEL_1, ... (transformers' default)."""
+    Label names and the text length come from the training run's config beside the directory (OUTPUT/config.yaml
+    beside OUTPUT/adapter): see `_run_labels`."""
     config, tensors, name = read_adapter(directory, model)
     tensors = {key.removeprefix(ENCODER_PREFIX): value for key, value in tensors.items()}
     copied = f"{HEAD_MODULE}{COPY_KEY}"
     has_head = HEAD_MODULE in config.modules_to_save
-    head = {key[len(copied):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(copied)]} if has_head else {}
+    head = {key[len(copied):]: tensors.pop(key) for key in [k for k in tensors if has_head and k.startswith(copied)]}
     if has_head and set(head) != {"weight", "bias"}:
         raise AdapterFileError(f"{directory}: the head copy {HEAD_MODULE!r} needs the tensors {copied}weight and "
                                f"{copied}bias; the file has {sorted(copied + key for key in head) or 'neither'}")
@@ -314,22 +315,25 @@ def _unprefixed(spec: str | list[str] | None) -> str | list[str] | None:
 
 
 def _run_labels(directory: Path, classes: int) -> tuple[tuple[str, ...], int | None]:
-    """(label names, tokens per text) of the run that trained the adapter in `directory`: its config's data read as
-    `peftkit predict` reads them (for a bundled set, the set's classes); (LABEL_i, None) when no run config lies
-    beside the directory."""
+    """(label names, tokens per text) of the run that trained the adapter in `directory`, from its config beside it:
+    the declared `data.labels`, or a bundled set's classes (as `peftkit predict` names them). Local training files
+    are never read here (a served directory must not make the server read other files): without declared labels,
+    or without a run config, the names are LABEL_0, LABEL_1, ... (transformers' default)."""
+    numbered = tuple(f"LABEL_{i}" for i in range(classes))
     config_file = directory.parent / RUN_CONFIG
     if not config_file.is_file():
-        return tuple(f"LABEL_{i}" for i in range(classes)), None
+        return numbered, None
     from ..train import load_config  # the training stack only for adapters trained by `peftkit train`
     from ..train.tasks import TASKS
 
     try:
         config = load_config(config_file)
-        labels = TASKS[config.task]().read_data(config.data, config.seed).labels
-    except (OSError, ValueError) as err:  # TrainConfigError and DataError are ValueErrors
+        data = config.data
+        labels = data.labels or (TASKS[config.task]().read_data(data, config.seed).labels if data.name else numbered)
+    except ValueError as err:  # TrainConfigError and DataError are ValueErrors
         raise AdapterFileError(f"{config_file} (the run config beside the adapter, read for its label names): "
                                f"{err}") from None
     if labels is None or len(labels) != classes:
         raise AdapterFileError(f"{config_file} gives {len(labels or [])} label names (task {config.task}), but the "
                                f"adapter's head has {classes} classes")
-    return tuple(labels), config.data.max_length
+    return tuple(labels), data.max_length
