@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -89,38 +90,40 @@ def test_base_is_the_models_mean_pooled_output(minilm) -> None:
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(len(TEXTS)))
 
 
-def test_concurrent_mixed_adapter_calls_equal_each_text_alone(served) -> None:
-    engine = served
+def _batched_behind_one(engine: EncoderEngine, calls: list[Callable[[], list]]) -> tuple[list[list], list[list]]:
+    """Run `calls` in threads, the first one's batch held until all the others are queued so they batch together;
+    (each call's result, each batch's row adapters)."""
     batches: list[list[str | None]] = []
     gate, first = threading.Event(), threading.Event()
     encode_rows = engine._encode_rows
 
-    def gated(texts, row_adapters, limits):  # hold the first batch so every other call queues behind it
+    def gated(texts, row_adapters, limits):
         first.set()
         assert gate.wait(30)
         batches.append(list(row_adapters))
         return encode_rows(texts, row_adapters, limits)
 
     engine._encode_rows = gated
-    names = [None, *ADAPTERS]
-    jobs = [(TEXTS[i % len(TEXTS):] + TEXTS[:i % len(TEXTS)], names[i % len(names)]) for i in range(12)]
-    results: dict[int, list[list[float]]] = {}
-
-    def call(i: int) -> None:
-        results[i] = engine.embed(*jobs[i])
-
-    threads = [threading.Thread(target=call, args=(0,))]
+    results: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, calls[i]())) for i in range(len(calls))]
     threads[0].start()
-    assert first.wait(30)
-    threads += [threading.Thread(target=call, args=(i,)) for i in range(1, len(jobs))]
+    assert first.wait(60)
     for thread in threads[1:]:
         thread.start()
-    while engine._calls.qsize() < len(jobs) - 1:  # all queued behind the held batch
+    while engine._calls.qsize() < len(calls) - 1:  # all queued behind the held batch
         threading.Event().wait(0.01)
     gate.set()
     for thread in threads:
         thread.join(60)
-    assert len(results) == len(jobs)
+    assert len(results) == len(calls)
+    return [results[i] for i in range(len(calls))], batches
+
+
+def test_concurrent_mixed_adapter_calls_equal_each_text_alone(served) -> None:
+    engine = served
+    names = [None, *ADAPTERS]
+    jobs = [(TEXTS[i % len(TEXTS):] + TEXTS[:i % len(TEXTS)], names[i % len(names)]) for i in range(12)]
+    results, batches = _batched_behind_one(engine, [lambda job=job: engine.embed(*job) for job in jobs])
     assert max(len(set(batch)) for batch in batches) >= 4 and max(len(batch) for batch in batches) == 16
     model, tokenizer = engine.model, engine.tokenizer
     for i, (texts, adapter) in enumerate(jobs):
@@ -191,38 +194,12 @@ def test_mixed_classify_and_embed_calls_equal_each_text_alone(classifying) -> No
     engine, references, _ = classifying
     for adapter in ("news", "tone"):  # loaded before the batches are formed, so the queued rows can mix
         engine.classify(["x"], adapter)
-    batches: list[list[str | None]] = []
-    gate, first = threading.Event(), threading.Event()
-    encode_rows = engine._encode_rows
-
-    def gated(texts, row_adapters, limits):  # hold the first batch so every other call queues behind it
-        first.set()
-        assert gate.wait(30)
-        batches.append(list(row_adapters))
-        return encode_rows(texts, row_adapters, limits)
-
-    engine._encode_rows = gated
     news_text = "Shares in the bank fell 5% after profits missed forecasts. " * 20  # past the run's 64 tokens
     texts = [*TEXTS, news_text]
     jobs = [("classify", texts, "news"), ("classify", texts[::-1], "tone"), ("embed", TEXTS, "news"),
             ("classify", texts[2:], "tone"), ("classify", texts[:3], "news")]
-    results: dict[int, list] = {}
-
-    def call(i: int) -> None:
-        kind, job_texts, adapter = jobs[i]
-        results[i] = getattr(engine, kind)(job_texts, adapter)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
-    threads[0].start()
-    assert first.wait(60)
-    for thread in threads[1:]:
-        thread.start()
-    while engine._calls.qsize() < len(jobs) - 1:  # all queued behind the held batch
-        threading.Event().wait(0.01)
-    gate.set()
-    for thread in threads:
-        thread.join(60)
-    assert len(results) == len(jobs)
+    results, batches = _batched_behind_one(
+        engine, [lambda job=job: getattr(engine, job[0])(*job[1:]) for job in jobs])
     assert max(len(set(batch)) for batch in batches) == 2 and max(len(batch) for batch in batches) == 16
     tokenizer = engine.tokenizer
     for i, (kind, job_texts, adapter) in enumerate(jobs):
