@@ -268,3 +268,30 @@ def test_label_names_from_the_run_config(classifying, data: dict, labels: tuple[
     assert tuple(result.probs) == labels and result.label in labels
     tone = engine.classify(["x"], "tone")[0]  # the same head under its numbered names
     assert list(result.probs.values()) == pytest.approx(list(tone.probs.values()), abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's own noise
+def test_a_classifier_saved_by_peft(minilm, tmp_path: Path) -> None:
+    """Hugging Face `peft`'s sequence-classifier adapter (its head in modules_to_save) classifies as PEFT's model."""
+    from peft import LoraConfig, get_peft_model
+
+    classifier, tokenizer = load_minilm(num_labels=4)
+    lora = LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], init_lora_weights=False)
+    reference = get_peft_model(classifier, lora).eval()
+    reference.save_pretrained(tmp_path / "adapter")
+    model, _ = minilm
+    store = AdapterStore(model, tmp_path, reader=read_encoder_adapter)
+    store.register("peft", "adapter")
+    engine = EncoderEngine(model, tokenizer, store)
+    engine.start()
+    try:
+        results = engine.classify(TEXTS, "peft")
+    finally:
+        engine.stop()
+        store.close()
+        peftkit.remove(model, "peft")
+    with torch.no_grad():
+        expected = reference(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
+    torch.testing.assert_close(torch.tensor([list(result.probs.values()) for result in results]), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert all(tuple(result.probs) == ("LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3") for result in results)
