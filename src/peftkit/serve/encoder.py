@@ -329,7 +329,8 @@ def _run_labels(directory: Path, classes: int) -> tuple[tuple[str, ...], int | N
     try:
         config = load_config(config_file)
         data = config.data
-        labels = data.labels or (TASKS[config.task]().read_data(data, config.seed).labels if data.name else numbered)
+        bundled = data.model_copy(update={"test": None})  # its own splits only, never a local test file
+        labels = data.labels or (TASKS[config.task]().read_data(bundled, config.seed).labels if data.name else numbered)
     except ValueError as err:  # TrainConfigError and DataError are ValueErrors
         raise AdapterFileError(f"{config_file} (the run config beside the adapter, read for its label names): "
                                f"{err}") from None
