@@ -1,5 +1,6 @@
 """The HTTP tests' pieces: a live server in a background thread, stand-ins for the engine and store (every HTTP
-path without a model), and adapters of several methods saved to disk with their solo references."""
+path without a model), adapters of several methods saved to disk with their solo references, and MiniLM
+classification adapters saved as `peftkit train` saves them (shared with the encoder tests)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,15 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+import yaml
 from torch import nn
 
 import peftkit
 from peftkit import LoRA
+from peftkit.core.config import AdapterConfig
+from peftkit.models import load_minilm
 from peftkit.serve.cli import Server
 from peftkit.serve.engine import Engine
 from peftkit.serve.http import create_app
 from peftkit.serve.metrics import ServeMetrics
 from peftkit.serve.store import AdapterStore
+from peftkit.train.config import config_from_mapping
 from peftkit.serve import (ContextTooLong, FinishEvent, GenerationRequest, QueueFull, ServeError, TokenEvent,
                            UnknownAdapter)
 
@@ -181,3 +186,21 @@ def tiny_server(root: Path, max_loaded: int | None = None) -> Server:
     engine = Engine(store.model, smollm2_tokenizer(), store, max_batch=16, max_context=128, metrics=metrics,
                     name="tiny")
     return Server(engine, None, store, metrics, create_app(engine, store, metrics=metrics))
+
+
+# --- MiniLM classification adapters --------------------------------------------------------------------------------
+
+def save_classifier(run_dir: Path, config: AdapterConfig, num_labels: int, data: dict[str, Any] | None = None,
+                    std: float = 0.1) -> nn.Module:
+    """A MiniLM sequence classifier with `config` and a copy of its head attached (random, non-zero), saved as
+    `peftkit train` saves it: the adapter in `run_dir`/adapter and, given a run's `data` section, the run's
+    config.yaml beside it. Returns the classifier with the adapter active, the reference for solo answers."""
+    model, _ = load_minilm(num_labels=num_labels)
+    config = config.model_copy(update={"modules_to_save": ["classifier"]})
+    peftkit.attach(model, config, "default")
+    randomize(model, "default", std)
+    peftkit.save(model, run_dir / "adapter")
+    if data is not None:
+        run = config_from_mapping({"task": "classify-text", "method": config.to_dict(), "data": data})
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False), encoding="utf-8")
+    return model.eval()

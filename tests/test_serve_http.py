@@ -13,6 +13,9 @@ import openai
 import pytest
 import torch
 
+import peftkit
+from peftkit import LoRA
+from peftkit.models import load_minilm
 from peftkit.serve import SamplingParams
 from peftkit.cli import main
 from peftkit.serve.cli import ServeSettings, build_server, parse_size
@@ -20,8 +23,8 @@ from peftkit.serve.engine import Engine
 from peftkit.serve.http import create_app
 from peftkit.serve.metrics import ServeMetrics
 
-from .serve_http_checks import (ADAPTERS, FakeEngine, FakeStore, live_server, save_adapters, solo_answer,
-                                tiny_server)
+from .serve_http_checks import (ADAPTERS, FakeEngine, FakeStore, live_server, save_adapters, save_classifier,
+                                solo_answer, tiny_server)
 
 KEY = "sesame"
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's own noise
@@ -207,9 +210,10 @@ def test_api_key(tmp_path: Path) -> None:
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
 
 
-def test_embeddings_need_an_encoder(fake) -> None:
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/classify"])
+def test_encoder_endpoints_need_an_encoder(fake, path: str) -> None:
     url, _, _ = fake
-    _error(httpx.post(f"{url}/v1/embeddings", json={"model": "alpha", "input": "x"}), 404, "--model minilm")
+    _error(httpx.post(f"{url}{path}", json={"model": "alpha", "input": "x"}), 404, "--model minilm")
 
 
 # --- the real engine: a tiny random Llama with SmolLM2's tokenizer; adapters of six methods, one saved by peft ------
@@ -356,6 +360,44 @@ def test_minilm_embeddings() -> None:
     torch.testing.assert_close(torch.tensor([item.embedding for item in packed.data]), torch.tensor(expected))
     torch.testing.assert_close(torch.tensor(plain.data[0].embedding), torch.tensor(expected[0]))
     assert packed.usage.prompt_tokens == sum(len(ids) for ids in server.encoder.tokenizer(texts)["input_ids"])
+
+
+def test_minilm_classification(tmp_path: Path) -> None:
+    """POST /v1/classify in vLLM's shape, through `peftkit serve`'s wiring: what the encoder answers from Python (the
+    encoder tests compare it with the classifier run alone and with `peftkit predict`); the errors each named."""
+    save_classifier(tmp_path / "news", LoRA(r=4, targets=["query", "value"]), 5, {"name": "bbc-news", "max_length": 64})
+    peftkit.save(peftkit.attach(load_minilm()[0], LoRA(r=2, targets=["query"]), "plain"), tmp_path / "plain", "plain")
+    server = build_server(ServeSettings(model="minilm", adapter_root=tmp_path,
+                                        adapters={"news": Path("news/adapter"), "plain": Path("plain")}))
+    texts = ["The match ended in a draw.", "Shares fell sharply on Monday."]
+    server.start()
+    try:
+        expected = server.encoder.classify(texts, "news")
+        with live_server(server.app) as url:
+            many = httpx.post(f"{url}/v1/classify", json={"model": "news", "input": texts})
+            one = httpx.post(f"{url}/v1/classify", json={"model": "news", "input": texts[1], "user": "u1"})
+            errors = [(httpx.post(f"{url}/v1/classify", json=body), *expected) for body, *expected in [
+                ({"model": "minilm", "input": "x"}, 400, "no_classifier_head", "base model 'minilm' has no classifier"),
+                ({"model": "nope", "input": "x"}, 404, "model_not_found", "no adapter named 'nope'"),
+                ({"model": "plain", "input": "x"}, 400, "no_classifier_head", "adapter 'plain' has no classifier head"),
+                ({"model": "news"}, 400, "invalid_request_error", "input: Field required"),
+                ({"model": "news", "input": []}, 400, "invalid_request_error", "input: Value should have at least 1"),
+                ({"model": "news", "input": "x", "top_k": 2}, 400, "invalid_request_error", "top_k: unknown field")]]
+    finally:
+        server.stop()
+    assert many.status_code == one.status_code == 200
+    body = many.json()
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"} and body["id"].startswith("classify-")
+    assert (body["object"], body["model"]) == ("list", "news")
+    assert body["data"] == [{"index": i, "label": result.label, "probs": list(result.probs.values()),
+                             "num_classes": 5} for i, result in enumerate(expected)]
+    assert list(expected[0].probs) == ["business", "entertainment", "politics", "sports", "tech"]
+    tokens = sum(len(ids) for ids in server.encoder.tokenizer(texts)["input_ids"])
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+    [alone] = one.json()["data"]  # alone in its batch: no padding, the same numbers to float precision
+    assert {**alone, "probs": pytest.approx(body["data"][1]["probs"], abs=1e-6)} == {**body["data"][1], "index": 0}
+    for response, status, code, message in errors:
+        assert _error(response, status, message)["code"] == code
 
 
 # --- `peftkit serve`'s command line ------------------------------------------------------------------------------

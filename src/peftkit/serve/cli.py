@@ -95,9 +95,11 @@ def build_server(settings: ServeSettings) -> Server:
     """Load the bundled model, register the adapters and wire engine, store, metrics and app (not started)."""
     import torch
 
+    from peftkit.core.io import read_adapter
     from peftkit.models import load_model, require_extra
 
     require_extra("fastapi", "serve")
+    from .encoder import EncoderEngine, read_encoder_adapter
     from .http import create_app
     from .metrics import ServeMetrics
     from .store import AdapterStore
@@ -107,16 +109,16 @@ def build_server(settings: ServeSettings) -> Server:
     dtype = settings.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load_model(settings.model, dtype=getattr(torch, dtype))
     model.to(device).eval()
+    # the encoder reads classification adapters saved from MiniLM's sequence classifier, splitting their heads off
+    reader = read_encoder_adapter if settings.model == "minilm" else read_adapter
     store = AdapterStore(model, root=settings.adapter_root, max_loaded=settings.max_loaded_adapters,
-                         max_bytes=settings.adapter_memory)
+                         max_bytes=settings.adapter_memory, reader=reader)
     for name, path in settings.adapters.items():
         if name == settings.model:
             raise ValueError(f"--adapter {name}=...: {name!r} names the base model; give the adapter another name")
         store.register(name, path, pin=name in settings.pins)
     metrics = ServeMetrics(store)
     if settings.model == "minilm":
-        from .encoder import EncoderEngine
-
         engine, encoder = None, EncoderEngine(model, tokenizer, store, max_batch=settings.max_batch, name="minilm",
                                               max_queue=settings.max_queue)
     else:
@@ -168,10 +170,10 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "serve", help="serve many adapters over one base: OpenAI-compatible HTTP API with continuous batching",
         description="Serve the bundled base model with the adapters registered by --adapter (or loaded later by "
                     "POST /v1/load_lora_adapter) behind OpenAI's API: /v1/completions, /v1/chat/completions (smollm2),"
-                    " /v1/embeddings (minilm), /v1/models, /health, /metrics. A request's `model` field names the "
-                    "adapter, or the base. See docs/serving.md.")
+                    " /v1/embeddings and /v1/classify (minilm), /v1/models, /health, /metrics. A request's `model` "
+                    "field names the adapter, or the base. See docs/serving.md.")
     serve.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2",
-                       help="the base: smollm2 generates (default), minilm embeds")
+                       help="the base: smollm2 generates (default), minilm embeds and classifies")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                        help="register an adapter (peftkit's or Hugging Face PEFT's format, safetensors); repeatable")
     serve.add_argument("--adapter-root", type=Path, metavar="DIR",

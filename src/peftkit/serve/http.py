@@ -147,14 +147,26 @@ class ChatBody(_Generation):
         return wanted or room
 
 
-class EmbeddingBody(BaseModel):
+class _EncoderBody(BaseModel):
+    """What embeddings and classification share: the adapter (`model`) and one text or a list of texts."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
     input: str | list[str] = Field(min_length=1)
+    user: str | None = Field(None, description="the caller's end-user id; accepted, not used")
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class EmbeddingBody(_EncoderBody):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: None = Field(None, description="only the model's own size")
-    user: str | None = Field(None, description="the caller's end-user id; accepted, not used")
+
+
+class ClassifyBody(_EncoderBody):
+    """vLLM's classification request (POST /v1/classify)."""
 
 
 class LoadAdapterBody(BaseModel):
@@ -308,8 +320,8 @@ def _field_errors(exc: RequestValidationError) -> tuple[str, str]:
 
 def create_app(engine: Any, store: Any, *, api_key: str | None = None, encoder: Any = None,
                metrics: ServeMetrics | None = None) -> FastAPI:
-    """The server's FastAPI app. `engine` runs a decoder (None on an encoder-only server), `encoder` embeds;
-    `metrics` is the ServeMetrics the engine reports to (default: one that shows the store's cache only)."""
+    """The server's FastAPI app. `engine` runs a decoder (None on an encoder-only server), `encoder` embeds and
+    classifies; `metrics` is the ServeMetrics the engine reports to (default: one that shows the store's cache only)."""
     if engine is None and encoder is None:
         raise ValueError("create_app needs an engine (decoder) or an encoder")
     base = engine.name if engine is not None else encoder.name
@@ -375,18 +387,31 @@ def create_app(engine: Any, store: Any, *, api_key: str | None = None, encoder: 
         room = engine.room(adapter(body.model), len(prompt_ids))
         return await generate(body, prompt_ids, body.limit(len(prompt_ids), room), True, request)
 
+    def encoding(what: str) -> Any:
+        if encoder is None:
+            raise NotServed(f"this server runs the decoder {base!r}: start `peftkit serve --model minilm` for {what}")
+        return encoder
+
     @api.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody) -> dict[str, Any]:
-        if encoder is None:
-            raise NotServed(f"this server runs the decoder {base!r}: start `peftkit serve --model minilm` for "
-                            "embeddings")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        vectors = await asyncio.to_thread(encoder.embed, texts, adapter(body.model))
+        texts = body.texts()
+        vectors = await asyncio.to_thread(encoding("embeddings").embed, texts, adapter(body.model))
         counted = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
         tokens = sum(len(ids) for ids in counted)
         return {"object": "list", "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [{"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
                          for i, vector in enumerate(vectors)]}
+
+    @api.post("/v1/classify")
+    async def classify(body: ClassifyBody) -> dict[str, Any]:
+        """vLLM's classification response: per text the label, the probabilities in class order, the class count."""
+        results = await asyncio.to_thread(encoding("classification").classify, body.texts(), adapter(body.model))
+        tokens = sum(result.tokens for result in results)
+        return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": body.model,
+                "data": [{"index": i, "label": result.label, "probs": list(result.probs.values()),
+                          "num_classes": len(result.probs)} for i, result in enumerate(results)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
