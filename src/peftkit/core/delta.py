@@ -45,6 +45,8 @@ class Delta(nn.Module):
     reads_input: bool = True  # False: transform ignores `x` (gets None under routing, which then skips gathering it)
     reads_base: bool = False  # the unmerged forward reads the host's weight itself (DoRA's norm): see core.merging
     merge_snapshot: dict[str, torch.Tensor] | None = None  # the delta's tensors when merged, for an exact unmerge
+    host_state_before_merge: object | None = None  # a quantized host's stored weight before the merge (core.merging)
+    trains_host_parameters: bool = False  # trains (a copy of) the host's own parameters: refused on a quantized host
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -163,6 +165,7 @@ class ModuleCopy(Delta):
     """
 
     additive = False
+    trains_host_parameters = True
 
     def __init__(self, host: nn.Module):
         super().__init__()

@@ -83,6 +83,33 @@ class QuantizedHost(Protocol):
         """Quantize `weight` (out_features, in_features) and keep it as the stored weight."""
 
 
+@runtime_checkable
+class RestorableHost(Protocol):
+    """A quantized host that can put back a weight it stored before, bit for bit: unmerging then restores the weight
+    from before the merge instead of quantizing W − ΔW again (which would add a second rounding each cycle)."""
+
+    def stored_state(self) -> object:
+        """The stored weight as it is now, to give to `restore_state` later."""
+
+    def restore_state(self, state: object) -> None:
+        """Make `state` (from `stored_state`) the stored weight again."""
+
+
+def stored_state(host: nn.Module) -> object | None:
+    """What restores the host's stored weight exactly (`RestorableHost`), or None for a float host, whose weight
+    `edited_weight` changes in place (an unmerge subtracts what the merge added, exact to float rounding)."""
+    return host.stored_state() if isinstance(host, RestorableHost) else None
+
+
+def refusal_to_train(host: nn.Module) -> str | None:
+    """Why a delta that trains the host's own parameters (a selective change, a trainable copy) cannot sit on it."""
+    if isinstance(host, QuantizedHost):
+        return (f"its weight is stored quantized ({type(host).__name__}) and frozen, so its own parameters cannot "
+                "be trained; adapt it with a method that adds parameters (LoRA, DoRA, (IA)³, ...), or apply the "
+                "selective method to the modules left in full precision (norms, embeddings, unquantized layers)")
+    return None
+
+
 def read_weight(host: nn.Module, name: str = "weight") -> torch.Tensor:
     """The host's parameter `name` (its weight, its bias) as a tensor in the host's own layout, to compute with."""
     if name == "weight" and isinstance(host, QuantizedHost):

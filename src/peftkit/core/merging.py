@@ -18,7 +18,9 @@ Each host keeps the stack of its merged deltas in fold order (input side nearest
 in active order). Every change of the merged or active set is checked against these rules first (a refusal
 changes nothing), then applied by popping the stack down to what stays and pushing the rest, so unmerging in
 any order or grouping restores the base to float rounding. A delta's tensors are snapshotted when it is
-pushed, so unmerging subtracts what was added even if the adapter changed while merged.
+pushed, so unmerging subtracts what was added even if the adapter changed while merged. A quantized host's stored
+weight is kept too when a delta is pushed (`core.hosts.RestorableHost`) and put back when it is popped: pops are
+last-in first-out per host, so this restores its weight bit for bit instead of re-quantizing W − ΔW.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from .delta import Delta, ModuleCopy, Placement
+from .hosts import stored_state
 from .registry import AdapterRegistry
 from .slot import DeltaSlot, deltas_of
 
@@ -191,6 +194,7 @@ def _push(host: nn.Module, delta: Delta, snapshot: dict[str, torch.Tensor] | Non
     if snapshot is None and not isinstance(delta, ModuleCopy):  # a swap undoes itself exactly
         snapshot = _tensors(delta)
     delta.merge_snapshot = snapshot
+    delta.host_state_before_merge = stored_state(host)
     with _as_when_merged(delta):
         delta.merge_into(host)
     delta.merged = True
@@ -200,7 +204,10 @@ def _pop(host: nn.Module, delta: Delta) -> dict[str, torch.Tensor] | None:
     """Unfold the delta with the tensors it was folded in with; returns them."""
     with _as_when_merged(delta):
         delta.unmerge_from(host)
+    if delta.host_state_before_merge is not None:  # a quantized weight: put back what was stored, not Q(W − ΔW)
+        host.restore_state(delta.host_state_before_merge)
     snapshot, delta.merge_snapshot, delta.merged = delta.merge_snapshot, None, False
+    delta.host_state_before_merge = None
     return snapshot
 
 

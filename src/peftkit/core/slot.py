@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .delta import Delta, DeltaBank, Placement
+from .hosts import refusal_to_train
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
@@ -271,6 +272,9 @@ def _installed_folding(module: nn.Module) -> bool:
 
 def add_delta(module: nn.Module, registry: AdapterRegistry, module_name: str, name: str, delta: Delta) -> None:
     """Put `delta` into the module's slot (made on first use), folding it into the module's call where it can."""
+    refusal = refusal_to_train(module) if delta.trains_host_parameters else None
+    if refusal is not None:
+        raise ValueError(f"{type(delta).__name__} cannot sit on module '{module_name}': {refusal}")
     slot = getattr(module, SLOT_ATTR, None)
     if slot is None:
         slot = DeltaSlot(registry, module_name)

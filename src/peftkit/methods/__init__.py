@@ -18,6 +18,7 @@ from .reparameterized.loha import LoHa
 from .reparameterized.lokr import LoKr
 from .reparameterized.oft import OFT
 from .reparameterized.lorafa import LoRAFA
+from .reparameterized.qalora import QALoRA
 from .reparameterized.loraplus import LoRAPlus, loraplus_param_groups
 from .reparameterized.relora import ReLoRA, relora_restart
 from .reparameterized.sora import SoRA, sora_proximal_step, sora_prune

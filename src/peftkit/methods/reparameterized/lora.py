@@ -4,7 +4,8 @@
 
 W0 stays frozen; only A and B train. With B = 0 at start the model is unchanged, and
 ΔW = s·BA merges into W0 for zero-overhead inference. PiSSA (Meng et al., 2024) starts
-A, B from the top-r singular triplets of W0 and leaves the residual in the base weight.
+A, B from the top-r singular triplets of W0 and leaves the residual in the base weight; LoftQ
+(`peftkit.efficient.loftq`) puts a quantized W0 in the base and A, B from SVDs of what it lost.
 
 Hosts: Linear (and GPT-2's Conv1D), Conv2d (A is a conv with W0's kernel, B a 1×1 conv),
 Embedding (A is looked up by token id).
@@ -28,6 +29,7 @@ from ...core.delta import Delta, DeltaBank
 from ...core.routing import RoutingPlan, tensor_version
 from ...core.hosts import WEIGHT_HOST_TYPES, edited_weight, host_shape, read_weight, to_host_layout
 from ...core.targets import TargetError, match_targets, module_names
+from ...efficient.loftq import LoftQOptions, loftq_start
 from ..selective.mask import Mask
 from ..selective.sparse import SPARSE_HOST_TYPES, SparseDelta
 from .shared_input import SharedInputGroup, link_siblings
@@ -50,7 +52,9 @@ class LoRA(PeftKeys, AdapterConfig):
     alpha: float = Field(8.0, gt=0, description="scaling numerator: s = alpha/r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of A")
     rslora: bool = Field(False, description="rank-stabilised scaling s = alpha/sqrt(r)")
-    init: Literal["zero", "gaussian", "pissa"] = Field("zero", description="zero-B (default), gaussian A, or PiSSA")
+    init: Literal["zero", "gaussian", "pissa", "loftq"] = Field(
+        "zero", description="zero-B (default), gaussian A, PiSSA, or LoftQ (a quantized base, options in `loftq`)")
+    loftq: LoftQOptions | None = Field(None, description="init='loftq': bits, iterations, block size (default 4, 5, 64)")
     rank_pattern: dict[str, int] = Field({}, description="module-name regex -> rank, overriding r (PEFT's rule)")
     alpha_pattern: dict[str, float] = Field({}, description="module-name regex -> alpha, overriding alpha (PEFT's rule)")
     bias: Literal["none", "lora_only", "all"] = Field(
@@ -71,8 +75,10 @@ class LoRA(PeftKeys, AdapterConfig):
 
     @model_validator(mode="after")
     def _pissa_is_plain(self) -> "LoRA":
-        if self.init == "pissa" and self.bias != "none":
-            raise ValueError("PiSSA init takes no bias training (bias must be 'none')")
+        if self.init in ("pissa", "loftq") and self.bias != "none":
+            raise ValueError(f"{self.init} init takes no bias training (bias must be 'none')")
+        if self.loftq is not None and self.init != "loftq":
+            raise ValueError(f"loftq options are for init='loftq', not init={self.init!r}")
         return self
 
     @property
@@ -122,7 +128,7 @@ class LoRA(PeftKeys, AdapterConfig):
 
     @property
     def rewrites_base(self) -> bool:
-        return self.init == "pissa"
+        return self.init in ("pissa", "loftq")
 
     def host_types(self) -> tuple[type[nn.Module], ...]:
         return WEIGHT_HOST_TYPES
@@ -190,7 +196,10 @@ class LoRA(PeftKeys, AdapterConfig):
         return key.removesuffix(".bias"), ABSOLUTE_BIAS
 
     def saved_config(self) -> "LoRA":
-        """PiSSA is saved as a plain rank-2r LoRA on the *original* W0 (see `LoRADelta.saved_tensors`)."""
+        """PiSSA is saved as a plain rank-2r LoRA on the *original* W0 (see `LoRADelta.saved_tensors`); LoftQ as the
+        plain LoRA it is on its quantized base (loading it needs that base: the file cannot hold W0 − Q)."""
+        if self.init == "loftq":
+            return self.model_copy(update={"init": "zero", "loftq": None})
         if self.init != "pissa":
             return self
         factor = math.sqrt(2) if self.rslora else 2.0  # keeps s unchanged at rank 2r
@@ -263,12 +272,14 @@ class LoRADelta(Delta):
             self._embedding_args = {k: getattr(host, k) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")}
         trains_bias = getattr(config, "bias", "none") != "none" and isinstance(getattr(host, "bias", None), nn.Parameter)
         self.bias_change = BiasChange(host) if trains_bias else None  # Δb (PEFT's bias="lora_only" / "all")
-        self._initialise(host, config.init)
+        self._initialise(host, config.init, config.loftq)
 
     @torch.no_grad()
-    def _initialise(self, host: nn.Module, init: str) -> None:
+    def _initialise(self, host: nn.Module, init: str, loftq: LoftQOptions | None = None) -> None:
         if init == "pissa":
             return self._pissa(host)
+        if init == "loftq":
+            return self._loftq(host, loftq)
         if self.kind == "embedding":  # A is looked up per token: zero A, random B (as in HF PEFT)
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
@@ -292,14 +303,29 @@ class LoRADelta(Delta):
         self.unmerge_from(host)  # the base keeps only the residual
         self.rewrites_base = True
 
-    def restore_base(self, host: nn.Module) -> None:
-        """Undo PiSSA's residual: W0 = W_res + s·B0A0."""
+    def _loftq(self, host: nn.Module, options: LoftQOptions | None) -> None:
+        """A, B from LoftQ's alternation; W0 ← dequant(Q), the original kept to put back on removal."""
+        start = loftq_start(host, self.lora_A.shape[0], self.scaling, options or LoftQOptions())
+        self.lora_A.copy_(start.a)
+        self.lora_B.copy_(start.b)
+        self.loftq_errors = (start.error, start.qlora_error)  # ‖W − (Q + s·BA)‖_F, and zero-init QLoRA's ‖W − Q(W)‖_F
+        # a plain attribute, not a buffer: merges snapshot a delta's buffers, and this is a whole weight
+        self.loftq_original: torch.Tensor | None = read_weight(host).detach().clone()
         with edited_weight(host) as weight:
-            weight += to_host_layout(host, (self.pissa_B0 @ self.pissa_A0).float() * self.scaling).to(weight.dtype)
+            weight.copy_(to_host_layout(host, start.base))
+        self.rewrites_base = True
+
+    def restore_base(self, host: nn.Module) -> None:
+        """Undo the init's change of W0: PiSSA's residual (W0 = W_res + s·B0A0), LoftQ's quantized copy."""
+        with edited_weight(host) as weight:
+            if getattr(self, "loftq_original", None) is not None:
+                weight.copy_(self.loftq_original)
+            else:
+                weight += to_host_layout(host, (self.pissa_B0 @ self.pissa_A0).float() * self.scaling).to(weight.dtype)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """W_res + s·BA − W0 = s·[B, −B0][A; A0]: a rank-2r LoRA on the original base."""
-        if not self.rewrites_base:
+        """PiSSA's W_res + s·BA − W0 = s·[B, −B0][A; A0]: a rank-2r LoRA on the original base."""
+        if "pissa_A0" not in self._buffers or not self.rewrites_base:
             return super().saved_tensors()
         return {
             "lora_A": torch.cat([self.lora_A, self.pissa_A0]).detach(),

@@ -55,6 +55,7 @@ class SparseDelta(Delta):
 
     additive = False
     adds_term = True  # out + f(x; ΔW) + Δb: it commutes with the other increments on its host (core.merging)
+    trains_host_parameters = True
 
     def __init__(self, host: nn.Module, param_names: tuple[str, ...], masks: dict[str, Mask] | None = None):
         super().__init__()
