@@ -108,10 +108,12 @@ class BitDeltaDelta(Delta):
             self.bias_change.bias.values.copy_(bias_change)
 
     def signs(self, dtype: torch.dtype) -> torch.Tensor:
-        """S [out, in] in `dtype`, unpacked once per dtype and packed tensor (a load or a move unpacks again)."""
+        """S [out, in] in `dtype`, unpacked once per dtype and packed tensor (a load or a move unpacks again; so does
+        autograd after inference mode, whose tensors it cannot save)."""
         bits = self.sign_bits
         key = (bits.data_ptr(), tensor_version(bits), bits.device, dtype)
-        if self._unpacked is None or self._unpacked[0] != key:
+        if (self._unpacked is None or self._unpacked[0] != key
+                or (self._unpacked[1].is_inference() and not torch.is_inference_mode_enabled())):
             self._unpacked = key, unpack_signs(bits, self.in_features, dtype)
         return self._unpacked[1]
 
