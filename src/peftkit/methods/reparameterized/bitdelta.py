@@ -131,13 +131,16 @@ class BitDeltaDelta(Delta):
 
     def merge_into(self, host: nn.Module) -> None:
         super().merge_into(host)
-        if self.bias_change is not None:
-            self.bias_change.merge_into(host)
+        self._fold_bias(host, merge=True)
 
     def unmerge_from(self, host: nn.Module) -> None:
         super().unmerge_from(host)
+        self._fold_bias(host, merge=False)
+
+    def _fold_bias(self, host: nn.Module, merge: bool) -> None:
+        """Δb into the host's bias (merge) or back out of it."""
         if self.bias_change is not None:
-            self.bias_change.unmerge_from(host)
+            (self.bias_change.merge_into if merge else self.bias_change.unmerge_from)(host)
 
 
 def _own_parameters(model: nn.Module, what: str) -> dict[str, torch.Tensor]:
