@@ -12,6 +12,7 @@ from .reparameterized.compacter import Compacter
 from .reparameterized.krona import KronA
 from .reparameterized.dora import DoRA
 from .reparameterized.vera import VeRA
+from .reparameterized.bitdelta import BitDelta, compress, distill_scales
 from .reparameterized.dylora import DyLoRA, dylora_sample_rank, dylora_truncate, set_rank
 from .reparameterized.lora import LoRA
 from .reparameterized.loha import LoHa
