@@ -338,6 +338,46 @@ def test_merge_math_pieces() -> None:
     a, b = [torch.randn(2, 5) for _ in range(2)], [torch.randn(4, 2) for _ in range(2)]
     stacked_a, stacked_b = merge_math.concatenated(a, b, [0.5, -2.0])
     torch.testing.assert_close(stacked_b @ stacked_a, 0.5 * b[0] @ a[0] - 2.0 * b[1] @ a[1])
+    big_a, big_b = torch.randn(7, 3, 2, 2), torch.randn(5, 7, 1, 1)  # a conv's factors, rank 7 > out = 5
+    for rank in (2, 5, 6):
+        exact = merge_math.truncated_svd(torch.einsum("or,rikl->oikl", big_b.flatten(1), big_a), rank)
+        fast = merge_math.factored_svd(big_a, big_b, rank)
+        product = [torch.einsum("or,rikl->oikl", b.flatten(1), a) for a, b in (exact, fast)]
+        torch.testing.assert_close(product[1], product[0], rtol=1e-4, atol=1e-4)
+        assert fast[0].shape == (rank, 3, 2, 2) and fast[1].shape == (5, rank, 1, 1)
     for w in itertools.product([1.0, -0.25], repeat=2):
         a_w, b_w = merge_math.peft_factor_weights(w)
         assert [x * y for x, y in zip(a_w, b_w)] == pytest.approx(list(w))
+
+
+# --- peftkit merge --------------------------------------------------------------------------------------------------
+
+def test_cli_merges_saved_adapters_as_the_api_does(tmp_path, capsys) -> None:
+    from peftkit.cli import main
+    from peftkit.models import load_minilm
+
+    model, tokenizer = load_minilm()
+    for name in ("news", "sport"):
+        peftkit.attach(model, peftkit.LoRA(r=4, alpha=8, targets=["query", "value"]), name=name)
+        randomize(model, name, scale=0.05)
+        peftkit.save(model, tmp_path / name, name=name)
+    merge_adapters(model, {"news": 0.5, "sport": 1.0}, method="svd", rank=6, new_name="merged")
+    inputs = dict(tokenizer(["a short sentence", "another one, longer"], padding=True, return_tensors="pt"))
+    expected = model_output(model, inputs).last_hidden_state
+
+    argv = ["merge", "--model", "minilm", "--adapter", f"news={tmp_path / 'news'}:0.5", "--adapter",
+            str(tmp_path / "sport"), "--method", "svd", "--rank", "6", "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "news x 0.5, sport x 1 -> svd -> lora adapter 'merged' on 12 modules" in capsys.readouterr().out
+    fresh = load_minilm()[0]
+    assert peftkit.load(fresh, tmp_path / "out") == "merged"
+    torch.testing.assert_close(model_output(fresh, inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
+
+    for bad, message in [(["--method", "ties"], "ties needs a density"),
+                         (["--adapter", f"x={tmp_path / 'nope'}:1"], "adapter directory"),
+                         (["--adapter", f"news={tmp_path / 'news'}:inf"], "must be a finite number")]:
+        base = ["merge", "--model", "minilm", "--adapter", f"news={tmp_path / 'news'}", "--output", str(tmp_path / "o2")]
+        assert main(base + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("peftkit: error:") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o2").exists()

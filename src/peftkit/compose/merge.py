@@ -317,6 +317,10 @@ class AdapterMerge:
             a, b = (merge_math.linear_factors(a_factors, b_factors, *merge_math.peft_factor_weights(coefficients))
                     if self.form == "linear" else merge_math.concatenated(a_factors, b_factors, coefficients))
             _set_lora(target, a, b)
+        elif self.form == "lora" and self.options.method == "svd" and all(type(d) is LoRADelta for d in deltas):
+            stacked = merge_math.concatenated([d.lora_A.detach() for d in deltas], [d.lora_B.detach() for d in deltas],
+                                              [w * d.scaling for d, w in zip(deltas, own_weights)])
+            _set_lora(target, *merge_math.factored_svd(*stacked, self.ranks[host_name]))  # Σ w_i ΔW_i = B A, rank Σ r_i
         elif self.form == "lora":
             dense = self._combine([d.delta_weight().float() for d in deltas], own_weights, generator)
             _set_lora(target, *merge_math.truncated_svd(dense, self.ranks[host_name]))

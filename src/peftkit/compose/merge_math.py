@@ -20,6 +20,8 @@ LoRA factors, ΔW_i = s_i B_i A_i:
                     b_i = √|c_i|, c_i = w_i s_i; so BA = Σ_i Σ_j b_i a_j B_i A_j, cross terms included: NOT Σ_i w_i ΔW_i)
     concatenated    A = [A_1; A_2; ...],  B = [c_1 B_1 | c_2 B_2 | ...]   so BA = Σ_i w_i ΔW_i exactly (rank Σ_i r_i)
     truncated_svd   ΔW ≈ U_r S_r V_rᵀ = B A,  B = U_r √S_r,  A = √S_r V_rᵀ   (best rank-r approximation, Eckart–Young)
+    factored_svd    the same for ΔW = B A given as factors of rank R: B = Q_B R_B, Aᵀ = Q_A R_A (QR), the SVD of the
+                    R×R core R_B R_Aᵀ = U S Vᵀ gives ΔW's as Q_B U, S, Q_A V: O((out + in)·R²), ΔW never formed
 """
 from __future__ import annotations
 
@@ -114,9 +116,29 @@ def concatenated(a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Te
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [r, in, *k], B [out, r, *1]) with B A the best rank-r approximation of ΔW [out, in, *k] (conv kernels
     flattened into the input), the singular values split as √S on each side."""
-    matrix = delta.flatten(1).float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:rank].sqrt()
-    a = (root[:, None] * vh[:rank]).view(rank, *delta.shape[1:])
-    b = (u[:, :rank] * root[None, :]).view(delta.shape[0], rank, *(1,) * (delta.dim() - 2))
+    u, s, vh = torch.linalg.svd(delta.flatten(1).float(), full_matrices=False)
+    return _split(u, s, vh, rank, delta.shape)
+
+
+def factored_svd(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`truncated_svd` of ΔW = B A from its factors (A [R, in, *k], B [out, R, *1]) without forming ΔW."""
+    q_b, r_b = torch.linalg.qr(b.flatten(1).float())
+    q_a, r_a = torch.linalg.qr(a.flatten(1).float().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    return _split(q_b @ u, s, vh @ q_a.T, rank, (b.shape[0], *a.shape[1:]))
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
+           shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` triplets as factors (A, B) of a ΔW of `shape`, √S on each side (zero-padded past ΔW's rank)."""
+    root = torch.zeros(rank, dtype=s.dtype, device=s.device)
+    root[:min(rank, s.numel())] = s[:rank].sqrt()
+    u, vh = _columns(u, rank), _columns(vh.T, rank).T
+    a = (root[:, None] * vh).reshape(rank, *shape[1:])
+    b = (u * root[None, :]).reshape(shape[0], rank, *(1,) * (len(shape) - 2))
     return a, b
+
+
+def _columns(matrix: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` columns of `matrix`, zero columns added where it has fewer."""
+    return torch.nn.functional.pad(matrix[:, :count], (0, max(0, count - matrix.shape[1])))
