@@ -290,6 +290,51 @@ def test_a_reused_merge_rewrites_its_adapter_in_place(tiny) -> None:
         merge.write("other", [1.0, 1.0, 1.0])
 
 
+# --- merging two task adapters keeps both tasks ------------------------------------------------------------------
+
+def _task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(x), y))
+
+
+def test_two_task_adapters_merged_keep_both_tasks() -> None:
+    """Two LoRAs on the first layer, each trained on its own task: inputs in its own half of the input space (its A
+    reads only that half), a random change of the outputs to learn. Merged by cat (task arithmetic, weights 1), each
+    task's loss equals its own adapter's (the deltas act on disjoint inputs); TIES at density 0.7 (trimming 30% of
+    each ΔW) keeps most of what each adapter learned. The BBC version: benchmarks/bench_merge.py."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    tasks = {}
+    for name, half in (("left", slice(0, 8)), ("right", slice(8, 16))):
+        x = torch.zeros(256, 16)
+        x[:, half] = torch.randn(256, 8)
+        y = model(x).detach() + x[:, half] @ torch.randn(8, 4) * 0.5
+        tasks[name] = (x, y)
+        peftkit.attach(model, peftkit.LoRA(r=4, alpha=4, targets=["0"], init="gaussian"), name=name)
+        lora_a = model[0].peftkit[name].lora_A
+        with torch.no_grad():
+            lora_a.mul_(torch.zeros(16).index_fill_(0, torch.arange(16)[half], 1))  # no gradient ever reaches the rest
+        optimizer = torch.optim.Adam(list(peftkit.adapter_parameters(model, name)), lr=1e-2)
+        for _ in range(200):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        peftkit.set_trainable(model, name, False)
+    own = {}
+    for name, (x, y) in tasks.items():
+        peftkit.activate(model, name)
+        own[name] = _task_loss(model, x, y)
+    with peftkit.disabled(model):
+        bare = {name: _task_loss(model, x, y) for name, (x, y) in tasks.items()}
+    for method, options, kept in (("cat", {}, 1.0), ("ties", {"density": 0.7}, 0.8)):
+        merge_adapters(model, {"left": 1.0, "right": 1.0}, method=method, new_name=method, **options)
+        for name, (x, y) in tasks.items():
+            merged = _task_loss(model, x, y)
+            print(f"{method}: {name} loss {own[name]:.4f} alone, {merged:.4f} merged, {bare[name]:.4f} bare")
+            assert own[name] < 0.5 * bare[name]  # each adapter learned its task
+            assert bare[name] - merged >= kept * (bare[name] - own[name]) - 1e-5
+
+
 # --- refusals -----------------------------------------------------------------------------------------------------
 
 def test_refusals_name_the_adapters_and_the_reason(tiny) -> None:
