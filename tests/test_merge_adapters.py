@@ -13,8 +13,10 @@ from torch import nn
 import peftkit
 from peftkit.compose import AdapterMerge, AdapterMergeError, merge_adapters
 from peftkit.compose import merge_math
+from peftkit.core.registry import adapter_deltas
 from peftkit.methods.selective.mask import Mask
 from peftkit.methods.selective.selection import install_masks
+from peftkit.methods.selective.sparse import SparseDelta
 
 from .checks import assert_merge_roundtrip, assert_routed_matches_rows, model_output
 from .conftest import TinyNet, randomize
@@ -36,7 +38,7 @@ def _factors(model: nn.Module, name: str, host: str) -> tuple[torch.Tensor, torc
 def _dw(model: nn.Module, name: str, host: str) -> torch.Tensor:
     """ΔW = s·B·A of one adapter on one Linear, by hand (a merged_diff's: its dense weight change)."""
     delta = model.get_submodule(host).peftkit[name]
-    if isinstance(delta, peftkit.compose.merge.SparseDelta):
+    if isinstance(delta, SparseDelta):
         return delta.weight.dense().detach()
     a, b, s = _factors(model, name, host)
     return s * b @ a
@@ -189,7 +191,7 @@ def test_ia3_merges_the_changes_of_its_vectors(tiny) -> None:
     for name in ("a", "b"):
         peftkit.attach(tiny, config, name=name)
         with torch.no_grad():
-            for _, _, delta in peftkit.compose.merge.adapter_deltas(tiny, name):
+            for _, _, delta in adapter_deltas(tiny, name):
                 delta.ia3_l.copy_(1 + 0.3 * torch.randn_like(delta.ia3_l))
     merge_adapters(tiny, {"a": 0.5, "b": 1.5}, method="linear", new_name="lin")
     merge_adapters(tiny, {"a": 1.0, "b": 1.0}, method="ties", new_name="ties", density=0.5)

@@ -65,7 +65,7 @@ def add_merge(commands: argparse._SubParsersAction) -> None:
         "merge", help="merge saved adapters into one (linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune)",
         description="Load each adapter onto the base model, merge them with their weights by METHOD and save the merged "
                     "adapter. LoRA-family adapters merge with each other, (IA)3 with (IA)3, selective with selective; "
-                    "docs/merging.md gives each method's formula.")
+                    "docs/merging-adapters.md gives each method's formula.")
     merge.add_argument("--model", required=True,
                        help="the base model the adapters were trained on: minilm, smollm2, efficientnet-lite0")
     merge.add_argument("--num-labels", type=int,

@@ -24,7 +24,6 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -33,25 +32,21 @@ from torch import nn
 
 from .. import api
 from ..core.config import AdapterConfig, register_method, validation_message
-from ..core.delta import Delta, ModuleCopy, Placement
+from ..core.delta import Delta, ModuleCopy
 from ..core.hosts import host_shape, to_host_layout
 from ..core.merging import unfolded
 from ..core.registry import adapter_deltas, get_registry
-from ..methods.additive.ia3 import IA3, IA3Delta
+from ..methods.additive.ia3 import IA3
 from ..methods.reparameterized.lora import LoRA, LoRADelta
 from ..methods.selective.mask import Mask
 from ..methods.selective.sparse import SelectiveConfig, SparseDelta
 from . import merge_math
+from .sources import AdapterMergeError, common_family, read_source
 from .merge_math import SignMethod
 
 MergeMethod = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
-Family = Literal["lora", "selective", "ia3"]
 _TRIMS, _DROPS, _ELECTS = ("ties", "magnitude_prune"), ("dare_linear", "dare_ties"), ("ties", "dare_ties")
 _FACTOR_METHODS = ("linear", "cat")  # on plain LoRAs: computed on the factors, never on a dense ΔW
-
-
-class AdapterMergeError(ValueError):
-    """Adapters that cannot be merged as asked: no common form, mismatched factors, a bad weight or option."""
 
 
 @register_method
@@ -85,70 +80,6 @@ class MergeOptions(BaseModel):
         return self
 
 
-@dataclass
-class _Source:
-    """One attached adapter taking part: its deltas by host and its module copies by module."""
-
-    name: str
-    method: str
-    family: Family
-    deltas: dict[str, Delta] = field(default_factory=dict)
-    copies: dict[str, tuple[nn.Module, ModuleCopy]] = field(default_factory=dict)
-
-    @property
-    def plain_lora(self) -> bool:
-        return all(type(d) is LoRADelta for d in self.deltas.values())
-
-
-def _family(name: str, config: AdapterConfig, host_name: str, delta: Delta) -> Family:
-    """Which merge family a delta belongs to, or an error naming the adapter and why it cannot merge."""
-    def refuse(reason: str) -> AdapterMergeError:
-        return AdapterMergeError(f"adapter {name!r} ({config.method}) cannot be merged: {reason}")
-
-    if delta.rewrites_base:
-        raise refuse("it rewrote the base weights (PiSSA); save it and load it back (a plain LoRA) to merge it")
-    if getattr(config, "bias", "none") != "none":
-        raise refuse(f"it trains biases (bias={config.bias!r}), which have no low-rank form")
-    if isinstance(delta, IA3Delta):
-        return "ia3"
-    if isinstance(delta, SparseDelta):
-        if not delta.selected:
-            raise refuse(f"its delta on {host_name!r} has no mask yet (peftkit.select first)")
-        return "selective"
-    if (type(delta).delta_weight is not Delta.delta_weight and delta.adds_term
-            and delta.placement is Placement.OUTPUT):
-        return "lora"
-    raise refuse(f"its {type(delta).__name__} on {host_name!r} is not a change of the host's weights that adds to "
-                 "its output (merging takes LoRA-family, (IA)³ and selective adapters)")
-
-
-def _read_source(model: nn.Module, name: str) -> _Source:
-    config = get_registry(model).require(name)
-    families: set[Family] = set()
-    source = _Source(name, config.method, "lora")
-    for host_name, host, delta in adapter_deltas(model, name):
-        if isinstance(delta, ModuleCopy):
-            source.copies[host_name] = (host, delta)
-            continue
-        families.add(_family(name, config, host_name, delta))
-        source.deltas[host_name] = delta
-    if len(families) != 1:
-        raise AdapterMergeError(f"adapter {name!r} ({config.method}) has no weight, scaling or selective delta to merge"
-                                if not families else f"adapter {name!r} mixes delta families {sorted(families)}")
-    source.family = families.pop()
-    return source
-
-
-def _common_family(sources: list[_Source]) -> Family:
-    first = sources[0]
-    for other in sources[1:]:
-        if other.family != first.family:
-            raise AdapterMergeError(
-                f"adapters {first.name!r} ({first.method}) and {other.name!r} ({other.method}) have no common merged "
-                f"form: merge LoRA-family adapters together, (IA)³ adapters together, selective adapters together")
-    return first.family
-
-
 def _check_weights(names: Sequence[str], weights: Sequence[float]) -> list[float]:
     if len(weights) != len(names):
         raise AdapterMergeError(f"{len(weights)} weights for {len(names)} adapters {list(names)}")
@@ -170,8 +101,8 @@ class AdapterMerge:
             raise AdapterMergeError(f"merge options: {validation_message(err)}") from None
         if not self.names or len(set(self.names)) != len(self.names):
             raise AdapterMergeError(f"merging needs one or more distinct adapter names, got {self.names}")
-        self.sources = [_read_source(model, name) for name in self.names]
-        self.family = _common_family(self.sources)
+        self.sources = [read_source(model, name) for name in self.names]
+        self.family = common_family(self.sources)
         self.hosts = list(dict.fromkeys(h for s in self.sources for h in s.deltas))
         self.copied = list(dict.fromkeys(h for s in self.sources for h in s.copies))
         clash = sorted(set(self.hosts) & set(self.copied))
