@@ -3,7 +3,7 @@
 `peftkit train [CONFIG.yaml]` trains an adapter as the config says; without a config it runs the bundled
 default (MiniLM-L6 + LoRA on BBC News). `peftkit eval` and `peftkit predict` use a trained adapter with its
 config. Each subcommand is one `_add_<name>(commands)` function (`bench` in `bench.cli`; `serve` in `serve.cli`;
-`inspect`, `convert` and `methods` in `cli_tools`).
+`inspect`, `convert` and `methods` in `cli_tools`; `merge` in `compose.cli`).
 """
 from __future__ import annotations
 
@@ -236,6 +236,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from peftkit.bench.cli import add_bench
     from peftkit.cli_tools import add_convert, add_inspect, add_methods
+    from peftkit.compose.cli import add_merge
     from peftkit.serve.cli import add_serve
 
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.splitlines()[0])
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve(commands)
     add_inspect(commands)
     add_convert(commands)
+    add_merge(commands)
     add_methods(commands)
     args = parser.parse_args(argv)
     try:

@@ -122,6 +122,9 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
         family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
                 "to fuse" for family in FAMILIES}),
+    BenchMethod("merged_diff", {}, SPARSE_LRS, skips={
+        family: "a merged_diff adapter is made by peftkit.compose.merge_adapters from trained adapters, not trained"
+        for family in FAMILIES}),
     BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]}},
                 SPARSE_LRS, skips={"llama": "Llama's linear layers and norms have no biases",
                                    "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
