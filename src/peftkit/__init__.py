@@ -32,6 +32,9 @@ from .methods import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedu
                       Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError, fisher_scores, select)
 from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
                       ltsft_select, select_units)
+from .methods import BitDelta, QALoRA
+from .methods.reparameterized import bitdelta
+from .compose import AdapterMerge, AdapterMergeError, merge_adapters
 from .methods import (DyLoRA, LoRAFA, LoRAPlus, ReLoRA, SoRA, dylora_sample_rank, dylora_truncate, loraplus_param_groups,
                       relora_restart, set_rank, sora_proximal_step, sora_prune)
 
@@ -53,4 +56,6 @@ __all__ = [
     "set_rank", "sora_proximal_step", "sora_prune",
     "DoRA", "VeRA",
     "LoHa", "LoKr", "OFT",
+    "BitDelta", "QALoRA", "bitdelta",
+    "AdapterMerge", "AdapterMergeError", "merge_adapters",
 ]
