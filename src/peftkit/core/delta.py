@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .hosts import edited_weight, to_host_layout
+from .hosts import edited_weight, refusal_to_train, to_host_layout
 
 if TYPE_CHECKING:
     from .routing import RoutingPlan
@@ -169,6 +169,9 @@ class ModuleCopy(Delta):
 
     def __init__(self, host: nn.Module):
         super().__init__()
+        refusal = refusal_to_train(host)  # before copying: a packed weight cannot even be made trainable
+        if refusal is not None:
+            raise ValueError(refusal)
         self.module = copy.deepcopy(host)
         _strip_peft_state(self.module)
         for p in self.module.parameters():

@@ -17,6 +17,7 @@ make evaluation differ from training and the stored weight differ from what was 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -32,26 +33,7 @@ from ..core.io import read_json
 from ..core.registry import REGISTRY_ATTR
 from ..core.slot import is_delta_parameter
 from ..core.targets import match_targets, own_modules
-from ..models import require_extra
 
-require_extra("bitsandbytes", "quant")
-
-
-def _import_bitsandbytes() -> Any:
-    """bitsandbytes, imported without its warning that the optional `kernels` package (which downloads a kernel
-    from the hub) is absent: that kernel serves only the CPU inference path this module switches off."""
-    bnb_logger = logging.getLogger("bitsandbytes")
-    level = bnb_logger.level
-    bnb_logger.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional  # noqa: F401  (the import that loads the CPU backend)
-    finally:
-        bnb_logger.setLevel(level)
-    return bitsandbytes
-
-
-bnb = _import_bitsandbytes()
 logger = logging.getLogger(__name__)
 
 SCHEME_BITS: dict[str, int] = {"nf4": 4, "fp4": 4, "int8": 8}
@@ -111,11 +93,30 @@ class QuantizeConfig(BaseModel):
         return self
 
     @property
+    def cache_key(self) -> str:
+        """`name` plus a digest of every setting: one cache folder per distinct config."""
+        digest = hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:8]
+        return f"{self.name}-{digest}"
+
+    @property
     def name(self) -> str:
         """A short name for file names and reports: nf4-dq-b64, fp4-b128, int8."""
         if self.scheme == "int8":
             return "int8"
         return f"{self.scheme}{'-dq' if self.double_quant else ''}-b{self.block_size}"
+
+
+def quantize_config(value: "QuantizeConfig | str | int | dict[str, Any]") -> "QuantizeConfig":
+    """A QuantizeConfig from its short forms: a scheme name ("nf4"), a bit count (4, 8), or a mapping of its fields."""
+    if isinstance(value, QuantizeConfig):
+        return value
+    if isinstance(value, str):
+        return QuantizeConfig(scheme=value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return QuantizeConfig(bits=value)
+    if isinstance(value, dict):
+        return QuantizeConfig(**value)
+    raise TypeError(f"quantize must be a scheme name, a bit count or a mapping, not {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ class QuantizationError:
         return cls(float(diff.abs().max()) if diff.numel() else 0.0, float(diff.norm()) / norm if norm else 0.0)
 
 
-class _QuantizedLinear:
-    """What both quantized Linear types add to bitsandbytes' layers: the QuantizedHost methods, exact restore,
+class QuantizedLinear:
+    """What the quantized Linear types (`efficient.bnb_linear`) add to bitsandbytes' layers: the QuantizedHost methods, exact restore,
     the rounding error of the last store, and their tensors for saving."""
 
     store_error: QuantizationError | None = None  # set by store_weight (a merge); None: the weight as quantized
@@ -162,106 +163,6 @@ class _QuantizedLinear:
         """Every tensor the stored weight occupies (packed values and scales), by name: what is resident."""
         raise NotImplementedError
 
-
-
-class Linear4bitHost(_QuantizedLinear, bnb.nn.Linear4bit):
-    """A Linear stored in 4 bits (NF4 or FP4, blockwise absmax, optionally double-quantized): bitsandbytes'
-    `Linear4bit` as a peftkit host."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantizeConfig,
-                 device: torch.device | str | None = None):
-        dtype = COMPUTE_DTYPES[config.compute_dtype] if config.compute_dtype else None
-        super().__init__(in_features, out_features, bias=bias, compute_dtype=dtype,
-                         compress_statistics=config.double_quant, quant_type=config.scheme, device="meta")
-        self.support_avx512bf16_for_cpu = False  # one forward for training and evaluation (module docstring)
-        self.block_size = config.block_size
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
-
-    def _params(self, data: torch.Tensor, quant_state: Any = None) -> Any:
-        return bnb.nn.Params4bit(data, requires_grad=False, quant_state=quant_state, blocksize=self.block_size,
-                                 compress_statistics=self.weight.compress_statistics, quant_type=self.weight.quant_type,
-                                 module=self, bnb_quantized=quant_state is not None)
-
-    def _quantize(self, weight: torch.Tensor) -> None:
-        self.weight = self._params(weight.to(torch.float32).contiguous())._quantize(weight.device)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(torch.float32)
-
-    def stored_state(self) -> tuple[Any, ...]:
-        return self.weight, self.quant_state, self.store_error
-
-    def restore_state(self, state: tuple[Any, ...]) -> None:
-        self.weight, self.quant_state, self.store_error = state
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        state = self.weight.quant_state
-        tensors = {"weight": self.weight.data, "absmax": state.absmax, "code": state.code}
-        if state.nested:
-            tensors |= {"nested_absmax": state.state2.absmax, "nested_code": state.state2.code, "offset": state.offset}
-        return tensors
-
-    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Take the packed weight and quant state saved by `Linear4bit`'s state dict, as they are."""
-        stats = {key.removeprefix("weight."): value for key, value in tensors.items() if key.startswith("weight.")}
-        self.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, device=tensors["weight"].device,
-                                                          module=self)
-        self.block_size = self.weight.blocksize
-
-
-class Linear8bitHost(_QuantizedLinear, bnb.nn.Linear8bitLt):
-    """A Linear stored in int8 with one scale per output row (LLM.int8() without outlier columns): bitsandbytes'
-    `Linear8bitLt` as a peftkit host. Its forward always dequantizes and multiplies in the input's dtype
-    (bitsandbytes' training path on a CPU); the inference path would quantize the activations to int8 as well."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantizeConfig,
-                 device: torch.device | str | None = None):
-        super().__init__(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=0.0, device="meta")
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
-
-    def _quantize(self, weight: torch.Tensor) -> None:
-        codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
-        self._keep(codes, scales)
-
-    def _keep(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        self.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False)
-        self.state.CB, self.state.SCB = codes, scales
-
-    def dequantized_weight(self) -> torch.Tensor:
-        # the expression bitsandbytes' forward uses, so that this is bit for bit the weight the forward multiplies by
-        return self.state.CB.to(torch.float32).mul_(self.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.state.is_training = True  # dequantize + float matmul also in evaluation (see the class docstring)
-        return bnb.matmul(x, self.weight, bias=self.bias, state=self.state)
-
-    def stored_state(self) -> tuple[Any, ...]:
-        return self.weight, self.state.CB, self.state.SCB, self.store_error
-
-    def restore_state(self, state: tuple[Any, ...]) -> None:
-        self.weight, self.state.CB, self.state.SCB, self.store_error = state
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.state.CB, "SCB": self.state.SCB}
-
-    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._keep(tensors["weight"], tensors["SCB"])
-
-
-HOST_TYPES: dict[str, type[_QuantizedLinear]] = {"nf4": Linear4bitHost, "fp4": Linear4bitHost, "int8": Linear8bitHost}
-
-
-def quantized_linear(linear: nn.Linear, config: QuantizeConfig) -> _QuantizedLinear:
-    """A frozen quantized copy of `linear` (its bias kept in its own dtype, frozen)."""
-    host = HOST_TYPES[config.scheme](linear.in_features, linear.out_features, linear.bias is not None, config,
-                                     device=linear.weight.device)
-    host._quantize(linear.weight.detach())
-    if linear.bias is not None:
-        host.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    host.train(linear.training)
-    return host
 
 
 # --- which layers ---------------------------------------------------------------------------------
@@ -336,7 +237,7 @@ class QuantizeReport:
     def __str__(self) -> str:
         skipped = ", ".join(f"{name} ({why})" for name, why in self.skipped.items()) or "none"
         return (f"quantized {len(self.quantized)} Linear layers to {self.config.name}; resident weights "
-                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({self.ratio:.3f}x); "
+                f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({self.ratio:.3f}x); "
                 f"left in full precision: {skipped}")
 
 
@@ -344,7 +245,7 @@ def resident_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters, buffers and quantization states, each storage counted once (tied weights,
     shared codebooks)."""
     tensors = [*model.parameters(), *model.buffers()]
-    tensors += [t for module in model.modules() if isinstance(module, _QuantizedLinear)
+    tensors += [t for module in model.modules() if isinstance(module, QuantizedLinear)
                 for t in module.state_tensors().values()]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
@@ -363,6 +264,8 @@ def quantize(model: nn.Module, bits: int | None = None, scheme: str | None = Non
                                 skip=skip if isinstance(skip, str) else list(skip), skip_head=skip_head)
     if model.__dict__.get(REGISTRY_ATTR) is not None and model.__dict__[REGISTRY_ATTR].configs:
         raise ValueError("quantize the base before attaching adapters: this model already has adapters attached")
+    from .bnb_linear import quantized_linear
+
     names, skipped = choose_layers(model, config)
     if not names:
         raise ValueError(f"no Linear layer to quantize (left alone: {skipped or 'the model has no nn.Linear'})")
@@ -373,12 +276,128 @@ def quantize(model: nn.Module, bits: int | None = None, scheme: str | None = Non
     return QuantizeReport(config, names, skipped, before, resident_bytes(model))
 
 
-def quantized_layers(model: nn.Module) -> dict[str, _QuantizedLinear]:
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     """The model's quantized Linear layers by name."""
-    return {name: module for name, module in own_modules(model) if isinstance(module, _QuantizedLinear)}
+    return {name: module for name, module in own_modules(model) if isinstance(module, QuantizedLinear)}
 
 
 def quantization_errors(model: nn.Module) -> dict[str, QuantizationError]:
     """For each quantized layer whose weight was rewritten (a merge folded into it): how far the re-quantized weight
     is from the exact float weight asked for. Layers holding their weight as first quantized are left out."""
     return {name: host.store_error for name, host in quantized_layers(model).items() if host.store_error is not None}
+
+
+# --- the quantized base cache ---------------------------------------------------------------------
+
+
+class QuantizedBaseError(ValueError):
+    """A saved quantized base that cannot be read or does not fit the model it is loaded into."""
+
+
+def _layer_scheme(host: QuantizedLinear) -> str:
+    return getattr(host.weight, "quant_type", None) or "int8"
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the quantized base to `directory` (replaced as a whole): `quantized.safetensors` holds every base tensor,
+    the quantized layers as their packed values and quant states exactly as stored, tied tensors once; and
+    `quantization.json` names the scheme of each quantized layer. Adapters are not saved (save them with
+    `peftkit.save`); a merged adapter would be, so it must be unmerged first."""
+    registry = model.__dict__.get(REGISTRY_ATTR)
+    if registry is not None and registry.merged:
+        raise ValueError(f"adapters {sorted(registry.merged)} are merged into the base weights: unmerge them before "
+                         "saving the base")
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layer: quantize it first (efficient.quantize.quantize)")
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first_by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, value in model.state_dict().items():
+        if is_delta_parameter(key):
+            continue
+        where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if where in first_by_storage:
+            tied[key] = first_by_storage[where]
+        else:
+            first_by_storage[where] = key
+            tensors[key] = value.detach().contiguous()
+    config = model.__dict__.get("peftkit_quantization")
+    description = {"format": FORMAT, "layers": {name: _layer_scheme(host) for name, host in layers.items()},
+                   "tied": tied,
+                   "config": config.model_dump(mode="json", exclude_defaults=True) if config is not None else None}
+    directory = Path(directory)
+    write_dir_atomically(directory, {CONFIG_FILE: description, WEIGHTS_FILE: tensors})
+    return directory
+
+
+def _read_saved(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    description_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for file in (description_file, weights_file):
+        if not file.is_file():
+            raise QuantizedBaseError(f"{directory} is not a saved quantized base: {file.name} is missing")
+    description = read_json(description_file)
+    if description.get("format") != FORMAT:
+        raise QuantizedBaseError(f"{description_file} is not a peftkit quantized base (format "
+                                 f"{description.get('format')!r}, expected {FORMAT!r})")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QuantizedBaseError(f"{weights_file} is not a readable safetensors file: {err}") from None
+    for alias, source in description["tied"].items():
+        tensors[alias] = tensors[source]
+    return description, tensors
+
+
+def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a base saved by `save_quantized` into `model`, a float model of the same architecture (its weights are
+    replaced; build it without initialising them where you can): the quantized layers take the saved packed values
+    and quant states as they are, without quantizing anything. Returns the model."""
+    from .bnb_linear import HOST_TYPES
+
+    directory = Path(directory)
+    description, tensors = _read_saved(directory)
+    config = QuantizeConfig(**description["config"]) if description["config"] is not None else None
+    modules = dict(own_modules(model))
+    for name in description["layers"]:  # all checked before the model changes
+        if not isinstance(modules.get(name), nn.Linear):
+            found = f"a {type(modules[name]).__name__}" if name in modules else "not a module"
+            raise QuantizedBaseError(f"{directory} does not fit this model: its quantized layer {name!r} is {found} "
+                                     "here, not a Linear")
+    for name, scheme in description["layers"].items():
+        linear = modules[name]
+        compute = {"compute_dtype": config.compute_dtype} if config and config.compute_dtype else {}
+        layer_config = QuantizeConfig(scheme=scheme, **compute)  # block size and double quant: from the quant state
+        host = HOST_TYPES[scheme](linear.in_features, linear.out_features, linear.bias is not None, layer_config)
+        prefix = f"{name}."
+        host.load_packed({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if host.dequantized_weight().shape != linear.weight.shape:
+            raise QuantizedBaseError(f"{directory}: layer {name!r} was saved with shape "
+                                     f"{tuple(host.dequantized_weight().shape)}, this model's is {tuple(linear.weight.shape)}")
+        if linear.bias is not None:
+            host.bias = nn.Parameter(tensors[f"{name}.bias"], requires_grad=False)
+        host.train(linear.training)
+        _set_module(model, name, host)
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in description["layers"])}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in description["layers"])]
+    if missing or unexpected:
+        raise QuantizedBaseError(f"{directory} does not fit this model: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")
+    _tie(model, description["tied"])
+    if config is not None:
+        model.__dict__["peftkit_quantization"] = config
+    return model
+
+
+def _tie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Make each saved alias parameter the very parameter it was tied to (a model built from its config may not
+    tie them, which would hold a second copy)."""
+    for alias, source in tied.items():
+        owner_name, _, attr = alias.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(getattr(owner, attr, None), nn.Parameter):
+            setattr(owner, attr, model.get_parameter(source))

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from ..core.config import METHODS, AdapterConfig, validation_message
+from ..efficient.quantize import QuantizeConfig
 from .full import FullFinetune
 
 
@@ -51,6 +52,17 @@ class ModelSection(_Section):
     name: str = "minilm"
     train_head: bool = True  # train a fresh task head whole (added to the method's modules_to_save)
     gradient_checkpointing: bool = False
+    quantize: QuantizeConfig | None = None  # the base's Linear layers stored quantized: nf4 | fp4 | int8, or a mapping
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _short_quantize(cls, value: Any) -> Any:
+        """`quantize: nf4` names the scheme, `quantize: 8` the bits; a mapping gives QuantizeConfig's fields."""
+        if isinstance(value, str):
+            return {"scheme": value}
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"bits": value}
+        return value
 
 
 class DataSection(_Section):

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .. import data as bundled_sets
 from .. import models as bundled_models
+from ..efficient.quantize import QuantizeConfig
 from .config import DataSection, ModelSection
 
 if TYPE_CHECKING:
@@ -79,11 +80,29 @@ ModelBuilder = Callable[[int | None], tuple[nn.Module, Any]]  # num_labels -> (m
 class ModelSpec:
     build: ModelBuilder
     head: tuple[str, ...] = ()  # modules freshly initialised for the task: trained whole when model.train_head
+    # (num_labels, QuantizeConfig) -> (model, tokenizer or None) with a quantized base (a cached one); None: build,
+    # then quantize with the head left in full precision
+    build_quantized: Callable[[int | None, QuantizeConfig], tuple[nn.Module, Any]] | None = None
+
+    def load(self, num_labels: int | None, quantize: QuantizeConfig | None) -> tuple[nn.Module, Any]:
+        """(model, tokenizer or None), its Linear layers quantized when `quantize` says so."""
+        if quantize is None:
+            return self.build(num_labels)
+        if self.build_quantized is not None:
+            return self.build_quantized(num_labels, quantize)
+        from ..efficient.quantize import quantize as quantize_model
+
+        model, processor = self.build(num_labels)
+        skip = [quantize.skip] if isinstance(quantize.skip, str) else list(quantize.skip)
+        quantize_model(model, config=quantize.model_copy(update={"skip": [*skip, *self.head]}))
+        return model, processor
 
 
 MODELS: dict[str, ModelSpec] = {
-    "minilm": ModelSpec(lambda n: bundled_models.load_minilm(num_labels=n), head=("classifier",)),
-    "smollm2": ModelSpec(lambda _: bundled_models.load_smollm2()),
+    "minilm": ModelSpec(lambda n: bundled_models.load_minilm(num_labels=n), head=("classifier",),
+                        build_quantized=lambda n, q: bundled_models.load_minilm(num_labels=n, quantize=q)),
+    "smollm2": ModelSpec(lambda _: bundled_models.load_smollm2(),
+                         build_quantized=lambda _, q: bundled_models.load_smollm2(quantize=q)),
     "efficientnet-lite0": ModelSpec(lambda n: (bundled_models.load_efficientnet_lite0(num_classes=n), None), head=("_fc",)),
 }
 
@@ -254,7 +273,7 @@ class Task(ABC):
 
     def load_model(self, model: ModelSection, raw: RawData) -> tuple[nn.Module, Any]:
         """(model, tokenizer or None) from the `MODELS` registry, sized for the data's labels."""
-        return MODELS[model.name].build(len(raw.labels) if raw.labels is not None else None)
+        return MODELS[model.name].load(len(raw.labels) if raw.labels is not None else None, model.quantize)
 
     def head_modules(self, model: ModelSection) -> list[str]:
         return list(MODELS[model.name].head)
