@@ -35,6 +35,9 @@ from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_p
 from .methods import BitDelta, QALoRA
 from .methods.reparameterized import bitdelta
 from .compose import AdapterMerge, AdapterMergeError, merge_adapters
+from .efficient.quantize import QuantizeConfig, load_quantized, quantization_errors, quantize, save_quantized
+from .efficient.int4 import quantize_int4
+from .efficient.loftq import LoftQOptions, loftq_initialise
 from .methods import (DyLoRA, LoRAFA, LoRAPlus, ReLoRA, SoRA, dylora_sample_rank, dylora_truncate, loraplus_param_groups,
                       relora_restart, set_rank, sora_proximal_step, sora_prune)
 
@@ -58,4 +61,6 @@ __all__ = [
     "LoHa", "LoKr", "OFT",
     "BitDelta", "QALoRA", "bitdelta",
     "AdapterMerge", "AdapterMergeError", "merge_adapters",
+    "LoftQOptions", "QuantizeConfig", "load_quantized", "loftq_initialise", "quantization_errors", "quantize",
+    "quantize_int4", "save_quantized",
 ]
