@@ -125,6 +125,12 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("merged_diff", {}, SPARSE_LRS, skips={
         family: "a merged_diff adapter is made by peftkit.compose.merge_adapters from trained adapters, not trained"
         for family in FAMILIES}),
+    BenchMethod("bitdelta", {}, SPARSE_LRS, skips={
+        family: "BitDelta compresses a full fine-tune already made (peftkit.bitdelta.compress), it is not trained; "
+                "its accuracy against the fine-tune: docs/quantized.md" for family in FAMILIES}),
+    BenchMethod("qalora", {}, SPARSE_LRS, skips={
+        family: "QA-LoRA needs a grouped-INT4 base (peftkit.quantize_int4); the bench trains on float bases: see "
+                "benchmarks/bench_quantized.py" for family in FAMILIES}),
     BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]}},
                 SPARSE_LRS, skips={"llama": "Llama's linear layers and norms have no biases",
                                    "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
