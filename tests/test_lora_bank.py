@@ -1,5 +1,6 @@
 """The LoRA bank: a host's LoRA factors stacked once for routed batches without gradients, kept across passes,
-never stale; LoRA rows take it beside adapters of other methods on the same host."""
+never stale; LoRA rows take it beside adapters of other methods on the same host. (IA)³ output vectors of many
+adapters likewise scale a routed batch at once."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ from torch import nn
 import peftkit
 from peftkit import IA3, Bottleneck, DoRA, LoRA
 from peftkit.core.slot import BATCHED_MIN_GROUPS, SLOT_ATTR
+from peftkit.methods.additive.ia3 import IA3Delta
 from peftkit.methods.reparameterized.lora import LoRABank, LoRADelta
 
 from .checks import row_alone
@@ -116,3 +118,20 @@ def test_half_precision_host(tiny, ids) -> None:
     _loras(tiny, [1, 2, 3, 4, 5, 6])  # factors stay float32 beside the bf16 weights
     _assert_rows(tiny, ids, ROWS, tol=1e-2)
     assert _bank(tiny).a.dtype == torch.float32
+
+
+def test_many_ia3_output_vectors_scale_a_routed_batch_at_once(tiny, ids, monkeypatch) -> None:
+    """(IA)³ with many adapters on a host takes the batched path without gradients (one per-row scale), and rows
+    equal each row alone; beside LoRA and bottleneck rows, and rows of no adapter."""
+    names = [f"s{i}" for i in range(BATCHED_MIN_GROUPS + 1)]
+    for name in names:
+        peftkit.attach(tiny, IA3(targets=HOSTS, feedforward=["ffn.0"]), name)
+    peftkit.attach(tiny, LoRA(r=2, targets=HOSTS), "lora")
+    peftkit.attach(tiny, Bottleneck.preset("pfeiffer", bottleneck=4, targets=["ffn.0"]), "adapter")
+    randomize(tiny)
+    batched = IA3Delta.add_routed_batch_.__func__
+    applied: list[tuple[str, ...]] = []
+    monkeypatch.setattr(IA3Delta, "add_routed_batch_",
+                        classmethod(lambda cls, *args: applied.append(batched(cls, *args)) or applied[-1]))
+    _assert_rows(tiny, ids, ["s0", "s1", None, "s2", "lora", "s3", "adapter", "s4"])
+    assert tuple(names) in applied  # the output-form hosts (attn.q, attn.v) scaled every (IA)³ row at once

@@ -115,7 +115,7 @@ class DeltaSlot(nn.ModuleDict):
         if plan is None:
             scale = torch.stack(scales).prod(0) if len(scales) > 1 else scales[0]
         else:
-            scale = _row_scales(plan, present, scales, x)
+            scale = row_scales(plan, present, scales, x)
         return (x.to(scale.dtype) * scale).to(x.dtype)
 
     def apply_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -201,7 +201,7 @@ def host_children(module: nn.Module) -> dict[str, nn.Module]:
     return {name: child for name, child in module.named_children() if name != SLOT_ATTR}
 
 
-def _row_scales(plan: RoutingPlan, names: tuple[str, ...], scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def row_scales(plan: RoutingPlan, names: tuple[str, ...], scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Per-row channel scales shaped to broadcast over `like` ([rows, ..., channels]): row i takes its
     adapter's vector from [s_1, …, s_n, 1], 1 for rows of no adapter here (one gather for the batch)."""
     table = torch.stack([*scales, torch.ones_like(scales[0])])
