@@ -109,7 +109,7 @@ class HybridConfig(AdapterConfig):
         """Every part's deltas first (a part may share state across its hosts), then one holder per host."""
         if self._layout is None:
             raise RuntimeError("choose_hosts(model) must run before build_all")
-        placed, per_part = self._layout
+        (placed, per_part), self._layout = self._layout, None  # kept no longer: configs compare with their private state
         by_host: dict[str, dict[int, Delta]] = {name: {} for name in hosts}
         for i, (part, names) in enumerate(zip(placed, per_part)):
             built = part.config.build_all({name: hosts[name] for name in names})

@@ -32,12 +32,14 @@ def group_weights(shape: Shape, groups: int) -> list[int]:
 
 
 def group_sizes(shape: Shape, groups: int, layers: int) -> list[int]:
-    """Layers per group: proportional to the pattern's weights, rounded by largest remainder, at least one each."""
+    """Layers per group: L·w_j / Σw rounded down, the layers left given by largest remainder; at least one each."""
     if layers < groups:
         raise ValueError(f"{groups} layer groups need at least {groups} layers; the model has {layers}")
     weights = group_weights(shape, groups)
-    exact = [(layers - groups) * w / sum(weights) for w in weights]  # one layer each first, then the rest
-    sizes = [1 + int(e) for e in exact]
+    exact = [layers * w / sum(weights) for w in weights]
+    sizes = [max(1, int(e)) for e in exact]
+    while sum(sizes) > layers:  # groups raised to one layer took it from the largest
+        sizes[sizes.index(max(sizes))] -= 1
     by_remainder = sorted(range(groups), key=lambda j: (-(exact[j] - int(exact[j])), j))
     for j in by_remainder[:layers - sum(sizes)]:
         sizes[j] += 1
