@@ -314,8 +314,9 @@ class SequencePart(SequenceDelta):
 
 @register_method
 class Compose(HybridConfig):
-    """Several methods under one adapter name: `Compose(LoRA(...), PrefixTuning(...), Bottleneck(...),
-    gates="learned")`; each part keeps its own targets and settings."""
+    """Several methods under one adapter name, each part with its own targets and settings; gates optional.
+
+    `Compose(LoRA(...), PrefixTuning(...), Bottleneck(...), gates="learned")`."""
 
     method: ClassVar[str] = "compose"
     parts: list[AdapterConfig] = Field(description="the methods' configs, applied in this order on a shared module")
