@@ -18,7 +18,7 @@ from peftkit.core.io import adapter_tensors, fill_adapter, read_adapter
 from peftkit.core.merging import MergeError
 from peftkit.core.registry import adapter_deltas
 from peftkit.core.slot import delta_of
-from peftkit.methods import MAM, Bottleneck, Compose, LayerGroups, LoRA, PrefixTuning, UniPELT
+from peftkit.methods import MAM, Bottleneck, Compose, LayerGroups, LoRA, PrefixTuning, PromptTuning, UniPELT
 from peftkit.methods.hybrid import group_sizes
 from peftkit.train import load_config, run_training
 
@@ -110,6 +110,23 @@ def test_unipelt_mam_and_lora_route_in_one_batch_row_for_row(build) -> None:
     x = ids(len(rows))
     assert_routed_rows(model, x, rows)
     assert_routed_grads(model, x, rows)
+
+
+@pytest.mark.parametrize("gates", ["none", "learned"])
+def test_compose_of_prompt_ia3_and_lora_routes_row_for_row(gates: str) -> None:
+    """Other kinds of parts: (IA)³ on the value output and the FFN input, LoRA beside (IA)³ on the value (an output
+    rewrite and an increment on one module), and ungated a prompt (a gate scales prefixes only); routed beside a plain
+    LoRA and base rows."""
+    model = tiny_bert()
+    ia3 = config_from_dict({"method": "ia3", "targets": ["value", "output.dense"], "feedforward": ["output.dense"]})
+    prompt = [PromptTuning(num_virtual_tokens=3)] if gates == "none" else []
+    peftkit.attach(model, Compose(*prompt, ia3, LoRA(r=2, targets=["query", "value"]), gates=gates), name="mix")
+    peftkit.attach(model, LoRA(r=2, targets=["value"]), name="lora")
+    randomize(model, "mix")
+    randomize(model, "lora", seed=1)
+    rows = ["mix", None, "lora", "mix"]
+    assert_routed_rows(model, ids(len(rows)), rows)
+    assert_routed_grads(model, ids(len(rows)), rows)
 
 
 def test_prefix_gate_reads_only_a_rows_real_tokens() -> None:
@@ -212,6 +229,11 @@ def test_bad_hybrids_are_named_errors() -> None:
         peftkit.attach(model, LayerGroups(groups=[[LoRA(targets=["classifier"])], []]))
     with pytest.raises(ValueError, match="sizes"):
         LayerGroups(groups=[[LoRA(targets=["query"])]], sizes=[1, 1])
+    with pytest.raises(ValueError, match=r"part 0 \(prompt_tuning\): a learned gate scales prefix keys and values"):
+        peftkit.attach(model, Compose(PromptTuning(num_virtual_tokens=2), gates="learned"))
+    ia3 = config_from_dict({"method": "ia3", "targets": FFN_OUT, "feedforward": FFN_OUT})
+    with pytest.raises(ValueError, match=r"part 0 \(ia3\), part 1 \(lora\) sit on one module, some transforming its input"):
+        peftkit.attach(model, Compose(ia3, LoRA(r=2, targets=FFN_OUT)))
     assert peftkit.adapters(model) == {}  # nothing half-attached
 
 
