@@ -111,7 +111,7 @@ class HybridConfig(AdapterConfig):
                 try:
                     by_host[name][i] = next(built)
                 except ValueError as err:
-                    raise ValueError(f"part {i} ({part.config.method}) cannot adapt module {name!r}: {err}") from err
+                    raise ValueError(f"part {i} ({part.config.method}) on module {name!r}: {err}") from err
         for name, host in hosts.items():
             parts = by_host[name]
             gated = {i for i in parts if placed[i].gated}
@@ -151,6 +151,15 @@ def _gate(width: int, like: nn.Module, outputs: int = 1) -> nn.Linear:
     return gate
 
 
+def _gate_width(host: nn.Module, part: Delta) -> int:
+    """The width of what a part reads: the host's input, or its output for a part that rewrites it."""
+    try:
+        shape = host_shape(host)
+    except TypeError as err:
+        raise ValueError(f"a learned gate needs a Linear host: {err}") from None
+    return shape.in_features if part.placement is Placement.INPUT or part.additive else shape.out_features
+
+
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{prefix}{key}": value for key, value in tensors.items()}
 
@@ -171,19 +180,11 @@ class ComposedDelta(Delta):
                              "give them different targets")
         self.placement = Placement.INPUT if on_input else Placement.OUTPUT
         self.parts = nn.ModuleDict({str(i): delta for i, delta in parts.items()})
-        self.gates = nn.ModuleDict({str(i): _gate(self._gate_width(host, d), host) for i, d in parts.items() if i in gated})
+        self.gates = nn.ModuleDict({str(i): _gate(_gate_width(host, d), host) for i, d in parts.items() if i in gated})
         self.additive = all(d.additive for d in parts.values())
         self.reads_input = bool(self.gates) or any(d.reads_input for d in parts.values())
         self.reads_base = any(d.reads_base for d in parts.values())
         self.trains_host_parameters = any(d.trains_host_parameters for d in parts.values())
-
-    def _gate_width(self, host: nn.Module, part: Delta) -> int:
-        """The width of what the part reads: the host's input, or its output for a part that rewrites it."""
-        try:
-            shape = host_shape(host)
-        except TypeError as err:
-            raise ValueError(f"a learned gate needs a Linear host: {err}") from None
-        return shape.in_features if part.placement is Placement.INPUT or part.additive else shape.out_features
 
     def _scale(self, key: str, u: torch.Tensor) -> torch.Tensor | None:
         gate = self.gates[key] if key in self.gates else None
