@@ -20,25 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/bbc.py: the tests' BBC subset and trainer
 
 import peftkit  # noqa: E402
-from peftkit.methods import MAM, BitFit, Bottleneck, LayerGroups, LoRA, PrefixTuning, UniPELT  # noqa: E402
+from peftkit.methods import MAM, Bottleneck, LoRA, PrefixTuning, UniPELT  # noqa: E402
+from peftkit.methods.hybrid import s4_model  # noqa: E402
 from tests.bbc import adapter_off_accuracy, fit_bbc, head_only  # noqa: E402
 
 QV = ["query", "value"]
 
 
-def s4_design() -> LayerGroups:
-    """Chen et al.'s S4 model on 6 layers: spindle groups (1, 2, 2, 1) with G1 (adapter, LoRA), G2 (adapter),
-    G3 (adapter, BitFit), G4 (BitFit, LoRA), and the prefix S4 puts in G2-G4 shared by every layer."""
-    adapter = Bottleneck.preset("parallel", bottleneck=32)
-    return LayerGroups(shape="spindle", groups=[[adapter, LoRA(r=8, alpha=16, targets=QV)], [adapter],
-                                                 [adapter, BitFit(targets=QV)], [BitFit(targets=QV), LoRA(r=8, alpha=16, targets=QV)]],
-                       shared=[PrefixTuning(num_virtual_tokens=10)])
-
-
 DESIGNS = {
     "unipelt": UniPELT(),
     "mam": MAM(),
-    "s4-spindle": s4_design(),
+    "s4-spindle": s4_model(),
     "lora": LoRA(r=8, alpha=16, targets=QV),
     "prefix": PrefixTuning(num_virtual_tokens=10),
     "bottleneck": Bottleneck.preset("pfeiffer", bottleneck=32),

@@ -18,7 +18,12 @@ from pydantic import Field, field_serializer, field_validator, model_validator
 from torch import nn
 
 from ...core.config import AdapterConfig, register_method
+from ..additive.bottleneck import Bottleneck
+from ..additive.prefix import PrefixTuning
+from ..reparameterized.lora import LoRA
+from ..selective.bitfit import BitFit
 from .compose import HybridConfig, Placed, check_parts, parse_parts
+from .unipelt import QUERY_VALUE
 
 Shape = Literal["spindle", "uniform", "increasing", "decreasing", "bottleneck"]
 
@@ -116,3 +121,15 @@ class LayerGroups(HybridConfig):
     def saved_config(self) -> "LayerGroups":
         return self.model_copy(update={"groups": [[p.saved_config() for p in group] for group in self.groups],
                                        "shared": [p.saved_config() for p in self.shared]})
+
+
+def s4_model(attention: str | list[str] = QUERY_VALUE, r: int = 8, bottleneck: int = 32,
+             num_virtual_tokens: int = 10) -> LayerGroups:
+    """Chen et al.'s S4 model: four spindle groups, G1 (adapter, LoRA), G2 (adapter, prefix), G3 (adapter, prefix,
+    BitFit), G4 (prefix, BitFit, LoRA). Adapters are scaled parallel ones beside the FFN, LoRA and BitFit act on the
+    `attention` projections (BitFit needs biases: BERT-style models). The prefix writes every layer at once, so here
+    it is shared by all four groups (S4 leaves it out of G1)."""
+    adapter = Bottleneck.preset("parallel", bottleneck=bottleneck)
+    lora, bitfit = LoRA(r=r, alpha=2.0 * r, targets=attention), BitFit(targets=attention)
+    return LayerGroups(shape="spindle", groups=[[adapter, lora], [adapter], [adapter, bitfit], [bitfit, lora]],
+                       shared=[PrefixTuning(num_virtual_tokens=num_virtual_tokens)])
