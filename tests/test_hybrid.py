@@ -20,7 +20,7 @@ from peftkit.core.registry import adapter_deltas
 from peftkit.core.slot import delta_of
 from peftkit.methods import MAM, Bottleneck, Compose, LayerGroups, LoRA, PrefixTuning, PromptTuning, UniPELT
 from peftkit.methods.hybrid import group_sizes, s4_model
-from peftkit.train import load_config, run_training
+from peftkit.train import config_from_mapping, load_config, run_training
 
 from .bbc import LEARNS, fit_bbc
 from .sequence_checks import VOCAB, assert_routed_grads, assert_routed_rows, logits, tiny_bert, tiny_llama
@@ -265,11 +265,15 @@ def test_layer_group_sizes_and_placement() -> None:
     {"method": "mam", "num_virtual_tokens": 4, "bottleneck": 4},
     {"method": "compose", "gates": "learned", "parts": [{"method": "lora", "r": 2, "targets": ["query"]},
                                                         {"method": "bottleneck", "preset": "pfeiffer", "bottleneck": 4}]},
-], ids=["unipelt", "mam", "compose"])
+    {"method": "layer_groups", "shape": "uniform", "groups": [[{"method": "lora", "r": 2, "targets": ["query"]}],
+                                                              [{"method": "bottleneck", "preset": "parallel", "bottleneck": 4}]]},
+], ids=["unipelt", "mam", "compose", "layer_groups"])
 def test_peftkit_train_runs_hybrid_methods(method, tmp_path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, method=method)))
-    result = run_training(load_config(path))
+    config = load_config(path)
+    assert config_from_mapping(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+    result = run_training(config)
     assert result.steps == 2 and math.isfinite(result.after["loss"])
     saved = peftkit.adapters(result.model)["default"]
     assert saved.method == method["method"] and saved.modules_to_save == ["classifier"]
