@@ -202,12 +202,11 @@ class ComposedDelta(Delta):
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for key, part in self.parts.items():
             if part.additive:
-                new_term = part.increment(x)
-                g = self._scale(key, x)
+                term, g = part.increment(x), self._scale(key, x)
+                out = out + (term if g is None else g * term).to(out.dtype)
             else:
-                new_term = part.transform(x, out) - out
-                g = self._scale(key, out)
-            out = out + (new_term if g is None else g * new_term).to(out.dtype)
+                new, g = part.transform(x, out), self._scale(key, out)
+                out = new if g is None else (out + g * (new - out)).to(out.dtype)
         return out
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
