@@ -71,6 +71,7 @@ def _linear_only(**fields: Any) -> dict[str, dict[str, Any]]:
 ALL_WEIGHTS = {"bert": {"targets": "all-linear", "exclude": ["classifier"]}, "llama": {"targets": "all-linear"},
                "cnn": {"targets": ["type:Conv2d"]}}
 NO_TOKENS = "it adds tokens to a token sequence; a CNN has none"
+HYBRID_CNN = "its parts are transformer methods (prefixes, FFN adapters, attention LoRA); a CNN has none of those layers"
 NOT_LLAMA_ATTENTION = "LLaMA-Adapter's gated prompts need Llama-style attention (q/k/v/o_proj); BERT's differs"
 
 
@@ -148,6 +149,17 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, BLOCK_LRS,
                 skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"}),
+    BenchMethod("compose", {family: {"parts": [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
+                                               {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]}
+                            for family in ("bert", "llama")}, LORA_LRS, skips={"cnn": f"compose: {HYBRID_CNN}"}),
+    BenchMethod("unipelt", {"bert": {}, "llama": {}}, LORA_LRS, skips={"cnn": f"UniPELT: {HYBRID_CNN}"}),
+    BenchMethod("mam", {"bert": {"bottleneck": 64}, "llama": {"bottleneck": 64}}, BLOCK_LRS,  # s = 4 diverges at 1e-2
+                skips={"cnn": f"MAM adapter: {HYBRID_CNN}"}),
+    BenchMethod("layer_groups", {family: {"shape": "uniform", "groups": [  # two groups: the bench's tiny models have 2 layers
+        [{"method": "lora", "r": 4, "alpha": 8, "targets": QV[family]}],
+        [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
+         {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]]} for family in ("bert", "llama")},
+                LORA_LRS, skips={"cnn": f"layer groups: {HYBRID_CNN}"}),
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),
     BenchMethod(PROBE, {"bert": {}, "cnn": {}}, (1e-2, 3e-3, 3e-2),
                 skips={"llama": "a causal LM has no separate head to probe (SmolLM2 ties it to the input embeddings)"},

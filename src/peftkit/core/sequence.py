@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -174,8 +174,15 @@ class SequenceDelta(Delta):
         if not self.causal:
             length_buckets.install(model)
 
+    reads_rows: bool = False  # a prefix that depends on its row's input (UniPELT's gate): `row_virtual`
+
     def virtual(self) -> torch.Tensor:
         """Prompt: [P, d] embeddings. Prefix: [P, layers, 2 (key, value), kv heads, head size]."""
+        raise NotImplementedError
+
+    def row_virtual(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[rows, P, ...]: the prefixes of rows whose input embeddings are `embeds` [rows, T, d], `mask` [rows, T]
+        marking their real tokens (only a delta with `reads_rows`)."""
         raise NotImplementedError
 
     @staticmethod
@@ -267,13 +274,16 @@ class _Layout:
                 out[rows, self.slot_range(delta)] = delta.virtual().to(like.dtype)
         return out
 
-    def fill_prefix_cache(self, cache: DynamicCache, model: nn.Module, dtype: torch.dtype) -> None:
-        """Put each layer's prefix keys and values in the (empty) cache, right-aligned in `prefix_width` slots."""
+    def fill_prefix_cache(self, cache: DynamicCache, model: nn.Module, dtype: torch.dtype,
+                          rows_input: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put each layer's prefix keys and values in the (empty) cache, right-aligned in `prefix_width` slots;
+        `rows_input(rows)`: those rows' (input embeddings, mask), for a prefix that reads them."""
         layers, heads, head_dim = kv_geometry(model)
         kv = torch.zeros(len(self.rows), self.prefix_width, layers, 2, heads, head_dim, dtype=dtype, device=self.device)
         for delta, rows in self.groups.items():
             if delta.kind == "prefix":
-                kv[rows, self.prefix_width - delta.num_virtual_tokens:] = delta.virtual().to(dtype)
+                virtual = delta.row_virtual(*rows_input(rows)) if delta.reads_rows else delta.virtual()
+                kv[rows, self.prefix_width - delta.num_virtual_tokens:] = virtual.to(dtype)
         kv = kv.permute(2, 3, 0, 4, 1, 5)  # [layers, 2, B, heads, P, head size]
         for layer in range(layers):
             cache.update(kv[layer, 0], kv[layer, 1], layer)
@@ -336,7 +346,7 @@ def _extend(model: nn.Module, call: dict[str, Any], layout: _Layout, cached: int
         if layout.prompt_width:
             mask, real_positions = _insert_prompts(model, call, layout, mask, real_positions, length)
         if layout.prefix_width:
-            _insert_prefixes(model, call, layout)
+            _insert_prefixes(model, call, layout, mask)
         call["attention_mask"] = torch.cat([prefix_mask, mask], 1)
         call["position_ids"] = torch.where(mask > 0, real_positions + layout.first_position, layout.pad_position)
     _check_positions(model, call["position_ids"], layout)
@@ -358,15 +368,21 @@ def _insert_prompts(model: nn.Module, call: dict[str, Any], layout: _Layout, mas
             layout.stream(layout.prompt_index.clamp(min=0), positions, 0))
 
 
-def _insert_prefixes(model: nn.Module, call: dict[str, Any], layout: _Layout) -> None:
-    """The prefix keys and values in the call's (empty) cache, or in a new one."""
+def _insert_prefixes(model: nn.Module, call: dict[str, Any], layout: _Layout, mask: torch.Tensor) -> None:
+    """The prefix keys and values in the call's (empty) cache, or in a new one; `mask`: the real tokens."""
     cache = call.get(cache_argument(model))
     if cache is None:
         cache = call[cache_argument(model)] = DynamicCache()
         # the model returns the cache it was given; one made for a call without caching must not be continued
         setattr(cache, UNCACHED, call.get("use_cache") is False)
     embeds = call.get("inputs_embeds")
-    layout.fill_prefix_cache(cache, model, input_embeddings(model).weight.dtype if embeds is None else embeds.dtype)
+
+    def rows_input(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_embeds = input_embeddings(model)(call["input_ids"][rows]) if embeds is None else embeds[rows]
+        return rows_embeds, mask[rows]
+
+    layout.fill_prefix_cache(cache, model, input_embeddings(model).weight.dtype if embeds is None else embeds.dtype,
+                             rows_input)
 
 
 def _check_positions(model: nn.Module, positions: torch.Tensor, layout: _Layout) -> None:

@@ -7,6 +7,7 @@ from .additive.prompt_tuning import PromptTuning
 from .additive.ptuning import PTuning
 from .additive.llama_adapter import LlamaAdapter
 from .additive.ssf import SSF
+from .hybrid import MAM, Compose, LayerGroups, UniPELT
 from .reparameterized.adalora import AdaLoRA, AdaLoRAController
 from .reparameterized.compacter import Compacter
 from .reparameterized.krona import KronA
