@@ -33,6 +33,7 @@ from .methods import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedu
 from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
                       ltsft_select, select_units)
 from .methods import BitDelta, QALoRA
+from .methods.hybrid import MAM, Compose, LayerGroups, UniPELT, s4_model
 from .methods.reparameterized import bitdelta
 from .compose import AdapterMerge, AdapterMergeError, merge_adapters
 from .efficient.quantize import QuantizeConfig, load_quantized, quantization_errors, quantize, save_quantized
@@ -60,6 +61,7 @@ __all__ = [
     "DoRA", "VeRA",
     "LoHa", "LoKr", "OFT",
     "BitDelta", "QALoRA", "bitdelta",
+    "Compose", "LayerGroups", "MAM", "UniPELT", "s4_model",
     "AdapterMerge", "AdapterMergeError", "merge_adapters",
     "LoftQOptions", "QuantizeConfig", "load_quantized", "loftq_initialise", "quantization_errors", "quantize",
     "quantize_int4", "save_quantized",
