@@ -2,7 +2,8 @@
 for a new task (`lorahub`), and steering a model's decoding by a tuned and untuned pair (`ProxyTuning`)."""
 from .lorahub import Candidate, LoRAHubResult, lorahub
 from .merge import AdapterMerge, MergedDiff, MergeOptions, merge_adapters
+from .proxy import ProxyTuning, VocabularyError, proxy_generate
 from .sources import AdapterMergeError
 
 __all__ = ["AdapterMerge", "AdapterMergeError", "Candidate", "LoRAHubResult", "MergedDiff", "MergeOptions",
-           "lorahub", "merge_adapters"]
+           "ProxyTuning", "VocabularyError", "lorahub", "merge_adapters", "proxy_generate"]
