@@ -21,24 +21,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/bbc.py: the tests' BBC subset and trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' BBC subset, bench_merge's pair adapters
 
 import peftkit  # noqa: E402
 from peftkit.compose import lorahub  # noqa: E402
 from peftkit.compose.lorahub import FactorMix  # noqa: E402
 from peftkit.compose.merge import AdapterMerge  # noqa: E402
-from peftkit.models import load_minilm  # noqa: E402
 from peftkit.train import TaskData  # noqa: E402
-from tests.bbc import bbc_config, bbc_data, train_attached  # noqa: E402
+from benchmarks.bench_merge import pair_accuracy, task_rows, train_tasks  # noqa: E402
+from tests.bbc import bbc_data  # noqa: E402
 
 UPSTREAM = {"business_entertainment": (0, 1), "politics_sport": (2, 3), "business_tech": (0, 4),
             "entertainment_sport": (1, 3)}  # label ids of data.labels
 NEW_TASK = (2, 4)  # politics vs tech
 SHOTS, DRAWS, BUDGET = 8, (0, 1, 2), 40
-
-
-def task_rows(split: dict[str, torch.Tensor], pair: tuple[int, int]) -> torch.Tensor:
-    return torch.isin(split["labels"], torch.tensor(pair)).nonzero().flatten()
 
 
 def inputs_of(split: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,33 +56,9 @@ def few_shot(data: TaskData, seed: int) -> list[tuple[dict[str, torch.Tensor], t
     return [(inputs_of(data.train, rows), labels)]
 
 
-@torch.inference_mode()
-def held_out_accuracy(model: nn.Module, data: TaskData) -> float:
-    rows = task_rows(data.eval, NEW_TASK)
-    model.eval()
-    logits = model(**inputs_of(data.eval, rows)).logits[:, list(NEW_TASK)]
-    return float((torch.tensor(NEW_TASK)[logits.argmax(-1)] == data.eval["labels"][rows]).float().mean())
-
-
-def train_upstream(data: TaskData) -> nn.Module:
-    """MiniLM with one trained adapter per upstream pair (frozen once trained)."""
-    model, _ = load_minilm(num_labels=len(data.labels))
-    for name, pair in UPSTREAM.items():
-        config = peftkit.LoRA(r=8, alpha=16, targets=["query", "value"], modules_to_save=["classifier"])
-        peftkit.attach(model, config, name=name)
-        rows = task_rows(data.train, pair)
-        subset = TaskData({k: v[rows] for k, v in data.train.items()}, data.eval, data.labels)
-        start = time.perf_counter()
-        run = train_attached(model, bbc_config(config, lr=1e-2, epochs=4, adapter_name=name), subset)
-        peftkit.set_trainable(model, name, False)
-        print(f"trained {name} on {len(rows)} articles: {run.steps} steps in {time.perf_counter() - start:.0f} s",
-              flush=True)
-    return model
-
-
 def scored(model: nn.Module, data: TaskData, merge: AdapterMerge, weights: list[float]) -> float:
     merge.attach("scored", weights)
-    accuracy = held_out_accuracy(model, data)
+    accuracy = pair_accuracy(model, data, NEW_TASK)
     peftkit.remove(model, "scored")
     return accuracy
 
@@ -94,13 +66,13 @@ def scored(model: nn.Module, data: TaskData, merge: AdapterMerge, weights: list[
 def main() -> None:
     torch.manual_seed(0)
     data = bbc_data()
-    model = train_upstream(data)
+    model = train_tasks(data, UPSTREAM)
     names = list(UPSTREAM)
     print(f"new task {data.labels[NEW_TASK[0]]} vs {data.labels[NEW_TASK[1]]}: "
           f"{len(task_rows(data.eval, NEW_TASK))} held-out articles")
     for name in names:
         peftkit.activate(model, name)
-        print(f"{name + ' alone':<36}{held_out_accuracy(model, data):.3f}")
+        print(f"{name + ' alone':<36}{pair_accuracy(model, data, NEW_TASK):.3f}")
     mixes = {"factors": FactorMix(model, names), "deltas": AdapterMerge(model, names, "cat")}
     for mixing, merge in mixes.items():
         uniform = scored(model, data, merge, [1 / len(names)] * len(names))
@@ -113,7 +85,7 @@ def main() -> None:
                                  optimizer=optimizer, mixing=mixing, new_name="hub")
                 seconds = time.perf_counter() - start
                 weights = ", ".join(f"{w:+.2f}" for w in result.weights.values())
-                print(f"{f'LoRAHub {mixing} {optimizer} draw {seed}':<36}{held_out_accuracy(model, data):.3f}   "
+                print(f"{f'LoRAHub {mixing} {optimizer} draw {seed}':<36}{pair_accuracy(model, data, NEW_TASK):.3f}   "
                       f"w = [{weights}]  examples' loss {result.best.loss:.3f}  ({seconds:.1f} s)", flush=True)
                 peftkit.remove(model, "hub")
 

@@ -101,3 +101,24 @@ def test_mismatched_vocabularies_and_bad_arguments_are_refused() -> None:
     proxy = ProxyTuning(small, adapter="tuned", attention_mask=torch.ones(1, 2, dtype=torch.long))  # another prompt's
     with pytest.raises(ValueError, match="attention_mask given has shape \\(1, 2\\)"):
         base.generate(input_ids=ids, max_new_tokens=2, logits_processor=[proxy], pad_token_id=PAD)
+
+
+def test_the_bundled_decoder_and_its_adapter_steer_its_own_bare_self() -> None:
+    """SmolLM2 as base (bare, generating inside peftkit.disabled) and as the pair (with its adapter on and off):
+    base = untuned, so α = 1 gives the tuned model's own greedy generation and α = 0 the bare model's."""
+    from peftkit.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    model.eval()
+    peftkit.attach(model, peftkit.LoRA(r=8, targets=["q_proj", "v_proj"]), name="tuned")
+    randomize(model, scale=0.05)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The capital of France is", "Once upon a time, in a small"], return_tensors="pt",
+                      padding=True)
+    kwargs = {**batch, "max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    tuned = model.generate(**kwargs)
+    with peftkit.disabled(model):
+        bare = model.generate(**kwargs)
+        steered = {alpha: proxy_generate(model, model, adapter="tuned", alpha=alpha, **kwargs) for alpha in (0.0, 1.0)}
+    assert not torch.equal(tuned, bare)
+    assert torch.equal(steered[0.0], bare) and torch.equal(steered[1.0], tuned)

@@ -17,6 +17,8 @@ same tokens (one tokenizer), as the method assumes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,7 +69,7 @@ class ProxyTuning(LogitsProcessor):
         positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
         if self.adapter is not None:
             rows = input_ids.shape[0]
-            with api.routed(self.tuned, [self.adapter] * rows + [None] * rows):
+            with _enabled(self.tuned), api.routed(self.tuned, [self.adapter] * rows + [None] * rows):
                 logits = self._run(0, self.tuned, new.repeat(2, 1), self._mask.repeat(2, 1), positions.repeat(2, 1))
             tuned, untuned = logits[:rows], logits[rows:]
         else:
@@ -103,6 +105,18 @@ class ProxyTuning(LogitsProcessor):
                     past_key_values=self._caches[slot], use_cache=True)
         self._caches[slot] = out.past_key_values
         return out.logits[:, -1].float()
+
+
+@contextmanager
+def _enabled(model: nn.Module) -> Iterator[None]:
+    """Adapters on for the pair's pass, even while the base generates inside `peftkit.disabled` (the bundled decoder
+    as its own bare base): the rows routed to None still run the bare model."""
+    registry = get_registry(model)
+    previous, registry.disabled = registry.disabled, False
+    try:
+        yield
+    finally:
+        registry.disabled = previous
 
 
 def proxy_generate(base: nn.Module, tuned: nn.Module, untuned: nn.Module | None = None, *, adapter: str | None = None,
