@@ -87,7 +87,7 @@ def lorahub(model: nn.Module, names: Sequence[str], examples: Sequence[Any], los
     `examples`: batches of the new task; `loss_fn(model, batch)` their mean loss (default: cross-entropy of a batch
     `(inputs, labels)`); L(w) is the mean over the batches. `l1`: λ (default 0.05 / K). `bound`: each weight's range
     [−bound, bound] (the paper's 1.5). The same seed gives the same candidates and result."""
-    names = list(names)
+    names, examples = list(names), list(examples)
     _check_search(names, examples, budget, bound, l1, optimizer, mixing)
     penalty_weight = PAPER_L1 / len(names) if l1 is None else l1
     merge = FactorMix(model, names) if mixing == "factors" else AdapterMerge(model, names, "cat")
