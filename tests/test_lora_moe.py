@@ -14,9 +14,6 @@ from peftkit.compose import AdapterMergeError, merge_adapters
 from peftkit.core.training import TrainingContext
 from peftkit.methods import LoRAMoE, expert_usage, lora_moe_balance_loss
 from peftkit.methods.reparameterized.lora_moe import BalanceLoss
-from peftkit.train import Callback
-
-from .bbc import LEARNS, fit_bbc
 
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows, model_output
 from .conftest import randomize
@@ -156,25 +153,3 @@ def test_router_learns_to_balance_from_a_skewed_start() -> None:
     assert last < 1.3 and max(balanced) < 0.5
     assert losses[-1] < 0.5 * losses[0]  # the experts learn the task meanwhile
 
-
-class _BalanceHistory(Callback):
-    """Keeps the method's own balance step's history when training ends."""
-
-    def on_train_end(self, trainer: object) -> None:
-        (step,) = [c for c in trainer.callbacks if isinstance(c, BalanceLoss)]
-        self.history = step.history
-
-
-def test_learns_bbc_with_its_balance_loss_and_reports_usage() -> None:
-    """MiniLM-L6 with 4 experts of rank 4 (top 2) on query/value through `run_training`: the method's own step adds
-    the balance loss; the run beats the head alone and the adapter switched off, and the experts stay in use."""
-    history = _BalanceHistory()
-    config = LoRAMoE(experts=4, top_k=2, r=4, alpha=8, targets=["query", "value"])
-    result, model, _ = fit_bbc(config, lr=3e-3, callbacks=[history])
-    usage = expert_usage(model)
-    busiest = max(max(shares) for shares in usage.values())
-    print(f"balance loss {history.history[0]:.3f} -> {sum(history.history[-5:]) / 5:.3f} over {result.steps} steps; "
-          f"busiest expert's share {busiest:.2f}; layer 0 query: {[round(u, 2) for u in usage[next(iter(usage))]]}")
-    assert len(history.history) == result.steps
-    assert result.accuracy_after >= LEARNS
-    assert busiest < 0.5  # top-2 of 4: perfect balance is 0.25 each, one expert can take at most 0.5
