@@ -111,11 +111,11 @@ def test_the_bundled_decoder_and_its_adapter_steer_its_own_bare_self() -> None:
     model, tokenizer = load_smollm2()
     model.eval()
     peftkit.attach(model, peftkit.LoRA(r=8, targets=["q_proj", "v_proj"]), name="tuned")
-    randomize(model, scale=0.05)
+    randomize(model, scale=0.3)
     tokenizer.padding_side = "left"
     batch = tokenizer(["The capital of France is", "Once upon a time, in a small"], return_tensors="pt",
                       padding=True)
-    kwargs = {**batch, "max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    kwargs = {**batch, "max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     tuned = model.generate(**kwargs)
     with peftkit.disabled(model):
         bare = model.generate(**kwargs)
