@@ -52,10 +52,10 @@ def pair_accuracy(model: nn.Module, data: TaskData, pair: tuple[int, int]) -> fl
     return float((torch.tensor(pair)[logits.argmax(-1)] == data.eval["labels"][rows]).float().mean())
 
 
-def train_tasks(data: TaskData) -> nn.Module:
+def train_tasks(data: TaskData, tasks: dict[str, tuple[int, int]] = TASKS) -> nn.Module:
     """MiniLM with one trained adapter per task (frozen once trained)."""
     model, _ = load_minilm(num_labels=len(data.labels))
-    for name, pair in TASKS.items():
+    for name, pair in tasks.items():
         config = peftkit.LoRA(r=8, alpha=16, targets=["query", "value"], modules_to_save=["classifier"])
         peftkit.attach(model, config, name=name)
         rows = task_rows(data.train, pair)

@@ -96,6 +96,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                 skips={"cnn": f"AdaLoRA: {LINEAR_ONLY}"}, schedule=_adalora_schedule, peft=True),
     BenchMethod("dylora", _linear_only(r_min=1, r_max=8, alpha=16), LORA_LRS, skips={"cnn": f"DyLoRA: {LINEAR_ONLY}"}),
     BenchMethod("sora", _linear_only(r=8, alpha=16), LORA_LRS, skips={"cnn": f"SoRA: {LINEAR_ONLY}"}),
+    BenchMethod("lora_moe", _linear_only(experts=4, top_k=2, r=4, alpha=8), LORA_LRS,
+                skips={"cnn": f"LoRA-MoE: {LINEAR_ONLY}"}),  # 4 experts of rank 4: twice LoRA r=8's count
     BenchMethod("loha", _lora_like(r=4, alpha=8), LORA_LRS, peft=True),  # 2r(in + out) parameters: LoRA r=8's count
     BenchMethod("lokr", _lora_like(r=8, alpha=16), LORA_LRS, peft=True),
     BenchMethod("oft", _linear_only(oft_block_size=32), BLOCK_LRS, peft=True,

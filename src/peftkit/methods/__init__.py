@@ -20,6 +20,7 @@ from .reparameterized.loha import LoHa
 from .reparameterized.lokr import LoKr
 from .reparameterized.oft import OFT
 from .reparameterized.lorafa import LoRAFA
+from .reparameterized.lora_moe import LoRAMoE, expert_usage, lora_moe_balance_loss
 from .reparameterized.qalora import QALoRA
 from .reparameterized.loraplus import LoRAPlus, loraplus_param_groups
 from .reparameterized.relora import ReLoRA, relora_restart
