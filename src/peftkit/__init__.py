@@ -35,7 +35,8 @@ from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_p
 from .methods import BitDelta, QALoRA
 from .methods.hybrid import MAM, Compose, LayerGroups, UniPELT, s4_model
 from .methods.reparameterized import bitdelta
-from .compose import AdapterMerge, AdapterMergeError, merge_adapters
+from .compose import AdapterMerge, AdapterMergeError, ProxyTuning, lorahub, merge_adapters, proxy_generate
+from .methods.reparameterized.lora_moe import LoRAMoE, expert_usage, lora_moe_balance_loss
 from .efficient.quantize import QuantizeConfig, load_quantized, quantization_errors, quantize, save_quantized
 from .efficient.int4 import quantize_int4
 from .efficient.loftq import LoftQOptions, loftq_initialise
@@ -62,7 +63,8 @@ __all__ = [
     "LoHa", "LoKr", "OFT",
     "BitDelta", "QALoRA", "bitdelta",
     "Compose", "LayerGroups", "MAM", "UniPELT", "s4_model",
-    "AdapterMerge", "AdapterMergeError", "merge_adapters",
+    "AdapterMerge", "AdapterMergeError", "merge_adapters", "ProxyTuning", "lorahub", "proxy_generate",
+    "LoRAMoE", "expert_usage", "lora_moe_balance_loss",
     "LoftQOptions", "QuantizeConfig", "load_quantized", "loftq_initialise", "quantization_errors", "quantize",
     "quantize_int4", "save_quantized",
 ]

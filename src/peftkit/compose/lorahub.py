@@ -27,6 +27,7 @@ from torch import nn
 from .. import api
 from ..core.delta import Delta
 from ..methods.selective.selection import LossFn, classification_nll
+from ..models import require_extra
 from . import merge_math
 from .merge import AdapterMerge, _set_lora
 from .sources import AdapterMergeError
@@ -145,6 +146,7 @@ def _mean_loss(model: nn.Module, examples: Sequence[Any], loss_fn: LossFn) -> fl
 
 
 def _ngopt(objective: Callable[[np.ndarray], float], dim: int, budget: int, bound: float, seed: int) -> None:
+    require_extra("nevergrad", "search")
     import nevergrad as ng
 
     weights = ng.p.Array(init=np.zeros(dim), lower=-bound, upper=bound)
@@ -160,6 +162,7 @@ def _ngopt(objective: Callable[[np.ndarray], float], dim: int, budget: int, boun
 def _cma(objective: Callable[[np.ndarray], float], dim: int, budget: int, bound: float, seed: int) -> None:
     """CMA-ES from w = 0 with step size bound / 3, its normal draws from its own seeded generator (`cma`'s `seed`
     option would reseed numpy's global one). A last generation the budget cuts short is scored, not told."""
+    require_extra("cma", "search")
     import cma
 
     options = {"bounds": [-bound, bound], "randn": np.random.RandomState(seed).randn, "seed": np.nan,
