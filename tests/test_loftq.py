@@ -15,7 +15,8 @@ from peftkit.core.hosts import QuantizedHost
 from peftkit.efficient.loftq import LoftQOptions, loftq, loftq_initialise
 from peftkit.efficient.nf_codebook import (NFLinear, dequantize_nf, nf_codebook, pack_codes, quantize_nf,
                                            unpack_codes)
-from peftkit.efficient.quantize import bnb, quantize
+from peftkit.efficient.bnb_linear import bnb
+from peftkit.efficient.quantize import quantize
 
 from .conftest import randomize
 

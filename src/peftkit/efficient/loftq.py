@@ -43,7 +43,8 @@ class LoftQOptions(BaseModel):
     def quantizer(self, out_features: int, in_features: int, device: torch.device) -> nn.Linear:
         """A QuantizedHost for an (out, in) weight that stores it as this LoftQ quantizes."""
         if self.bits == 4:
-            from .quantize import Linear4bitHost, QuantizeConfig  # bitsandbytes: imported only when used
+            from .bnb_linear import Linear4bitHost  # bitsandbytes: imported only when used
+            from .quantize import QuantizeConfig
 
             return Linear4bitHost(in_features, out_features, False, QuantizeConfig(block_size=self.block_size),
                                   device=device)
