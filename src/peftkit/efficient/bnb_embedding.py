@@ -5,9 +5,9 @@ option (imported only when a model is quantized).
     int8   E[t] ≈ codes[t] · absmax_t / 127               1 byte a weight, one absmax per token (row)
     nf4    E ≈ code[q] · absmax_b, blocks of B along each row (double-quantized absmax as for Linear layers)
 
-A lookup dequantizes only the rows it reads. A tied LM head (logits = h Eᵀ) reads the same stored table: it
-dequantizes it in chunks of rows, in the forward and again in the backward, so neither the full float table nor a
-chunk is held between them (autograd would otherwise keep the whole dequantized table for the backward).
+A lookup dequantizes only the rows it reads. A tied LM head (logits = h Eᵀ) reads the same stored table through
+`efficient.frozen_matmul`: in chunks of rows, in the forward and again in the backward, so the float table is never
+whole in memory nor kept for the backward.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .bnb_linear import bnb, int8_rows
+from .frozen_matmul import frozen_linear
 from .quantize import QuantizeConfig, QuantizedModule
 
 HEAD_CHUNK_ROWS = 4096  # rows of the table dequantized at once by a tied head: 9 MiB of float32 at width 576
@@ -192,32 +192,6 @@ def quantized_embedding(embedding: nn.Embedding, config: QuantizeConfig) -> Quan
     return EMBEDDING_TYPES[config.embeddings].from_embedding(embedding, config)
 
 
-class _TiedHeadMatmul(torch.autograd.Function):
-    """h Eᵀ with E dequantized chunk by chunk, in the forward and again in the backward (dh = g E): E is frozen, so
-    nothing of it is saved for the backward."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, embedding: QuantizedEmbedding) -> torch.Tensor:
-        ctx.embedding = embedding
-        out = hidden.new_empty(*hidden.shape[:-1], embedding.num_embeddings)
-        for start in range(0, embedding.num_embeddings, HEAD_CHUNK_ROWS):
-            chunk = slice(start, start + HEAD_CHUNK_ROWS)
-            out[..., chunk] = hidden @ embedding.rows(chunk).to(hidden.dtype).T
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        embedding = ctx.embedding
-        grad_hidden = None
-        for start in range(0, embedding.num_embeddings, HEAD_CHUNK_ROWS):
-            chunk = slice(start, start + HEAD_CHUNK_ROWS)
-            part = grad[..., chunk] @ embedding.rows(chunk).to(grad.dtype)
-            grad_hidden = part if grad_hidden is None else grad_hidden.add_(part)
-        return grad_hidden, None
-
-
 class TiedHead(nn.Linear):
     """An output layer whose weight is tied to a quantized embedding table: logits = h Eᵀ (+ b) from the same stored
     table, never a second copy. A `core.hosts.QuantizedHost` (deltas read and merge into the shared table, as a
@@ -241,8 +215,7 @@ class TiedHead(nn.Linear):
         super().__setattr__(name, value)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = _TiedHeadMatmul.apply(hidden, self.embedding)
-        return out + self.bias if self.bias is not None else out
+        return frozen_linear(hidden, self.embedding.rows, self.out_features, self.bias, HEAD_CHUNK_ROWS)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.embedding.dequantized_weight()

@@ -310,8 +310,9 @@ def quantize(model: nn.Module, bits: int | None = None, scheme: str | None = Non
     from .bnb_linear import quantized_linear
 
     plan = choose_layers(model, config)
-    if not plan.linears:
-        raise ValueError(f"no Linear layer to quantize (left alone: {plan.skipped or 'the model has no nn.Linear'})")
+    if not plan.linears and not plan.embeddings:  # tables alone: e.g. beside Linear layers already in grouped INT4
+        raise ValueError(f"nothing to quantize: no plain Linear layer or embedding table (left alone: "
+                         f"{plan.skipped or 'the model has neither'})")
     tables = {name: quantized_embedding(model.get_submodule(name), config) for name in plan.embeddings}  # may refuse
     before = resident_bytes(model)
     for name in plan.linears:
