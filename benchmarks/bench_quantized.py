@@ -74,12 +74,16 @@ JOBS = {  # MiniLM: 2 epochs of 960 articles, scored on the whole test split (42
 
 Builder = Callable[[Job], nn.Module]  # the model with its trainable adapter attached, tokenizer loaded separately
 CONTENDERS: dict[str, Builder] = {}
+DEFAULT_CONTENDERS: list[str] = []  # run unless --only names others
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Add a contender (a LoftQ or QA-LoRA row): `build(job)` returns the model with its adapter, ready to train."""
+def register(name: str, default: bool = True) -> Callable[[Builder], Builder]:
+    """Add a contender: `build(job)` returns the model with its adapter, ready to train. `default=False`: run only
+    when --only names it."""
     def add(build: Builder) -> Builder:
         CONTENDERS[name] = build
+        if default:
+            DEFAULT_CONTENDERS.append(name)
         return build
     return add
 
@@ -141,6 +145,22 @@ def peftkit_qalora(job: Job) -> nn.Module:
     quantize_int4(model, "all-linear", group_size=32, exclude=job.head or None)
     quantize(model)  # the embedding tables (and a head tied to one)
     return peftkit.attach(model, QALoRA(r=8, alpha=16, targets=job.targets, modules_to_save=job.head))
+
+
+def _checkpointed(model: nn.Module) -> nn.Module:
+    """Gradient checkpointing on the transformer blocks (what peft's prepare_model_for_kbit_training turns on)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@register("fp32 LoRA + checkpointing", default=False)
+def fp32_lora_checkpointed(job: Job) -> nn.Module:
+    return _checkpointed(fp32_lora(job))
+
+
+@register("peftkit QLoRA + checkpointing", default=False)
+def peftkit_qlora_checkpointed(job: Job) -> nn.Module:
+    return _checkpointed(peftkit_qlora(job))
 
 
 @register("peft+bnb QLoRA")
@@ -386,14 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="also time the contenders interleaved in one process, ROUNDS steps each")
     parser.add_argument("--models", nargs="+", default=list(JOBS), choices=list(JOBS))
-    parser.add_argument("--only", nargs="+", default=None, help="contenders to run (default: all registered)")
+    parser.add_argument("--only", nargs="+", default=None, help="contenders to run (default: " +
+                        ", ".join(DEFAULT_CONTENDERS) + f"; also: {', '.join(set(CONTENDERS) - set(DEFAULT_CONTENDERS))})")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_work(json.loads(args.worker))))
         return 0
-    contenders = args.only or list(CONTENDERS)
+    unknown = sorted(set(args.only or []) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"--only: unknown contenders {unknown}; registered: {list(CONTENDERS)}")
+    contenders = args.only or DEFAULT_CONTENDERS
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": THREADS,
            "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "argv": sys.argv[1:]}
     results = []
