@@ -24,6 +24,7 @@ which dispatches to its bitsandbytes LoRA layer. More rows (LoftQ, QA-LoRA) are 
     python benchmarks/bench_quantized.py --quick            # a few steps per contender
     python benchmarks/bench_quantized.py --interleave 5 --json out.json
     python benchmarks/bench_quantized.py --batch 1 --max-length 32 --steps 3   # memory where the weights dominate
+    python benchmarks/bench_quantized.py --tables            # the embedding table formats compared
 """
 from __future__ import annotations
 
@@ -347,7 +348,32 @@ def _work(request: dict[str, Any]) -> Any:
     job = Job(**request["job"])
     if request["kind"] == "measure":
         return measure(request["contender"], job, request["steps"])
+    if request["kind"] == "tables":
+        return table_formats(job)
     return interleaved_steps(request["contenders"], job, request["rounds"])
+
+
+def table_formats(job: Job) -> list[dict[str, Any]]:
+    """Per `embeddings` format: the quantized base's resident bytes against fp32, the word table's relative
+    rounding error, and (SmolLM2) the bare base's held-out answer loss: what the tables' format costs."""
+    import copy
+
+    from peftkit.efficient.quantize import quantize
+
+    task, data = _setup(job)
+    float_model = _load(job).eval()
+    fp32 = base_bytes(float_model)
+    table = float_model.get_input_embeddings().weight.detach()
+    rows = [{"model": job.model, "embeddings": "fp32 base", "ratio": 1.0, "table_error": 0.0,
+             "quality": _quality(float_model, task, data.eval)}]
+    for embeddings in ("keep", "bf16", "int8", "nf4"):
+        model = copy.deepcopy(float_model)
+        quantize(model, embeddings=embeddings)
+        stored = model.get_input_embeddings().weight.detach()
+        rows.append({"model": job.model, "embeddings": embeddings, "ratio": base_bytes(model) / fp32,
+                     "table_error": float((stored - table).norm() / table.norm()),
+                     "quality": _quality(model, task, data.eval)})
+    return rows
 
 
 def _mib(value: float) -> str:
@@ -405,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per row (default: each model's)")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="also time the contenders interleaved in one process, ROUNDS steps each")
+    parser.add_argument("--tables", action="store_true",
+                        help="only compare the embedding table formats (NF4 layers; resident, table error, loss)")
     parser.add_argument("--models", nargs="+", default=list(JOBS), choices=list(JOBS))
     parser.add_argument("--only", nargs="+", default=None, help="contenders to run (default: " +
                         ", ".join(DEFAULT_CONTENDERS) + f"; also: {', '.join(set(CONTENDERS) - set(DEFAULT_CONTENDERS))})")
@@ -418,6 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown contenders {unknown}; registered: {list(CONTENDERS)}")
     contenders = args.only or DEFAULT_CONTENDERS
+    if args.tables:
+        rows = [row for name in args.models for row in _work({"kind": "tables", "job": JOBS[name].__dict__})]
+        print("| model | tables | resident × fp32 | table error (rel. Frobenius) | held-out quality (bare base) |\n"
+              "|---|---|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['model']} | {row['embeddings']} | {row['ratio']:.3f} | {row['table_error']:.4f} "
+                  f"| {row['quality']:.4f} |")
+        return 0
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": THREADS,
            "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "argv": sys.argv[1:]}
     results = []
