@@ -372,6 +372,9 @@ def test_embeddings_option_keeps_or_refuses() -> None:
     report = quantize(kept, embeddings="keep")
     assert report.embeddings == [] and report.skipped["lm_head"] == "weight tied to model.embed_tokens.weight"
     assert type(kept.model.embed_tokens) is nn.Embedding
+    bf16 = tiny_llama(tied=True).to(torch.bfloat16)
+    quantize(bf16)  # lookups and the tied head return the dtype the model computes in
+    assert bf16.model.embed_tokens(torch.tensor([1, 2])).dtype == bf16(torch.tensor([[1, 2]])).logits.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="width 64 is not a multiple of block_size 128"):
         quantize(tiny_llama(), embeddings="nf4", block_size=128)
     quantized = tiny_llama()

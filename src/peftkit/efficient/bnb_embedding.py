@@ -28,30 +28,32 @@ class QuantizedEmbedding(QuantizedModule, nn.Embedding):
     at each access (to read: a prompt initialised from vocabulary rows, a device or dtype); it cannot be assigned,
     since writing into it would change nothing stored: change the table through `store_weight`."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)  # nn.Embedding's own __init__ would allocate a float table
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.output_dtype = dtype  # what lookups return: the dtype of the table it replaced, as the model expects
         self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
         self._merged_states: list[tuple[Any, ...]] = []  # stored_state() of each merge still folded in, in order
         self._unmerged_state: tuple[Any, ...] | None = None
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, config: QuantizeConfig) -> "QuantizedEmbedding":
-        host = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
+        host = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.weight.dtype)
         host.configure(config)
         host._quantize(embedding.weight.detach())
         host.train(embedding.training)
         return host
 
     @classmethod
-    def from_saved(cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None,
-                   tensors: dict[str, torch.Tensor]) -> "QuantizedEmbedding":
-        """A host holding the saved buffers as they are (nothing quantized)."""
-        host = cls(num_embeddings, embedding_dim, padding_idx)
+    def from_saved(cls, embedding: nn.Embedding, tensors: dict[str, torch.Tensor]) -> "QuantizedEmbedding":
+        """A host in place of `embedding` holding the saved buffers as they are (nothing quantized)."""
+        host = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.weight.dtype)
         host._keep(tensors)
-        if host.dequantized_weight().shape != (num_embeddings, embedding_dim):
-            raise ValueError(f"saved table has shape {tuple(host.dequantized_weight().shape)}, the model's is "
-                             f"{(num_embeddings, embedding_dim)}")
+        shape = (embedding.num_embeddings, embedding.embedding_dim)
+        if host.dequantized_weight().shape != shape:
+            raise ValueError(f"saved table has shape {tuple(host.dequantized_weight().shape)}, the model's is {shape}")
+        host.train(embedding.training)
         return host
 
     def configure(self, config: QuantizeConfig) -> None:
@@ -80,7 +82,7 @@ class QuantizedEmbedding(QuantizedModule, nn.Embedding):
         return self.rows(slice(None))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows(ids)
+        return self.rows(ids).to(self.output_dtype)
 
     def stored_state(self) -> tuple[Any, ...]:
         state = dict(self._buffers), self.store_error

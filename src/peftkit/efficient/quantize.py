@@ -448,11 +448,9 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         embedding, prefix = modules[name], f"{name}."
         try:
             table = EMBEDDING_TYPES[table_format].from_saved(
-                embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                embedding, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         except ValueError as err:
             raise QuantizedBaseError(f"{directory}: embedding {name!r}: {err}") from None
-        table.train(embedding.training)
         _set_module(model, name, table)
     for name, table in heads.items():
         _set_module(model, name, TiedHead(model.get_submodule(table), tensors.get(f"{name}.bias")))
