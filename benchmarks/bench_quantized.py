@@ -18,8 +18,10 @@ Per contender and model, in a fresh subprocess (so one contender's freed memory 
              steps.
 
 peft + bitsandbytes: transformers' `BitsAndBytesConfig` loading is GPU-oriented, so the peft contender quantizes the
-same Linear layers with plain `bitsandbytes.nn.Linear4bit` (NF4, double quant, block 64) and attaches peft's LoRA,
-which dispatches to its bitsandbytes LoRA layer. More rows (LoftQ, QA-LoRA) are added with `register(...)`.
+same Linear layers with plain `bitsandbytes.nn.Linear4bit` (NF4, double quant, block 64; its embeddings stay fp32,
+as in transformers' bitsandbytes loading) and attaches peft's LoRA, which dispatches to its bitsandbytes LoRA layer.
+Its layers' bf16 CPU inference path is switched off, as peftkit's are: evaluating before training would otherwise
+repack the weights for inference and break the training forward after it. More rows (LoftQ, QA-LoRA) are added with `register(...)`.
 
     python benchmarks/bench_quantized.py --quick            # a few steps per contender
     python benchmarks/bench_quantized.py --interleave 5 --json out.json
@@ -176,6 +178,7 @@ def peft_qlora(job: Job) -> nn.Module:
         linear = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.support_avx512bf16_for_cpu = False  # evaluate with the training forward, as peftkit's layers do
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
                                          quant_type="nf4", blocksize=64, module=layer)._quantize("cpu")
         if linear.bias is not None:
