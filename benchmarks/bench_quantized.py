@@ -1,24 +1,32 @@
-"""Quantized bases side by side (CPU): fp32 LoRA, peftkit QLoRA (NF4 + double quantization) and peft's QLoRA on
-bitsandbytes, on SmolLM2-135M (chatterbot) and MiniLM-L6 (BBC News).
+"""Quantized bases side by side (CPU): fp32 LoRA, peftkit QLoRA (NF4 + double quantization, int8 embedding tables;
+and with the tables kept fp32), LoftQ, QA-LoRA (grouped INT4) and peft's QLoRA on bitsandbytes, on SmolLM2-135M
+(chatterbot) and MiniLM-L6 (BBC News).
 
 Per contender and model, in a fresh subprocess (so one contender's freed memory cannot hide another's peak):
   resident   bytes of the base's weights as held (parameters, buffers, 4-bit quant states; tied tensors once),
              and its ratio to fp32;
   peak       peak training memory in tensors: the base's resident bytes, plus the adapter's parameters and
-             optimizer state, plus the peak of what one training step allocates and holds at once (activations,
-             gradients, dequantized weight blocks, optimizer temporaries), from torch's CPU allocator events
+             optimizer state ("kept"), plus the peak of what one training step allocates and holds at once ("step":
+             activations, gradients, dequantized weight blocks, optimizer temporaries), from torch's CPU allocator events
              (profiler, profile_memory); tracemalloc does not see torch's allocations. Also reported: peak RSS while
              training (VmHWM, reset through /proc/self/clear_refs once the model is built) minus the RSS before the
              model was loaded, which adds the process's own growth (thread pools, kernels, allocator caches);
-  step       median seconds of one training step (forward, backward, AdamW), after a warm-up step;
-  quality    held-out answer loss on chatterbot (SmolLM2) or accuracy on BBC News (MiniLM) after the steps.
+  step       median seconds of one training step (forward, backward, AdamW), after a warm-up step; with
+             --interleave R, measured again with every contender of a model built in one process and stepped in
+             rounds (one step each, the order alternating), so that a changing load hits all of them alike;
+  quality    held-out answer loss on chatterbot (SmolLM2) or accuracy on BBC News (MiniLM), before and after the
+             steps.
 
 peft + bitsandbytes: transformers' `BitsAndBytesConfig` loading is GPU-oriented, so the peft contender quantizes the
-same Linear layers with plain `bitsandbytes.nn.Linear4bit` (NF4, double quant, block 64) and attaches peft's LoRA,
-which dispatches to its bitsandbytes LoRA layer. More rows (LoftQ, QA-LoRA) are added with `register(...)`.
+same Linear layers with plain `bitsandbytes.nn.Linear4bit` (NF4, double quant, block 64; its embeddings stay fp32,
+as in transformers' bitsandbytes loading) and attaches peft's LoRA, which dispatches to its bitsandbytes LoRA layer.
+Its layers' bf16 CPU inference path is switched off, as peftkit's are: evaluating before training would otherwise
+repack the weights for inference and break the training forward after it. More rows (LoftQ, QA-LoRA) are added with `register(...)`.
 
     python benchmarks/bench_quantized.py --quick            # a few steps per contender
-    python benchmarks/bench_quantized.py --json out.json
+    python benchmarks/bench_quantized.py --interleave 5 --json out.json
+    python benchmarks/bench_quantized.py --batch 1 --max-length 32 --steps 3   # memory where the weights dominate
+    python benchmarks/bench_quantized.py --tables            # the embedding table formats compared
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +65,28 @@ class Job:
     max_length: int
     train_rows: int
     eval_rows: int
+    steps: int  # a full run's training steps (--quick: 8)
+    lr: float
 
 
-JOBS = {
-    "minilm": Job("minilm", "classify-text", "bbc-news", ["query", "value"], ["classifier"], 16, 64, 320, 200),
-    "smollm2": Job("smollm2", "causal-lm-chat", "chatterbot", ["q_proj", "v_proj"], [], 8, 96, 160, 64),
+JOBS = {  # MiniLM: 2 epochs of 960 articles, scored on the whole test split (426)
+    "minilm": Job("minilm", "classify-text", "bbc-news", ["query", "value"], ["classifier"], 16, 64, 960, 426, 120,
+                  2e-3),
+    "smollm2": Job("smollm2", "causal-lm-chat", "chatterbot", ["q_proj", "v_proj"], [], 8, 96, 320, 64, 40, 1e-3),
 }
 
 Builder = Callable[[Job], nn.Module]  # the model with its trainable adapter attached, tokenizer loaded separately
 CONTENDERS: dict[str, Builder] = {}
+DEFAULT_CONTENDERS: list[str] = []  # run unless --only names others
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Add a contender (a LoftQ or QA-LoRA row): `build(job)` returns the model with its adapter, ready to train."""
+def register(name: str, default: bool = True) -> Callable[[Builder], Builder]:
+    """Add a contender: `build(job)` returns the model with its adapter, ready to train. `default=False`: run only
+    when --only names it."""
     def add(build: Builder) -> Builder:
         CONTENDERS[name] = build
+        if default:
+            DEFAULT_CONTENDERS.append(name)
         return build
     return add
 
@@ -97,7 +112,58 @@ def fp32_lora(job: Job) -> nn.Module:
 
 @register("peftkit QLoRA")
 def peftkit_qlora(job: Job) -> nn.Module:
-    return _peftkit_lora(_load(job, quantize="nf4"), job)
+    return _peftkit_lora(_load(job, quantize="nf4"), job)  # embedding tables int8 (the default)
+
+
+@register("peftkit QLoRA, fp32 tables")
+def peftkit_qlora_float_tables(job: Job) -> nn.Module:
+    return _peftkit_lora(_load(job, quantize={"scheme": "nf4", "embeddings": "keep"}), job)
+
+
+@register("peftkit LoftQ")
+def peftkit_loftq(job: Job) -> nn.Module:
+    """QLoRA's base with LoRA's A, B from LoftQ (5 alternations) on the targets, from the float weights."""
+    from peftkit.core.targets import match_targets
+    from peftkit.efficient.loftq import loftq_initialise
+    from peftkit.efficient.quantize import quantize
+
+    model = _load(job)
+    weights = {f"{name}.weight": model.get_submodule(name).weight.detach().clone()
+               for name in match_targets(model, job.targets)}
+    quantize(model)
+    _peftkit_lora(model, job)
+    loftq_initialise(model, "default", weights, iters=5)
+    return model
+
+
+@register("peftkit QA-LoRA")
+def peftkit_qalora(job: Job) -> nn.Module:
+    """Every Linear but the head in grouped INT4 (groups of 32), the tables int8, QA-LoRA r=8 on the targets."""
+    import peftkit
+    from peftkit.efficient.int4 import quantize_int4
+    from peftkit.efficient.quantize import quantize
+    from peftkit.methods.reparameterized.qalora import QALoRA
+
+    model = _load(job)
+    quantize_int4(model, "all-linear", group_size=32, exclude=job.head or None)
+    quantize(model)  # the embedding tables (and a head tied to one)
+    return peftkit.attach(model, QALoRA(r=8, alpha=16, targets=job.targets, modules_to_save=job.head))
+
+
+def _checkpointed(model: nn.Module) -> nn.Module:
+    """Gradient checkpointing on the transformer blocks (what peft's prepare_model_for_kbit_training turns on)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@register("fp32 LoRA + checkpointing", default=False)
+def fp32_lora_checkpointed(job: Job) -> nn.Module:
+    return _checkpointed(fp32_lora(job))
+
+
+@register("peftkit QLoRA + checkpointing", default=False)
+def peftkit_qlora_checkpointed(job: Job) -> nn.Module:
+    return _checkpointed(peftkit_qlora(job))
 
 
 @register("peft+bnb QLoRA")
@@ -108,10 +174,11 @@ def peft_qlora(job: Job) -> nn.Module:
     from peftkit.efficient.quantize import QuantizeConfig, choose_layers
 
     model = _load(job)
-    for name in choose_layers(model, QuantizeConfig())[0]:  # the same layers peftkit quantizes
+    for name in choose_layers(model, QuantizeConfig()).linears:  # the same Linear layers peftkit quantizes
         linear = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.support_avx512bf16_for_cpu = False  # evaluate with the training forward, as peftkit's layers do
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
                                          quant_type="nf4", blocksize=64, module=layer)._quantize("cpu")
         if linear.bias is not None:
@@ -193,20 +260,21 @@ def _quality(model: nn.Module, task: Any, rows: dict[str, torch.Tensor]) -> floa
     return correct / next(iter(rows.values())).shape[0] if task.metric == "accuracy" else total / units
 
 
-def measure(contender: str, job: Job, steps: int) -> dict[str, Any]:
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(SEED)
-    tokenizer = _tokenizer(job)
-    task, data = _data(job, tokenizer)
-    _release_freed_memory()
-    before = _rss_bytes()
+@dataclass
+class Training:
+    """A contender's model ready to train, with its optimizer and one training step."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], None]
+
+
+def _training(contender: str, job: Job, task: Any, data: Any) -> Training:
     model = CONTENDERS[contender](job)
     model.train()
-    resident = base_bytes(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-3 if job.model == "minilm" else 1e-3)
-    _release_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
+    optimizer = torch.optim.AdamW(params, lr=job.lr)
     generator = torch.Generator().manual_seed(SEED)
     n_rows = next(iter(data.train.values())).shape[0]
 
@@ -216,48 +284,122 @@ def measure(contender: str, job: Job, steps: int) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return Training(model, params, optimizer, step)
+
+
+def _setup(job: Job) -> tuple[Any, Any]:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
+    return _data(job, _tokenizer(job))
+
+
+def measure(contender: str, job: Job, steps: int) -> dict[str, Any]:
+    task, data = _setup(job)
+    _release_freed_memory()
+    before = _rss_bytes()
+    run = _training(contender, job, task, data)
+    resident = base_bytes(run.model)
+    quality_before = _quality(run.model, task, data.eval)
+    _release_freed_memory()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
     times = []
     for _ in range(steps + 1):  # the first is a warm-up
         start = time.perf_counter()
-        step()
+        run.step()
         times.append(time.perf_counter() - start)
     peak_rss = _rss_bytes("VmHWM") - before
-    kept = sum(t.numel() * t.element_size() for p in params for t in [p, *optimizer.state[p].values()]
+    kept = sum(t.numel() * t.element_size() for p in run.params for t in [p, *run.optimizer.state[p].values()]
                if isinstance(t, torch.Tensor))
-    peak = resident + kept + _allocation_peak(step)  # what is held between steps, plus a step's own peak
-    return {"contender": contender, "model": job.model, "resident_bytes": resident, "peak_bytes": peak,
-            "peak_rss_bytes": peak_rss,
-            "step_s": statistics.median(times[1:]), "steps": steps, "trainable": sum(p.numel() for p in params),
-            "quality": _quality(model, task, data.eval), "metric": task.metric}
+    step_peak = _allocation_peak(run.step)
+    return {"contender": contender, "model": job.model, "batch": job.batch, "max_length": job.max_length,
+            "resident_bytes": resident, "kept_bytes": kept, "step_peak_bytes": step_peak,
+            "peak_bytes": resident + kept + step_peak,  # what is held between steps, plus a step's own peak
+            "peak_rss_bytes": peak_rss, "step_s": statistics.median(times[1:]), "steps": steps,
+            "trainable": sum(p.numel() for p in run.params), "quality_before": quality_before,
+            "quality": _quality(run.model, task, data.eval),
+            "metric": task.metric}
+
+
+def interleaved_steps(contenders: list[str], job: Job, rounds: int) -> dict[str, float]:
+    """Median step seconds per contender, all built in this process and stepped in rounds, one step each, the
+    order reversed every other round (after a warm-up round)."""
+    task, data = _setup(job)
+    runs = {name: _training(name, job, task, data) for name in contenders}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for index in range(rounds + 1):
+        for name in contenders if index % 2 else reversed(contenders):
+            start = time.perf_counter()
+            runs[name].step()
+            if index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # ----------------------------------------------------------------------------- driving and reporting
 
 
-def run_isolated(contender: str, model: str, steps: int) -> dict[str, Any]:
-    """`measure` in a fresh Python process."""
-    out = subprocess.run([sys.executable, __file__, "--worker", contender, model, str(steps)], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def _in_subprocess(request: dict[str, Any]) -> Any:
+    """A worker request (`measure` or `interleaved_steps`) run in a fresh Python process; its JSON answer."""
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(request)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
-        return {"contender": contender, "model": model, "error": out.stderr.strip().splitlines()[-1]}
+        return {"error": out.stderr.strip().splitlines()[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _work(request: dict[str, Any]) -> Any:
+    job = Job(**request["job"])
+    if request["kind"] == "measure":
+        return measure(request["contender"], job, request["steps"])
+    if request["kind"] == "tables":
+        return table_formats(job)
+    return interleaved_steps(request["contenders"], job, request["rounds"])
+
+
+def table_formats(job: Job) -> list[dict[str, Any]]:
+    """Per `embeddings` format: the quantized base's resident bytes against fp32, the word table's relative
+    rounding error, and (SmolLM2) the bare base's held-out answer loss: what the tables' format costs."""
+    import copy
+
+    from peftkit.efficient.quantize import quantize
+
+    task, data = _setup(job)
+    float_model = _load(job).eval()
+    fp32 = base_bytes(float_model)
+    table = float_model.get_input_embeddings().weight.detach()
+    rows = [{"model": job.model, "embeddings": "fp32 base", "ratio": 1.0, "table_error": 0.0,
+             "quality": _quality(float_model, task, data.eval)}]
+    for embeddings in ("keep", "bf16", "int8", "nf4"):
+        model = copy.deepcopy(float_model)
+        quantize(model, embeddings=embeddings)
+        stored = model.get_input_embeddings().weight.detach()
+        rows.append({"model": job.model, "embeddings": embeddings, "ratio": base_bytes(model) / fp32,
+                     "table_error": float((stored - table).norm() / table.norm()),
+                     "quality": _quality(model, task, data.eval)})
+    return rows
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.1f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | contender | resident base MiB | × fp32 | peak train MiB | × fp32 LoRA | peak RSS MiB | step s "
-             "| quality |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | contender | resident base MiB | × fp32 | kept MiB | step peak MiB | peak train MiB | "
+             "× fp32 LoRA | peak RSS MiB | step s | interleaved step s | quality |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         ref = next((r for r in rows if r["contender"] == "fp32 LoRA" and "error" not in r), None)
         for r in rows:
             if "error" in r:
-                lines.append(f"| {model} | {r['contender']} | failed: {r['error']} | | | | | | |")
+                lines.append(f"| {model} | {r['contender']} | failed: {r['error']} |" + " |" * 10)
                 continue
             ratio = lambda key: f"{r[key] / ref[key]:.3f}" if ref else "–"  # noqa: E731
-            quality = f"{r['metric']} {r['quality']:.3f}"
-            lines.append(f"| {model} | {r['contender']} | {r['resident_bytes'] / 2**20:.1f} | {ratio('resident_bytes')} "
-                         f"| {r['peak_bytes'] / 2**20:.1f} | {ratio('peak_bytes')} | {r['peak_rss_bytes'] / 2**20:.0f} "
-                         f"| {r['step_s']:.3f} | {quality} |")
+            interleaved = f"{r['interleaved_step_s']:.3f}" if "interleaved_step_s" in r else "–"
+            lines.append(f"| {model} | {r['contender']} | {_mib(r['resident_bytes'])} | {ratio('resident_bytes')} "
+                         f"| {_mib(r['kept_bytes'])} | {_mib(r['step_peak_bytes'])} | {_mib(r['peak_bytes'])} "
+                         f"| {ratio('peak_bytes')} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['step_s']:.3f} "
+                         f"| {interleaved} | {r['metric']} {r['quality_before']:.3f} → {r['quality']:.3f} |")
     return "\n".join(lines)
 
 
@@ -265,35 +407,75 @@ def verdicts(results: list[dict[str, Any]]) -> list[str]:
     out = []
     for model in dict.fromkeys(r["model"] for r in results):
         by = {r["contender"]: r for r in results if r["model"] == model and "error" not in r}
-        ref, q, peft = by.get("fp32 LoRA"), by.get("peftkit QLoRA"), by.get("peft+bnb QLoRA")
-        if ref and q:
-            for key, goal in (("resident_bytes", TARGETS["resident"]), ("peak_bytes", TARGETS["peak"])):
-                ratio = q[key] / ref[key]
-                out.append(f"{model}: QLoRA {key.split('_')[0]} {ratio:.3f}× fp32 (target ≤ {goal}): "
-                           f"{'met' if ratio <= goal else 'missed'}")
-        if q and peft:
-            ratio = q["step_s"] / peft["step_s"]
-            out.append(f"{model}: QLoRA step {ratio:.3f}× peft's QLoRA (target ≤ 1): {'met' if ratio <= 1 else 'missed'}")
+        ref, peft = by.get("fp32 LoRA"), by.get("peft+bnb QLoRA")
+        for name in [n for n in by if n.startswith("peftkit")]:
+            q = by[name]
+            if ref:
+                for key, goal in (("resident_bytes", TARGETS["resident"]), ("peak_bytes", TARGETS["peak"])):
+                    ratio = q[key] / ref[key]
+                    out.append(f"{model}: {name} {key.split('_')[0]} {ratio:.3f}× fp32 (target ≤ {goal}): "
+                               f"{'met' if ratio <= goal else 'missed'}")
+                if q["metric"] == "accuracy":
+                    out.append(f"{model}: {name} accuracy {100 * (q['quality'] - ref['quality']):+.1f} points "
+                               "against fp32 LoRA (target: within 2)")
+            if peft and "QLoRA" in name:
+                key = "interleaved_step_s" if "interleaved_step_s" in q and "interleaved_step_s" in peft else "step_s"
+                ratio = q[key] / peft[key]
+                out.append(f"{model}: {name} {key.replace('_', ' ')} {ratio:.3f}× peft's QLoRA (target ≤ 1): "
+                           f"{'met' if ratio <= 1 else 'missed'}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few training steps per contender")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 40, quick 8)")
+    parser.add_argument("--quick", action="store_true", help="8 training steps per contender")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: each model's, quick 8)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default: each model's)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per row (default: each model's)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="also time the contenders interleaved in one process, ROUNDS steps each")
+    parser.add_argument("--tables", action="store_true",
+                        help="only compare the embedding table formats (NF4 layers; resident, table error, loss)")
     parser.add_argument("--models", nargs="+", default=list(JOBS), choices=list(JOBS))
-    parser.add_argument("--only", nargs="+", default=None, help="contenders to run (default: all registered)")
+    parser.add_argument("--only", nargs="+", default=None, help="contenders to run (default: " +
+                        ", ".join(DEFAULT_CONTENDERS) + f"; also: {', '.join(set(CONTENDERS) - set(DEFAULT_CONTENDERS))})")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--worker", nargs=3, metavar=("CONTENDER", "MODEL", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        contender, model, steps = args.worker
-        print(json.dumps(measure(contender, JOBS[model], int(steps))))
+        print(json.dumps(_work(json.loads(args.worker))))
         return 0
-    steps = args.steps or (8 if args.quick else 40)
+    unknown = sorted(set(args.only or []) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"--only: unknown contenders {unknown}; registered: {list(CONTENDERS)}")
+    contenders = args.only or DEFAULT_CONTENDERS
+    if args.tables:
+        rows = [row for name in args.models for row in _work({"kind": "tables", "job": JOBS[name].__dict__})]
+        print("| model | tables | resident × fp32 | table error (rel. Frobenius) | held-out quality (bare base) |\n"
+              "|---|---|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['model']} | {row['embeddings']} | {row['ratio']:.3f} | {row['table_error']:.4f} "
+                  f"| {row['quality']:.4f} |")
+        return 0
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": THREADS,
-           "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    results = [run_isolated(c, m, steps) for m in args.models for c in (args.only or CONTENDERS)]
+           "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "argv": sys.argv[1:]}
+    results = []
+    for name in args.models:
+        job = JOBS[name]
+        job = replace(job, batch=args.batch or job.batch, max_length=args.max_length or job.max_length)
+        steps = args.steps or (8 if args.quick else job.steps)
+        for contender in contenders:
+            result = _in_subprocess({"kind": "measure", "contender": contender, "job": job.__dict__, "steps": steps})
+            results.append({"contender": contender, "model": name, **result})
+            print(f"{name} {contender}: {result}", file=sys.stderr, flush=True)
+        if args.interleave:
+            timed = _in_subprocess({"kind": "interleave", "contenders": contenders, "job": job.__dict__,
+                                    "rounds": args.interleave})
+            for result in results:
+                if result["model"] == name and result["contender"] in timed:
+                    result["interleaved_step_s"] = timed[result["contender"]]
+            env[f"interleaved_{name}"] = timed
+            env[f"loadavg_after_{name}"] = os.getloadavg()
     env["loadavg_end"] = os.getloadavg()
     print(table(results))
     print("\n".join(verdicts(results)))

@@ -158,9 +158,12 @@ def test_loftq_initialise_on_a_quantized_model(bits: int) -> None:
     else:
         for i in (0, 2):
             model[i] = NFLinear.from_linear(model[i], bits)
-    peftkit.attach(model, LoRA(r=8, alpha=8, targets=["0", "2"]))
+    peftkit.attach(model, LoRA(r=8, alpha=8, targets=["0", "2"], modules_to_save=["4"]))  # a trained head copy
     qlora_start = {i: model[i].dequantized_weight() for i in (0, 2)}
+    head = {n: p.detach().clone() for n, p in model[4].peftkit["default"].named_parameters()}
     results = loftq_initialise(model, "default", weights, iters=3)
+    assert results.keys() == {"0", "2"}  # the head copy is no LoRA: left as it was
+    assert all(torch.equal(p, head[n]) for n, p in model[4].peftkit["default"].named_parameters())
     for i in (0, 2):
         result, host, delta = results[str(i)], model[i], model[i].peftkit["default"]
         exact = weights[f"{i}.weight"]
@@ -170,7 +173,8 @@ def test_loftq_initialise_on_a_quantized_model(bits: int) -> None:
         torch.testing.assert_close(delta.delta_weight(), result.b @ result.a, rtol=1e-5, atol=1e-6)
     model(torch.randn(3, 128)).square().sum().backward()  # trains on top as any LoRA
     assert {n for n, p in model.named_parameters() if p.grad is not None} == {
-        f"{i}.peftkit.default.lora_{f}" for i in (0, 2) for f in "AB"}
+        f"{i}.peftkit.default.lora_{f}" for i in (0, 2) for f in "AB"} | {
+        f"4.peftkit.default.module.{p}" for p in ("weight", "bias")}
 
 
 def test_loftq_initialise_refuses_what_it_cannot_do() -> None:

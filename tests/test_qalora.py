@@ -78,6 +78,28 @@ def test_forward_is_int4_base_plus_pooled_low_rank() -> None:
     assert not torch.allclose(host(x), x @ w_q.T + bias, atol=1e-3)
 
 
+@pytest.mark.parametrize("host", ["int4", "nf3"])
+def test_int4_and_nf_hosts_keep_no_dequantized_weight_for_the_backward(host) -> None:
+    """Their forward dequantizes the weight and drops it (efficient.frozen_matmul); the backward dequantizes it again:
+    gradients equal F.linear's on the dequantized weight, and nothing weight-sized is saved for the backward."""
+    from peftkit.efficient.nf_codebook import NFLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    layer = GroupINT4Linear.from_linear(linear, 32) if host == "int4" else NFLinear.from_linear(linear, bits=3)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not any(t.numel() >= 96 * 64 for t in saved)
+    out.square().sum().backward()
+    reference = x.detach().requires_grad_()
+    expected = nn.functional.linear(reference, layer.dequantized_weight(), layer.bias.detach())
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_refuses_a_float_host_and_a_rank_above_the_groups() -> None:
     model = nn.Sequential(nn.Linear(64, 8))
     with pytest.raises(ValueError, match="grouped-INT4 base.*quantize_int4"):

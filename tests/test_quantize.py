@@ -1,7 +1,8 @@
 """Quantized bases (efficient.quantize): NF4 as the codebook times the (double-quantized) block scale, every method on
 top equal to the same method on a float base holding the dequantized weights, gradients only to adapters, merge with
 its error reported and an exact unmerge, routing, the saved base round trip, the refusals, `peftkit train` with
-`model: {quantize: nf4}`, and QLoRA learning BBC on MiniLM."""
+`model: {quantize: nf4}`, QLoRA learning BBC on MiniLM, and the quantized embedding tables (int8, bf16, nf4) with an
+LM head tied to one."""
 from __future__ import annotations
 
 import copy
@@ -29,13 +30,16 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.7229568362236023, 1.0])
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, tied: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    if tied:  # as SmolLM2's
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -44,8 +48,8 @@ def mlp(seed: int = 0) -> nn.Sequential:
 
 
 def float_twin(quantized: nn.Module, original: nn.Module) -> nn.Module:
-    """A float copy of `original` whose quantized layers hold the dequantized weights: what a quantized base must
-    compute like."""
+    """A float copy of `original` whose quantized layers and tables hold the dequantized weights (a tied head follows
+    its table): what a quantized base must compute like."""
     twin = copy.deepcopy(original)
     for name, host in quantized_layers(quantized).items():
         twin.get_submodule(name).weight.data = host.dequantized_weight()
@@ -97,6 +101,7 @@ METHODS = {
     "bottleneck": lambda: Bottleneck(targets=["down_proj"], bottleneck=8),
     "prefix": lambda: PrefixTuning(num_virtual_tokens=3),
     "prompt": lambda: PromptTuning(num_virtual_tokens=3),
+    "lora-embedding": lambda: LoRA(r=4, targets=["embed_tokens", "q_proj"]),
 }
 
 
@@ -107,13 +112,13 @@ def test_every_method_on_a_quantized_base_equals_it_on_the_dequantized_float_bas
     original = tiny_llama()
     quantized = copy.deepcopy(original)
     report = quantize(quantized)
-    assert "lm_head" in report.skipped and len(report.quantized) == 14
+    assert "lm_head" in report.skipped and len(report.quantized) == 14 and report.embeddings == ["model.embed_tokens"]
     twin = float_twin(quantized, original)
     ids = torch.randint(0, 96, (3, 7))
     outputs, grads = [], []
     for model in (quantized, twin):
-        peftkit.attach(model, METHODS[method]())
         torch.manual_seed(1)
+        peftkit.attach(model, METHODS[method]())
         randomize(model, scale=0.1)
         out = model(ids).logits
         out.square().mean().backward()
@@ -184,11 +189,10 @@ def test_mixed_batch_rows_equal_rows_alone_on_a_quantized_base() -> None:
     assert len({round(float(a.sum()), 4) for a in alone[:4]}) == 4  # the adapters (and the base) really differ
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_saved_quantized_base_reloads_exactly_without_quantizing(tmp_path, scheme, monkeypatch) -> None:
-    model = tiny_llama()
-    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
-    quantize(model, scheme=scheme)
+@pytest.mark.parametrize("scheme, embeddings", [("nf4", "int8"), ("int8", "nf4"), ("nf4", "bf16"), ("nf4", "keep")])
+def test_saved_quantized_base_reloads_exactly_without_quantizing(tmp_path, scheme, embeddings, monkeypatch) -> None:
+    model = tiny_llama(tied=True)
+    quantize(model, scheme=scheme, embeddings=embeddings)
     save_quantized(model, tmp_path / "base")
     from peftkit.efficient import bnb_linear
 
@@ -197,8 +201,13 @@ def test_saved_quantized_base_reloads_exactly_without_quantizing(tmp_path, schem
 
     monkeypatch.setattr(bnb_linear.bnb.functional, "quantize_4bit", refuse)
     monkeypatch.setattr(bnb_linear.bnb.functional, "int8_vectorwise_quant", refuse)
-    fresh = load_quantized(tiny_llama(seed=5), tmp_path / "base")
-    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    fresh = load_quantized(tiny_llama(seed=5, tied=True), tmp_path / "base")
+    if embeddings == "keep":
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    else:  # the head reads the loaded table; no float copy of it is left
+        assert fresh.lm_head.embedding is fresh.model.embed_tokens
+        assert not any(p.shape == (96, 64) for p in fresh.parameters())
+    assert quantized_layers(fresh).keys() == quantized_layers(model).keys()
     for name, host in quantized_layers(model).items():
         assert torch.equal(host.dequantized_weight(), fresh.get_submodule(name).dequantized_weight())
     ids = torch.randint(0, 96, (2, 6))
@@ -229,7 +238,8 @@ def test_adapter_trained_on_the_quantized_base_loads_onto_the_float_base(tmp_pat
 def test_config_errors_name_the_field() -> None:
     for bad, field in (({"scheme": "nf3"}, "scheme"), ({"block_size": 100}, "block_size"),
                        ({"scheme": "nf4", "bits": 8}, "bits"), ({"scheme": "int8", "block_size": 128}, "block_size"),
-                       ({"compute_dtype": "float64"}, "compute_dtype"), ({"double_quantization": True}, "double_quant")):
+                       ({"compute_dtype": "float64"}, "compute_dtype"), ({"double_quantization": True}, "double_quant"),
+                       ({"embeddings": "fp8"}, "embeddings")):
         with pytest.raises(ValueError, match=field):
             QuantizeConfig(**bad)
     assert QuantizeConfig(bits=8).scheme == "int8" and QuantizeConfig(scheme="fp4").bits == 4
@@ -265,7 +275,9 @@ def test_train_config_quantizes_the_base_end_to_end(tmp_path) -> None:
     config = tiny_config(tmp_path, model={"name": "tiny-bert", "quantize": "nf4"})
     result = run_training(config)
     layers = quantized_layers(result.model)
-    assert len(layers) == 13 and "classifier" not in layers  # 2 × (q, k, v, o, ffn in, out) + the pooler; not the head
+    linears = [name for name, layer in layers.items() if isinstance(layer, nn.Linear)]
+    assert len(linears) == 13 and "classifier" not in layers  # 2 × (q, k, v, o, ffn in, out) + the pooler; not the head
+    assert len(layers) == 16  # and the word, position and token type tables
     assert result.after["loss"] < float("inf") and result.steps > 0
     assert config_from_mapping(config).model.quantize == QuantizeConfig()
     for bad, field in (("nf3", "model.quantize"), ({"scheme": "nf4", "block_size": 3}, "block_size")):
@@ -279,6 +291,93 @@ def test_qlora_learns_bbc_on_minilm() -> None:
     result, trained = _run(config, run_training)
     print(f"QLoRA (NF4, double quant) on MiniLM: BBC accuracy {result.accuracy_before:.3f} -> "
           f"{result.accuracy_after:.3f} in {result.train_seconds:.1f}s")
-    assert len(quantized_layers(trained.model)) == 37  # 6 layers × 6 Linear + the pooler
+    assert len(quantized_layers(trained.model)) == 40  # 6 layers × 6 Linear + the pooler; 3 embedding tables
     assert result.accuracy_after >= LEARNS
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+# --- embedding tables and a head tied to one -------------------------------------------------------
+
+
+@pytest.mark.parametrize("embeddings, bound", [("int8", 0.01), ("bf16", 0.003), ("nf4", 0.12)])
+def test_embedding_table_rows_are_its_dequantized_table(embeddings, bound) -> None:
+    """A lookup gives exactly the rows of the dequantized table, which is within the format's rounding of the float
+    table; int8 is codes · absmax_row / 127 with codes = round(127 w / absmax_row)."""
+    model = tiny_llama()
+    table = model.model.embed_tokens.weight.detach().clone()
+    quantize(model, embeddings=embeddings)
+    host = model.model.embed_tokens
+    ids = torch.tensor([[0, 5, 95], [5, 17, 3]])
+    assert torch.equal(host(ids), host.dequantized_weight()[ids]) and torch.equal(host.weight, host.dequantized_weight())
+    assert (host.dequantized_weight() - table).norm() / table.norm() < bound
+    if embeddings == "int8":
+        absmax = table.half().float().abs().amax(1)
+        torch.testing.assert_close(host.scales, absmax)
+        assert (host.codes.float() - torch.round(table.half().float() * 127 / absmax[:, None])).abs().max() <= 1
+        torch.testing.assert_close(host.dequantized_weight(), host.codes.float() * host.scales[:, None] / 127)
+    with pytest.raises(AttributeError, match="read-only"):
+        host.weight = nn.Parameter(table)
+
+
+def test_tied_head_reads_the_quantized_table_in_chunks_and_saves_none_of_it(monkeypatch) -> None:
+    """SmolLM2-style tie: the head and the lookup share one stored table; logits and gradients equal a float model
+    holding the dequantized table, with the table dequantized a chunk at a time; nothing of it is kept for the
+    backward; LoRA on the table and on the head trains, merges (error reported) and unmerges exactly."""
+    from peftkit.efficient import bnb_embedding
+
+    monkeypatch.setattr(bnb_embedding, "HEAD_CHUNK_ROWS", 40)  # 96 rows: chunks of 40, 40, 16
+    original = tiny_llama(tied=True)
+    quantized = copy.deepcopy(original)
+    report = quantize(quantized)
+    assert report.tied_heads == {"lm_head": "model.embed_tokens"} and "lm_head" not in report.skipped
+    assert not any(p.shape == (96, 64) for p in quantized.parameters())  # no float table left
+    twin = float_twin(quantized, original)
+    ids = torch.randint(0, 96, (3, 7))
+    outputs, grads = [], []
+    for model in (quantized, twin):
+        torch.manual_seed(1)
+        peftkit.attach(model, LoRA(r=4, targets=["embed_tokens", "q_proj", "lm_head"]))
+        randomize(model, scale=0.1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = model(ids).logits
+        out.square().mean().backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+    assert not any(t.shape == (96, 64) for t in saved)  # the quantized model saved no (dequantized) table
+    table = quantized.model.embed_tokens
+    stored = table.dequantized_weight()
+    for model in (quantized, twin):  # both deltas fold into the one shared table, as in the float tied model
+        peftkit.merge(model)
+    assert "model.embed_tokens" in quantization_errors(quantized)
+    with torch.no_grad():
+        assert 0 < (quantized(ids).logits - twin(ids).logits).abs().max() < 0.5  # the re-quantization's rounding
+    peftkit.unmerge(quantized)
+    assert torch.equal(table.dequantized_weight(), stored) and quantization_errors(quantized) == {}
+
+
+def test_prompt_initialised_from_the_vocabulary_reads_the_dequantized_table() -> None:
+    model = tiny_llama()
+    quantize(model)
+    peftkit.attach(model, PromptTuning(num_virtual_tokens=3, init="text", init_token_ids=[4, 9, 95]))
+    prompt = model.peftkit["default"].prompt_embeddings
+    assert torch.equal(prompt.detach(), model.model.embed_tokens.dequantized_weight()[[4, 9, 95]])
+
+
+def test_embeddings_option_keeps_or_refuses() -> None:
+    kept = tiny_llama(tied=True)
+    report = quantize(kept, embeddings="keep")
+    assert report.embeddings == [] and report.skipped["lm_head"] == "weight tied to model.embed_tokens.weight"
+    assert type(kept.model.embed_tokens) is nn.Embedding
+    bf16 = tiny_llama(tied=True).to(torch.bfloat16)
+    quantize(bf16)  # lookups and the tied head return the dtype the model computes in
+    assert bf16.model.embed_tokens(torch.tensor([1, 2])).dtype == bf16(torch.tensor([[1, 2]])).logits.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="width 64 is not a multiple of block_size 128"):
+        quantize(tiny_llama(), embeddings="nf4", block_size=128)
+    quantized = tiny_llama()
+    quantize(quantized)
+    with pytest.raises(ValueError, match="module 'model.embed_tokens'.*stored quantized"):
+        peftkit.attach(quantized, LoRA(r=2, targets=["q_proj"], modules_to_save=["embed_tokens"]))

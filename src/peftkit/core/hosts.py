@@ -106,7 +106,7 @@ def refusal_to_train(host: nn.Module) -> str | None:
     if isinstance(host, QuantizedHost):
         return (f"its weight is stored quantized ({type(host).__name__}) and frozen, so its own parameters cannot "
                 "be trained; adapt it with a method that adds parameters (LoRA, DoRA, (IA)³, ...), or apply the "
-                "selective method to the modules left in full precision (norms, embeddings, unquantized layers)")
+                "selective method to the modules left in full precision (norms, unquantized layers and tables)")
     return None
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..models import require_extra
-from .quantize import COMPUTE_DTYPES, QuantizeConfig, QuantizedLinear
+from .quantize import COMPUTE_DTYPES, QuantizeConfig, QuantizedModule
 
 require_extra("bitsandbytes", "quant")
 
@@ -35,6 +35,12 @@ def _import_bitsandbytes() -> Any:
 bnb = _import_bitsandbytes()
 
 
+def int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes (…, width) times their rows' absmax / 127, as float32: the expression bitsandbytes' int8 forward
+    uses, so that this is bit for bit the weight it multiplies by."""
+    return codes.to(torch.float32).mul_(scales.unsqueeze(-1).mul(1.0 / 127.0))
+
+
 def _rows_call(call: Any, x: torch.Tensor) -> torch.Tensor:
     """`call` on x's rows as one 2-D batch, reshaped back. bitsandbytes' autograd functions return a view for a
     3-D input, which a delta adding into the output in place (LoRA's fused addmm) may not modify; a 2-D result is
@@ -43,7 +49,7 @@ def _rows_call(call: Any, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class Linear4bitHost(QuantizedLinear, bnb.nn.Linear4bit):
+class Linear4bitHost(QuantizedModule, bnb.nn.Linear4bit):
     """A Linear stored in 4 bits (NF4 or FP4, blockwise absmax, optionally double-quantized): bitsandbytes'
     `Linear4bit` as a peftkit host."""
 
@@ -92,7 +98,7 @@ class Linear4bitHost(QuantizedLinear, bnb.nn.Linear4bit):
         self.block_size = self.weight.blocksize
 
 
-class Linear8bitHost(QuantizedLinear, bnb.nn.Linear8bitLt):
+class Linear8bitHost(QuantizedModule, bnb.nn.Linear8bitLt):
     """A Linear stored in int8 with one scale per output row (LLM.int8() without outlier columns): bitsandbytes'
     `Linear8bitLt` as a peftkit host. Its forward always dequantizes and multiplies in the input's dtype
     (bitsandbytes' training path on a CPU); the inference path would quantize the activations to int8 as well."""
@@ -112,8 +118,7 @@ class Linear8bitHost(QuantizedLinear, bnb.nn.Linear8bitLt):
         self.state.CB, self.state.SCB = codes, scales
 
     def dequantized_weight(self) -> torch.Tensor:
-        # the expression bitsandbytes' forward uses, so that this is bit for bit the weight the forward multiplies by
-        return self.state.CB.to(torch.float32).mul_(self.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return int8_rows(self.state.CB, self.state.SCB)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.state.is_training = True  # dequantize + float matmul also in evaluation (see the class docstring)
@@ -132,10 +137,10 @@ class Linear8bitHost(QuantizedLinear, bnb.nn.Linear8bitLt):
         self._keep(tensors["weight"], tensors["SCB"])
 
 
-HOST_TYPES: dict[str, type[QuantizedLinear]] = {"nf4": Linear4bitHost, "fp4": Linear4bitHost, "int8": Linear8bitHost}
+HOST_TYPES: dict[str, type[QuantizedModule]] = {"nf4": Linear4bitHost, "fp4": Linear4bitHost, "int8": Linear8bitHost}
 
 
-def quantized_linear(linear: nn.Linear, config: QuantizeConfig) -> QuantizedLinear:
+def quantized_linear(linear: nn.Linear, config: QuantizeConfig) -> QuantizedModule:
     """A frozen quantized copy of `linear` (its bias kept in its own dtype, frozen)."""
     host = HOST_TYPES[config.scheme](linear.in_features, linear.out_features, linear.bias is not None, config,
                                      device=linear.weight.device)

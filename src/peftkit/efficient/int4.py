@@ -10,13 +10,13 @@ W + c ⇔ z' = z − c/s, the codes q unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import TargetSpec
 from ..core.hosts import QuantizedHost
 from ..core.slot import deltas_of
 from ..core.targets import match_targets
+from .frozen_matmul import frozen_linear
 from .nf_codebook import pack_codes, unpack_codes
 
 LEVELS = 15  # 4-bit codes 0..15
@@ -82,8 +82,8 @@ class GroupINT4Linear(nn.Linear):
                              f"got {tuple(change.shape)}")
         self.weight_zeros -= change.to(self.weight_zeros.dtype) / self.weight_scales
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the dequantized weight is not kept for the backward
+        return frozen_linear(x, lambda rows: self.dequantized_weight()[rows], self.out_features, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

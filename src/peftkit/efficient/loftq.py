@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..core.delta import ModuleCopy
 from ..core.hosts import QuantizedHost, host_shape, read_weight, to_host_layout
 from ..core.registry import adapter_deltas, get_registry
 from .nf_codebook import MAX_BITS, MIN_BITS, NFLinear
@@ -106,10 +107,11 @@ def loftq_initialise(model: nn.Module, adapter: str, weights: Mapping[str, torch
                      iters: int = 5) -> dict[str, LoftQResult]:
     """LoftQ for a LoRA adapter attached to quantized hosts: each host (a QuantizedHost) stores Q_T computed from its
     original float weight `weights["<host>.weight"]` (a state dict of the model before quantizing), and the adapter's
-    A, B are set. Returns each host's result (its errors against zero-init QLoRA's)."""
+    A, B are set; the adapter's trainable module copies (`modules_to_save`, a fresh head) are left as they are.
+    Returns each host's result (its errors against zero-init QLoRA's)."""
     if adapter in get_registry(model).merged:
         raise ValueError(f"adapter {adapter!r} is merged; unmerge it before initialising it")
-    deltas = list(adapter_deltas(model, adapter))
+    deltas = [(n, host, d) for n, host, d in adapter_deltas(model, adapter) if not isinstance(d, ModuleCopy)]
     problems = {"are not quantized": [n for n, host, _ in deltas if not isinstance(host, QuantizedHost)],
                 "hold no plain LoRA on a Linear": [n for n, _, d in deltas if not _plain_linear_lora(d)],
                 "have no original weight in `weights`": [n for n, _, _ in deltas if f"{n}.weight" not in weights]}

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .frozen_matmul import frozen_linear
+
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -127,8 +129,8 @@ class NFLinear(nn.Linear):
         state = quantize_nf(weight, self.bits, self.block_size)
         self.weight.data, self.weight_scales = state.codes, state.scales
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the dequantized weight is not kept for the backward
+        return frozen_linear(x, lambda rows: self.dequantized_weight()[rows], self.out_features, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, block_size={self.block_size}"

@@ -5,6 +5,9 @@ peftkit method trained on top.
     absmax_b ≈ code8[q2_b] · c_g + offset   double quantization: the absmaxes 8-bit, in groups of 256 blocks
     W ≈ CB · SCB_row / 127                  int8: one scale per output row
 
+The embedding tables are stored smaller too (`embeddings`: int8 by default, or bf16 / nf4 / kept float), and an
+output head tied to one reads the same stored table (`efficient.bnb_embedding`).
+
 Each quantized layer is a peftkit subclass of bitsandbytes' `Linear4bit` / `Linear8bitLt`, so it is an nn.Linear to
 every method, and it implements `core.hosts.QuantizedHost`: deltas read its weight only as the dequantized float
 tensor (DoRA's norm) and write it back only through `store_weight` (merging: dequantize → add ΔW → quantize again,
@@ -59,6 +62,9 @@ class QuantizeConfig(BaseModel):
     skip_head: bool = Field(True, description="leave the output layer alone (the LM head, a classification head)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="4-bit: the dtype the matmul runs in; None: the input's")
+    embeddings: Literal["int8", "bf16", "nf4", "keep"] = Field(
+        "int8", description="how the embedding tables (and a head tied to one) are stored: int8 with one absmax per "
+                            "row, bf16, nf4 in blocks along each row, or kept as they are")
 
     @model_validator(mode="before")
     @classmethod
@@ -101,9 +107,8 @@ class QuantizeConfig(BaseModel):
     @property
     def name(self) -> str:
         """A short name for file names and reports: nf4-dq-b64, fp4-b128, int8."""
-        if self.scheme == "int8":
-            return "int8"
-        return f"{self.scheme}{'-dq' if self.double_quant else ''}-b{self.block_size}"
+        linears = "int8" if self.scheme == "int8" else f"{self.scheme}{'-dq' if self.double_quant else ''}-b{self.block_size}"
+        return linears if self.embeddings == "keep" else f"{linears}-emb-{self.embeddings}"
 
 
 def quantize_config(value: "QuantizeConfig | str | int | dict[str, Any]") -> "QuantizeConfig":
@@ -133,20 +138,21 @@ class QuantizationError:
         return cls(float(diff.abs().max()) if diff.numel() else 0.0, float(diff.norm()) / norm if norm else 0.0)
 
 
-class QuantizedLinear:
-    """What the quantized Linear types (`efficient.bnb_linear`) add to bitsandbytes' layers: the QuantizedHost methods, exact restore,
-    the rounding error of the last store, and their tensors for saving."""
+class QuantizedModule:
+    """What the quantized Linear types (`efficient.bnb_linear`) and embedding tables (`efficient.bnb_embedding`) have:
+    the QuantizedHost methods, exact restore, the rounding error of the last store, and their tensors for saving."""
 
     store_error: QuantizationError | None = None  # set by store_weight (a merge); None: the weight as quantized
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The weight as float32 in the module's own layout: (out, in) for a Linear, (vocabulary, width) for a table."""
         raise NotImplementedError
 
     def _quantize(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
 
     def store_weight(self, weight: torch.Tensor) -> None:
-        """Quantize `weight` (out, in) and keep it; remember how much the rounding changed it."""
+        """Quantize `weight` (in `dequantized_weight`'s layout) and keep it; remember how much the rounding changed it."""
         self._quantize(weight.detach())
         self.store_error = QuantizationError.between(weight, self.dequantized_weight())
         logger.debug("re-quantized %s: max abs error %.3g, relative Frobenius %.3g", type(self).__name__,
@@ -192,29 +198,58 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
     return {ptr: names for ptr, names in by_storage.items() if len(names) > 1}
 
 
-def choose_layers(model: nn.Module, config: QuantizeConfig) -> tuple[list[str], dict[str, str]]:
-    """(names of the Linear layers to quantize, {name: why not} for the Linear layers left alone).
+@dataclass(frozen=True)
+class LayerPlan:
+    """What `quantize` does to each module: the Linear layers and embedding tables it quantizes, the output heads
+    tied to a quantized table ({head: table}), and {name: why not} for the Linear layers and tables left alone."""
 
-    Only plain `nn.Linear` layers are quantized: a subclass (MultiheadAttention's out_proj) may read its weight
-    directly, which a packed weight would break."""
+    linears: list[str]
+    embeddings: list[str]
+    tied_heads: dict[str, str]
+    skipped: dict[str, str]
+
+
+def _skip_reason(name: str, module: nn.Module, plain: type[nn.Module], skipped_roots: set[str]) -> str | None:
+    if any(name == root or name.startswith(root + ".") for root in skipped_roots):
+        return "skip"
+    if type(module) is not plain:
+        return f"{type(module).__name__} is not a plain {plain.__module__.split('.')[0]}.{plain.__qualname__}"
+    return None
+
+
+def choose_layers(model: nn.Module, config: QuantizeConfig) -> LayerPlan:
+    """Which modules to quantize. Only plain `nn.Linear` and `nn.Embedding` modules are: a subclass
+    (MultiheadAttention's out_proj) may read its weight directly, which a packed weight would break. A Linear whose
+    weight is tied to a table that is quantized becomes a head reading that table; tied to anything else, it is
+    left alone (quantizing it would hold a second copy)."""
     skipped_roots = set(match_targets(model, config.skip)) if config.skip else set()
     heads = head_names(model) if config.skip_head else set()
-    shared = {name.rpartition(".")[0]: names for names in _shared_weights(model).values() for name in names}
-    chosen, skipped = [], {}
-    for name, module in own_modules(model):
-        if not isinstance(module, nn.Linear) or not name:
+    shared = {name: names for names in _shared_weights(model).values() for name in names}  # by parameter name
+    modules = [(name, module) for name, module in own_modules(model) if name]
+    embeddings, skipped = [], {}
+    for name, module in modules:
+        if config.embeddings == "keep" or not isinstance(module, nn.Embedding):
             continue
-        if any(name == root or name.startswith(root + ".") for root in skipped_roots):
-            skipped[name] = "skip"
-        elif name in heads:
-            skipped[name] = "output head (skip_head)"
-        elif type(module) is not nn.Linear:
-            skipped[name] = f"{type(module).__name__} is not a plain nn.Linear"
-        elif name in shared:
-            skipped[name] = f"weight tied to {', '.join(n for n in shared[name] if not n.startswith(name + '.'))}"
-        else:
-            chosen.append(name)
-    return chosen, skipped
+        why = _skip_reason(name, module, nn.Embedding, skipped_roots)
+        if why is None and module.max_norm is not None:
+            why = "max_norm renormalises the table in place"
+        embeddings.append(name) if why is None else skipped.setdefault(name, why)
+    chosen, tied_heads = [], {}
+    for name, module in modules:
+        if not isinstance(module, nn.Linear):
+            continue
+        why = _skip_reason(name, module, nn.Linear, skipped_roots)
+        ties = [n for param in module._parameters for n in shared.get(f"{name}.{param}", [])
+                if not n.startswith(name + ".")]
+        if why is None and ties:
+            if len(ties) == 1 and ties[0].endswith(".weight") and ties[0].removesuffix(".weight") in embeddings:
+                tied_heads[name] = ties[0].removesuffix(".weight")
+                continue
+            why = f"weight tied to {', '.join(ties)}"
+        if why is None and name in heads:
+            why = "output head (skip_head)"
+        chosen.append(name) if why is None else skipped.setdefault(name, why)
+    return LayerPlan(chosen, embeddings, tied_heads, skipped)
 
 
 # --- quantize -------------------------------------------------------------------------------------
@@ -222,13 +257,16 @@ def choose_layers(model: nn.Module, config: QuantizeConfig) -> tuple[list[str], 
 
 @dataclass
 class QuantizeReport:
-    """What `quantize` did: the layers quantized and left alone, and the model's resident bytes before and after."""
+    """What `quantize` did: the layers and tables quantized and left alone, the heads tied to a quantized table, and
+    the model's resident bytes before and after."""
 
     config: QuantizeConfig
-    quantized: list[str]
+    quantized: list[str]  # Linear layers
     skipped: dict[str, str]  # name -> why
     bytes_before: int
     bytes_after: int
+    embeddings: list[str]
+    tied_heads: dict[str, str]  # head -> the table it reads
 
     @property
     def ratio(self) -> float:
@@ -236,7 +274,9 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{name} ({why})" for name, why in self.skipped.items()) or "none"
-        return (f"quantized {len(self.quantized)} Linear layers to {self.config.name}; resident weights "
+        tables = f" and {len(self.embeddings)} embedding tables" if self.embeddings else ""
+        tied = "".join(f"; {head} reads the quantized {table}" for head, table in self.tied_heads.items())
+        return (f"quantized {len(self.quantized)} Linear layers{tables} to {self.config.name}{tied}; resident weights "
                 f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({self.ratio:.3f}x); "
                 f"left in full precision: {skipped}")
 
@@ -245,7 +285,7 @@ def resident_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters, buffers and quantization states, each storage counted once (tied weights,
     shared codebooks)."""
     tensors = [*model.parameters(), *model.buffers()]
-    tensors += [t for module in model.modules() if isinstance(module, QuantizedLinear)
+    tensors += [t for module in model.modules() if isinstance(module, QuantizedModule)
                 for t in module.state_tensors().values()]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
@@ -253,32 +293,42 @@ def resident_bytes(model: nn.Module) -> int:
 
 def quantize(model: nn.Module, bits: int | None = None, scheme: str | None = None, double_quant: bool | None = None,
              block_size: int | None = None, skip: str | list[str] = (), skip_head: bool = True,
-             compute_dtype: str | None = None, config: QuantizeConfig | None = None) -> QuantizeReport:
-    """Replace the model's Linear layers, in place, by frozen quantized ones, leaving the output head and `skip` in
-    full precision. The arguments are `QuantizeConfig`'s (or give `config`); unset: NF4 with double quantization in
-    blocks of 64. Quantize before attaching adapters. Returns what was quantized and the resident bytes."""
+             compute_dtype: str | None = None, embeddings: str | None = None,
+             config: QuantizeConfig | None = None) -> QuantizeReport:
+    """Replace the model's Linear layers and embedding tables, in place, by frozen quantized ones, leaving an untied
+    output head and `skip` in full precision. The arguments are `QuantizeConfig`'s (or give `config`); unset: NF4
+    with double quantization in blocks of 64, tables in int8. Quantize before attaching adapters. Returns what was
+    quantized and the resident bytes."""
     if config is None:
         given = {"bits": bits, "scheme": scheme, "double_quant": double_quant, "block_size": block_size,
-                 "compute_dtype": compute_dtype}
+                 "compute_dtype": compute_dtype, "embeddings": embeddings}
         config = QuantizeConfig(**{k: v for k, v in given.items() if v is not None},
                                 skip=skip if isinstance(skip, str) else list(skip), skip_head=skip_head)
     if model.__dict__.get(REGISTRY_ATTR) is not None and model.__dict__[REGISTRY_ATTR].configs:
         raise ValueError("quantize the base before attaching adapters: this model already has adapters attached")
+    from .bnb_embedding import TiedHead, quantized_embedding
     from .bnb_linear import quantized_linear
 
-    names, skipped = choose_layers(model, config)
-    if not names:
-        raise ValueError(f"no Linear layer to quantize (left alone: {skipped or 'the model has no nn.Linear'})")
+    plan = choose_layers(model, config)
+    if not plan.linears and not plan.embeddings:  # tables alone: e.g. beside Linear layers already in grouped INT4
+        raise ValueError(f"nothing to quantize: no plain Linear layer or embedding table (left alone: "
+                         f"{plan.skipped or 'the model has neither'})")
+    tables = {name: quantized_embedding(model.get_submodule(name), config) for name in plan.embeddings}  # may refuse
     before = resident_bytes(model)
-    for name in names:
+    for name in plan.linears:
         _set_module(model, name, quantized_linear(model.get_submodule(name), config))
+    for name, table in tables.items():
+        _set_module(model, name, table)
+    for head, table in plan.tied_heads.items():
+        _set_module(model, head, TiedHead(tables[table], model.get_submodule(head).bias))
     model.__dict__["peftkit_quantization"] = config
-    return QuantizeReport(config, names, skipped, before, resident_bytes(model))
+    return QuantizeReport(config, plan.linears, plan.skipped, before, resident_bytes(model), plan.embeddings,
+                          plan.tied_heads)
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """The model's quantized Linear layers by name."""
-    return {name: module for name, module in own_modules(model) if isinstance(module, QuantizedLinear)}
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedModule]:
+    """The model's quantized Linear layers and embedding tables by name (a tied head is its table's)."""
+    return {name: module for name, module in own_modules(model) if isinstance(module, QuantizedModule)}
 
 
 def quantization_errors(model: nn.Module) -> dict[str, QuantizationError]:
@@ -294,7 +344,7 @@ class QuantizedBaseError(ValueError):
     """A saved quantized base that cannot be read or does not fit the model it is loaded into."""
 
 
-def _layer_scheme(host: QuantizedLinear) -> str:
+def _layer_scheme(host: QuantizedModule) -> str:
     return getattr(host.weight, "quant_type", None) or "int8"
 
 
@@ -323,12 +373,22 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
             first_by_storage[where] = key
             tensors[key] = value.detach().contiguous()
     config = model.__dict__.get("peftkit_quantization")
-    description = {"format": FORMAT, "layers": {name: _layer_scheme(host) for name, host in layers.items()},
-                   "tied": tied,
+    description = {"format": FORMAT, "layers": {name: _layer_scheme(host) for name, host in layers.items()
+                                                if isinstance(host, nn.Linear)},
+                   "embeddings": {name: host.FORMAT for name, host in layers.items() if isinstance(host, nn.Embedding)},
+                   "tied_heads": _tied_heads(model), "tied": tied,
                    "config": config.model_dump(mode="json", exclude_defaults=True) if config is not None else None}
     directory = Path(directory)
     write_dir_atomically(directory, {CONFIG_FILE: description, WEIGHTS_FILE: tensors})
     return directory
+
+
+def _tied_heads(model: nn.Module) -> dict[str, str]:
+    """{head: the quantized table it reads} for the model's tied heads."""
+    from .bnb_embedding import TiedHead
+
+    names = {id(module): name for name, module in own_modules(model)}
+    return {name: names[id(module.embedding)] for name, module in own_modules(model) if isinstance(module, TiedHead)}
 
 
 def _read_saved(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -356,17 +416,20 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a base saved by `save_quantized` into `model`, a float model of the same architecture (its weights are
     replaced; build it without initialising them where you can): the quantized layers take the saved packed values
     and quant states as they are, without quantizing anything. Returns the model."""
+    from .bnb_embedding import EMBEDDING_TYPES, TiedHead
     from .bnb_linear import HOST_TYPES
 
     directory = Path(directory)
     description, tensors = _read_saved(directory)
     config = QuantizeConfig(**description["config"]) if description["config"] is not None else None
     modules = dict(own_modules(model))
-    for name in description["layers"]:  # all checked before the model changes
-        if not isinstance(modules.get(name), nn.Linear):
+    tables, heads = description.get("embeddings", {}), description.get("tied_heads", {})
+    expected = [(name, nn.Linear) for name in [*description["layers"], *heads]] + [(name, nn.Embedding) for name in tables]
+    for name, kind in expected:  # all checked before the model changes
+        if not isinstance(modules.get(name), kind):
             found = f"a {type(modules[name]).__name__}" if name in modules else "not a module"
             raise QuantizedBaseError(f"{directory} does not fit this model: its quantized layer {name!r} is {found} "
-                                     "here, not a Linear")
+                                     f"here, not a {kind.__name__}")
     for name, scheme in description["layers"].items():
         linear = modules[name]
         compute = {"compute_dtype": config.compute_dtype} if config and config.compute_dtype else {}
@@ -381,9 +444,20 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             host.bias = nn.Parameter(tensors[f"{name}.bias"], requires_grad=False)
         host.train(linear.training)
         _set_module(model, name, host)
-    rest = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in description["layers"])}
+    for name, table_format in tables.items():
+        embedding, prefix = modules[name], f"{name}."
+        try:
+            table = EMBEDDING_TYPES[table_format].from_saved(
+                embedding, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except ValueError as err:
+            raise QuantizedBaseError(f"{directory}: embedding {name!r}: {err}") from None
+        _set_module(model, name, table)
+    for name, table in heads.items():
+        _set_module(model, name, TiedHead(model.get_submodule(table), tensors.get(f"{name}.bias")))
+    packed = [*description["layers"], *tables]
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in packed)}
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in description["layers"])]
+    missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in packed)]
     if missing or unexpected:
         raise QuantizedBaseError(f"{directory} does not fit this model: missing {missing[:5]}, unexpected "
                                  f"{unexpected[:5]}")
