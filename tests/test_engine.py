@@ -42,13 +42,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "dora": {"targets": QV, "r": 2}, "vera": {"targets": QV, "r": 8}, "dylora": {"targets": QV, "r_min": 1, "r_max": 4},
     "loha": {"targets": QV, "r": 2}, "lokr": {"targets": QV, "r": 2}, "oft": {"targets": QV, "oft_block_size": 4},
     "lorafa": {"targets": QV, "r": 2}, "loraplus": {"targets": QV, "r": 2}, "relora": {"targets": QV, "restart_every": 3},
-    "sora": {"targets": QV, "r": 4},
+    "sora": {"targets": QV, "r": 4}, "lora_moe": {"targets": QV, "experts": 2, "top_k": 1, "r": 2},
+    "compose": {"parts": [{"method": "lora", "targets": QV, "r": 2},
+                          {"method": "bottleneck", "bottleneck": 4, "targets": ["output.dense"]}], "gates": "learned"},
+    "unipelt": {"r": 2, "num_virtual_tokens": 4, "bottleneck": 4}, "mam": {"num_virtual_tokens": 4, "bottleneck": 4},
+    "layer_groups": {"groups": [[{"method": "lora", "targets": QV, "r": 2}],
+                                [{"method": "bottleneck", "bottleneck": 4, "targets": ["output.dense"]}]],
+                     "shape": "uniform"},
 }
 LLAMA = {"llama_adapter": {"adapter_len": 2, "adapter_layers": 1}}  # Llama attention only: the chat task
 CHAT = {**LLAMA, "lora": {"targets": ["q_proj", "v_proj"], "r": 2}, "prompt_tuning": {"num_virtual_tokens": 4},
         "prefix_tuning": {"num_virtual_tokens": 4}, "ia3": {"targets": ["k_proj", "v_proj", "down_proj"],
                                                            "feedforward": ["down_proj"]}}
-REFUSED = {"adapter_fusion": "adapters: Field required"}  # fuses adapters trained before: nothing to fuse here
+REFUSED = {"adapter_fusion": "adapters: Field required",  # fuses adapters trained before: nothing to fuse here
+           "bitdelta": "bitdelta is not trained by peftkit train: it compresses a finished fine-tune",
+           "qalora": "qalora is not trained by peftkit train: it trains on a grouped-INT4 base",
+           "merged_diff": "merged_diff is not trained by peftkit train: it is the result of a merge"}
 STEPS = 8  # 16 rows in batches of 4, 2 epochs
 
 
@@ -154,9 +163,10 @@ def test_method_trains_through_peftkit_train_and_multijob_with_its_own_steps(tmp
         OBSERVED[method](model, state.optimizer)
 
 
-def test_a_method_that_cannot_run_here_is_refused_by_name_before_any_work(tmp_path) -> None:
-    with pytest.raises(TrainConfigError, match=REFUSED["adapter_fusion"]):
-        run_training(config(tmp_path, "adapter_fusion", **RUN))
+@pytest.mark.parametrize("method", REFUSED)
+def test_a_method_that_cannot_run_here_is_refused_by_name_before_any_work(tmp_path, method: str) -> None:
+    with pytest.raises(TrainConfigError, match=REFUSED[method]):
+        run_training(config(tmp_path, method, **RUN))
 
 
 def test_relora_is_refused_beside_other_jobs(tmp_path) -> None:

@@ -54,6 +54,7 @@ class MergedDiff(SelectiveConfig):
     """A merged change of host weights and biases (`merge_adapters` with store="dense" or "sparse")."""
 
     method: ClassVar[str] = "merged_diff"
+    not_trained_by_run: ClassVar[str | None] = "it is the result of a merge: make it with peftkit.merge_adapters(...)"
 
 
 class MergeOptions(BaseModel):

@@ -26,6 +26,8 @@ class AdapterConfig(BaseModel):
 
     method: ClassVar[str]
     trains_base: ClassVar[bool] = False  # its training steps write into the base weights (ReLoRA's restarts)
+    # Why `peftkit train` cannot train it from a fresh attach, and what makes it instead; None: it can.
+    not_trained_by_run: ClassVar[str | None] = None
     targets: TargetSpec = Field(description="modules to adapt: names / dotted suffixes / 'type:Linear', a regex, "
                                             "or 'all-linear'")
     exclude: TargetSpec | None = Field(None, description="modules to leave out, in the same syntax")

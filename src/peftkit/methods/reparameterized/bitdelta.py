@@ -59,6 +59,9 @@ class BitDelta(AdapterConfig):
     """BitDelta config: the Linear layers whose delta is signs and a scale, and the modules whose changes are exact."""
 
     method: ClassVar[str] = "bitdelta"
+    not_trained_by_run: ClassVar[str | None] = (
+        "it compresses a finished fine-tune: make it with peftkit.bitdelta.compress(base, finetuned), then fit its "
+        "scales with distill_scales")
     exact: list[str] = Field([], description="modules whose changed entries travel exactly in float32 (LayerNorms, "
                                              "embedding rows, untargeted Linear layers): names or dotted suffixes")
     _exact_hosts: frozenset[str] = PrivateAttr(frozenset())  # set by choose_hosts

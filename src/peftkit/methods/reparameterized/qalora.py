@@ -30,6 +30,9 @@ class QALoRA(AdapterConfig):
     """QA-LoRA config: rank, scaling and dropout of a LoRA whose A reads the group-pooled input."""
 
     method: ClassVar[str] = "qalora"
+    not_trained_by_run: ClassVar[str | None] = (
+        "it trains on a grouped-INT4 base, which model.quantize does not build: quantize with "
+        "peftkit.efficient.int4.quantize_int4(model, group_size=...) and train in Python")
     r: int = Field(8, gt=0, description="rank of ΔW")
     alpha: float = Field(8.0, gt=0, description="scaling numerator: s = alpha/r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the pooled input of A")
