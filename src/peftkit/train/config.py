@@ -163,8 +163,9 @@ class TrainConfig(_Section):
             close = difflib.get_close_matches(str(method), configs, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"unknown PEFT method {method!r}{hint}; known methods: {', '.join(sorted(configs))}")
-        if configs[method].not_trained_by_run:
-            raise ValueError(f"method {method} is not trained by peftkit train: {configs[method].not_trained_by_run}")
+        refusal = getattr(configs[method], "not_trained_by_run", None)  # the full fine-tune is no AdapterConfig
+        if refusal:
+            raise ValueError(f"method {method} is not trained by peftkit train: {refusal}")
         try:
             return configs[method](**{key: v for key, v in value.items() if key != "method"})
         except ValidationError as err:  # every unknown key, each with the closest field of this method
