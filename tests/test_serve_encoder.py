@@ -9,6 +9,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from peftkit import IA3, LoRA
 from peftkit.data import load_bbc_news
 from peftkit.models import load_minilm
 from peftkit.serve import AdapterUnavailable, UnknownAdapter
+from peftkit.serve import encoder as encoder_module
 from peftkit.serve.encoder import EncoderEngine, NoClassifierHead, read_encoder_adapter
 from peftkit.serve.store import AdapterStore
 from peftkit.train import load_config
@@ -268,6 +270,17 @@ def test_label_names_from_the_run_config(classifying, data: dict, labels: tuple[
     assert tuple(result.probs) == labels and result.label in labels
     tone = engine.classify(["x"], "tone")[0]  # the same head under its numbered names
     assert list(result.probs.values()) == pytest.approx(list(tone.probs.values()), abs=1e-6)
+
+
+def test_a_run_config_outside_the_adapter_root_is_not_read(classifiers) -> None:
+    """Rooted at the adapter directory itself, the run config beside it lies outside the root: numbered labels."""
+    root, _, (model, _) = classifiers
+    adapter = (root / "news" / "adapter").resolve()
+    rooted = partial(read_encoder_adapter, root=adapter)
+    config, _, _ = rooted(adapter, model)
+    assert encoder_module._HEADS[id(config)].labels == tuple(f"LABEL_{i}" for i in range(5))
+    config, _, _ = partial(read_encoder_adapter, root=root)(adapter, model)  # inside the root: the run's topics
+    assert encoder_module._HEADS[id(config)].labels == BBC_TOPICS
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's own noise

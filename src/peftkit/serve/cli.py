@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,7 +111,8 @@ def build_server(settings: ServeSettings) -> Server:
     model, tokenizer = load_model(settings.model, dtype=getattr(torch, dtype))
     model.to(device).eval()
     # the encoder reads classification adapters saved from MiniLM's sequence classifier, splitting their heads off
-    reader = read_encoder_adapter if settings.model == "minilm" else read_adapter
+    reader = (partial(read_encoder_adapter, root=settings.adapter_root) if settings.model == "minilm"
+              else read_adapter)
     store = AdapterStore(model, root=settings.adapter_root, max_loaded=settings.max_loaded_adapters,
                          max_bytes=settings.adapter_memory, reader=reader)
     for name, path in settings.adapters.items():

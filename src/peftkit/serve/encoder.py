@@ -278,15 +278,16 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 _HEADS: dict[int, Head] = {}  # id(config of a read adapter) -> its head, for as long as that config object lives
 
 
-def read_encoder_adapter(directory: Path,
-                         model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
+def read_encoder_adapter(directory: Path, model: nn.Module,
+                         root: Path | None = None) -> tuple[AdapterConfig, dict[str, torch.Tensor], str | None]:
     """The adapter store's reader on an encoder server (`AdapterStore(model, reader=read_encoder_adapter)`):
     `read_adapter`, with an adapter saved from MiniLM as a sequence classifier made to fit the served `BertModel`:
     its module names lose their `bert.` prefix and its head copy (`classifier`) is split off into a `Head`, found
     by `head_of(model, name)` once the store has attached the adapter under `name`.
 
     Label names and the text length come from the training run's config beside the directory (OUTPUT/config.yaml
-    beside OUTPUT/adapter): see `_run_labels`."""
+    beside OUTPUT/adapter): see `_run_labels`. With an adapter `root` (`--adapter-root`), a run config outside it is
+    not read (`functools.partial(read_encoder_adapter, root=...)` as the store's reader)."""
     config, tensors, name = read_adapter(directory, model)
     tensors = {key.removeprefix(ENCODER_PREFIX): value for key, value in tensors.items()}
     copied = f"{HEAD_MODULE}{COPY_KEY}"
@@ -299,7 +300,7 @@ def read_encoder_adapter(directory: Path,
         "targets": _unprefixed(config.targets), "exclude": _unprefixed(config.exclude),
         "modules_to_save": [module for module in _unprefixed(config.modules_to_save) if module != HEAD_MODULE]})
     if has_head:
-        _HEADS[id(config)] = Head(head["weight"], head["bias"], *_run_labels(directory, head["weight"].shape[0]))
+        _HEADS[id(config)] = Head(head["weight"], head["bias"], *_run_labels(directory, head["weight"].shape[0], root))
         weakref.finalize(config, _HEADS.pop, id(config), None)
     return config, tensors, name
 
@@ -314,14 +315,16 @@ def _unprefixed(spec: str | list[str] | None) -> str | list[str] | None:
     return [entry.removeprefix(ENCODER_PREFIX) for entry in spec] if isinstance(spec, list) else spec
 
 
-def _run_labels(directory: Path, classes: int) -> tuple[tuple[str, ...], int | None]:
+def _run_labels(directory: Path, classes: int, root: Path | None) -> tuple[tuple[str, ...], int | None]:
     """(label names, tokens per text) of the run that trained the adapter in `directory`, from its config beside it:
     the declared `data.labels`, or a bundled set's classes (as `peftkit predict` names them). Local training files
     are never read here (a served directory must not make the server read other files): without declared labels,
-    or without a run config, the names are LABEL_0, LABEL_1, ... (transformers' default)."""
+    or without a run config (or with one outside the adapter `root`), the names are LABEL_0, LABEL_1, ...
+    (transformers' default)."""
     numbered = tuple(f"LABEL_{i}" for i in range(classes))
     config_file = directory.parent / RUN_CONFIG
-    if not config_file.is_file():
+    outside = root is not None and not config_file.resolve().is_relative_to(Path(root).resolve())
+    if outside or not config_file.is_file():
         return numbered, None
     from ..train import load_config  # the training stack only for adapters trained by `peftkit train`
     from ..train.tasks import TASKS
