@@ -57,7 +57,9 @@ CHAT = {**LLAMA, "lora": {"targets": ["q_proj", "v_proj"], "r": 2}, "prompt_tuni
 REFUSED = {"adapter_fusion": "adapters: Field required",  # fuses adapters trained before: nothing to fuse here
            "bitdelta": "bitdelta is not trained by peftkit train: it compresses a finished fine-tune",
            "qalora": "qalora is not trained by peftkit train: it trains on a grouped-INT4 base",
-           "merged_diff": "merged_diff is not trained by peftkit train: it is the result of a merge"}
+           "merged_diff": "merged_diff is not trained by peftkit train: it is the result of a merge",
+           **{clip: f"{clip} is not trained by peftkit train: it adapts a CLIP image classifier"  # not a BERT one
+              for clip in ("coop", "cocoop", "clip_adapter", "tip_adapter")}}
 STEPS = 8  # 16 rows in batches of 4, 2 epochs
 
 

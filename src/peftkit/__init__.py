@@ -34,6 +34,7 @@ from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_p
                       ltsft_select, select_units)
 from .methods import BitDelta, QALoRA
 from .methods.hybrid import MAM, Compose, LayerGroups, UniPELT, s4_model
+from .methods.clip import CLIPAdapter, CLIPClassifier, CoCoOp, CoOp, TipAdapter, build_cache
 from .methods.reparameterized import bitdelta
 from .compose import AdapterMerge, AdapterMergeError, ProxyTuning, lorahub, merge_adapters, proxy_generate
 from .methods.reparameterized.lora_moe import LoRAMoE, expert_usage, lora_moe_balance_loss
@@ -63,6 +64,7 @@ __all__ = [
     "LoHa", "LoKr", "OFT",
     "BitDelta", "QALoRA", "bitdelta",
     "Compose", "LayerGroups", "MAM", "UniPELT", "s4_model",
+    "CLIPAdapter", "CLIPClassifier", "CoCoOp", "CoOp", "TipAdapter", "build_cache",
     "AdapterMerge", "AdapterMergeError", "merge_adapters", "ProxyTuning", "lorahub", "proxy_generate",
     "LoRAMoE", "expert_usage", "lora_moe_balance_loss",
     "LoftQOptions", "QuantizeConfig", "load_quantized", "loftq_initialise", "quantization_errors", "quantize",

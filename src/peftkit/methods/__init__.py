@@ -8,6 +8,7 @@ from .additive.ptuning import PTuning
 from .additive.llama_adapter import LlamaAdapter
 from .additive.ssf import SSF
 from .hybrid import MAM, Compose, LayerGroups, UniPELT
+from .clip import CLIPAdapter, CLIPClassifier, CoCoOp, CoOp, TipAdapter, build_cache
 from .reparameterized.adalora import AdaLoRA, AdaLoRAController
 from .reparameterized.compacter import Compacter
 from .reparameterized.krona import KronA
@@ -37,4 +38,5 @@ __all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "SSF", "AdaLoRA
            "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
            "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",
            "DiffPruning", "LTSFT", "StructuredMask", "StructureError", "diff_pruning_penalty", "diff_pruning_project",
-           "ltsft_select", "select_units"]
+           "ltsft_select", "select_units",
+           "CLIPAdapter", "CLIPClassifier", "CoCoOp", "CoOp", "TipAdapter", "build_cache"]
