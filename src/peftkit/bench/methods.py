@@ -54,6 +54,12 @@ class BenchMethod:
         return None
 
 
+def _not_trained(name: str) -> BenchMethod:
+    """The row of a method `peftkit train` does not train (`not_trained_by_run`): skipped on every family, why."""
+    why = METHODS[name].not_trained_by_run
+    return BenchMethod(name, {}, (0.0,), skips={family: f"not trained by peftkit train: {why}" for family in FAMILIES})
+
+
 def _adalora_schedule(steps: int) -> dict[str, Any]:
     """AdaLoRA prunes over the whole budget: 10% warm-up at full rank, 20% final at the target rank."""
     return {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)}
@@ -125,15 +131,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
         family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
                 "to fuse" for family in FAMILIES}),
-    BenchMethod("merged_diff", {}, SPARSE_LRS, skips={
-        family: "a merged_diff adapter is made by peftkit.compose.merge_adapters from trained adapters, not trained"
-        for family in FAMILIES}),
-    BenchMethod("bitdelta", {}, SPARSE_LRS, skips={
-        family: "BitDelta compresses a full fine-tune already made (peftkit.bitdelta.compress), it is not trained; "
-                "its accuracy against the fine-tune: docs/quantized.md" for family in FAMILIES}),
-    BenchMethod("qalora", {}, SPARSE_LRS, skips={
-        family: "QA-LoRA needs a grouped-INT4 base (peftkit.quantize_int4); the bench trains on float bases: see "
-                "benchmarks/bench_quantized.py" for family in FAMILIES}),
+    *(_not_trained(name) for name in ("merged_diff", "bitdelta", "qalora", "coop", "cocoop", "clip_adapter",
+                                       "tip_adapter")),
     BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]}},
                 SPARSE_LRS, skips={"llama": "Llama's linear layers and norms have no biases",
                                    "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
