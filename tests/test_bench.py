@@ -66,11 +66,18 @@ def _efficientnet() -> nn.Module:
     return load_efficientnet_lite0(num_classes=10)
 
 
+def _tiny_vit() -> nn.Module:
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    return Dinov2ForImageClassification(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                      mlp_ratio=2, image_size=28, patch_size=7, num_labels=10))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_default_config_attaches_to_its_family(family: str) -> None:
-    """The table's targets exist in each family's architecture (BERT, Llama, EfficientNet names)."""
+    """The table's targets exist in each family's architecture (BERT, Llama, EfficientNet, Dinov2 names)."""
     build, head = {"bert": (lambda: tiny_bert(2)[0], ["classifier"]), "llama": (_tiny_llama, []),
-                   "cnn": (_efficientnet, ["_fc"])}[family]
+                   "cnn": (_efficientnet, ["_fc"]), "vit": (_tiny_vit, ["classifier"])}[family]
     model = build()
     for name, entry in BENCH_METHODS.items():
         if name in REFERENCES or entry.skip_reason(family) is not None:
@@ -94,6 +101,11 @@ def test_skipped_and_unconfigured_methods_get_rows_with_reasons(tmp_path) -> Non
     assert rows["prompt_tuning"].status == "skipped" and "token" in rows["prompt_tuning"].reason
     assert cnn_task.family == "cnn"
     assert bench_method("lora").skip_reason("cnn") is None
+    vit = plan_bench("quick", tasks=["fashion-mnist-vit"], methods=["prompt_tuning", "mam"], output=tmp_path / "vit",
+                     isolate=False)
+    rows = {row.method: row for row in run_bench(vit, run=never, progress=_quiet())[0][0].rows}
+    assert BENCH_TASKS["fashion-mnist-vit"].family == "vit"
+    assert all(rows[m].status == "skipped" and "a ViT embeds pixel patches" in rows[m].reason for m in rows)
 
 
 # --- cells: determinism, cache, resume ------------------------------------------------------------------

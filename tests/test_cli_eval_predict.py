@@ -92,8 +92,8 @@ def test_eval_and_predict_bad_input_is_one_line(lora_run, tmp_path, capsys) -> N
         capsys, "predict", config, "--adapter", adapter, "--input", str(empty), "--max-new-tokens", "0")
     image = _config_file(tmp_path, {**tiny_config(tmp_path), "task": "classify-image", "model": {"name": "tiny-bert"},
                                     "data": {"name": "fashion-mnist"}}, "image.yaml")
-    assert "task classify-image has no predict" in _error(
-        capsys, "predict", image, "--adapter", adapter, "--input", str(empty))
+    assert "task classify-image predicts on an image file, a folder of images or a .txt file" in _error(
+        capsys, "predict", image, "--adapter", adapter, "--input", str(tmp_path / "x.csv"))
 
 
 def test_full_finetune_round_trip_through_eval(tmp_path, capsys) -> None:

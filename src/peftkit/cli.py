@@ -197,13 +197,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
-        "predict", help="label texts or answer prompts with a trained adapter (JSON lines)",
+        "predict", help="label texts or images, or answer prompts, with a trained adapter (JSON lines)",
         description="Load the adapter (or full fine-tune) in DIR onto CONFIG's model and run it on every input of "
                     "FILE (a .txt file with one input per line, or the text / prompt column of a .csv / .jsonl / "
-                    ".json file). classify-text writes {text, label, probabilities}; causal-lm-chat writes "
-                    "{prompt, response} (greedy decoding). One JSON object per line.")
+                    ".json file; for classify-image an image, a folder of images, or a .txt file of image paths). "
+                    "classify-text writes {text, label, probabilities}; classify-image {image, label, "
+                    "probabilities}; causal-lm-chat {prompt, response} (greedy decoding). One JSON object per line.")
     _saved_arguments(predict)
-    predict.add_argument("--input", required=True, metavar="FILE", help="inputs: .txt, .csv, .jsonl or .json")
+    predict.add_argument("--input", required=True, metavar="FILE",
+                         help="inputs: .txt, .csv, .jsonl or .json (images: an image, a folder, or a .txt of paths)")
     predict.add_argument("--output", metavar="FILE", help="write the JSON lines here (default: standard output)")
     predict.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for chat (default 64)")
     predict.set_defaults(run=_predict)

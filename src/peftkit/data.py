@@ -1,8 +1,9 @@
-"""Loaders for the real datasets bundled as system or Python packages (the ``bundled`` extra).
+"""Loaders for the real datasets bundled as system or Python packages (the ``bundled`` extra), and for
+local image folders.
 
 Splits are deterministic per seed and leak-free: texts are deduplicated before splitting, and
-dialogues that share a question always land on the same side. ``datasets`` and ``yaml`` are
-imported on use: they are optional, and Fashion-MNIST needs neither.
+dialogues that share a question always land on the same side. ``datasets``, ``yaml`` and Pillow are
+imported on use: they are optional, and Fashion-MNIST needs none of them.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "IMAGE_SUFFIXES",
+    "image_files",
+    "list_image_folder",
     "load_bbc_news",
     "load_chatterbot",
     "load_chatterbot_splits",
     "load_fashion_mnist",
+    "load_images",
 ]
 
 FASHION_MNIST_CLASSES = (
@@ -136,6 +141,65 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None) -> tuple[
     if len(images) != len(labels) or labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"{paths['labels']}: labels do not match {paths['images']}")
     return images[:limit], labels[:limit].long()
+
+
+# --- image folders ---------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, sorted). Hidden files (``.DS_Store``) are passed over; any
+    other file that is not an image, by its suffix, is an error, as is a folder with no image at all."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise ValueError(f"{others[0]} is not an image file (known suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
+                         + (f"; {len(others) - 1} more such file(s)" if len(others) > 1 else ""))
+    if not files:
+        raise ValueError(f"image folder {folder} holds no images")
+    return files
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """An image-classification folder in torchvision's ``ImageFolder`` layout, ``root/<label>/<image>``: its image
+    files, each one's label index, and the label names (the sorted subfolder names). A file directly in ``root``,
+    and a label folder without images, are errors."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if loose:
+        raise ValueError(f"image folder {root} holds file(s) outside a label folder ({', '.join(sorted(loose)[:3])}); "
+                         "expected root/<label>/<image>")
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not labels:
+        raise ValueError(f"image folder {root} has no label folders; expected root/<label>/<image>")
+    paths, ids = [], []
+    for index, label in enumerate(labels):
+        files = image_files(root / label)
+        paths += files
+        ids += [index] * len(files)
+    return paths, ids, labels
+
+
+def load_images(paths: Sequence[Path], size: int) -> torch.Tensor:
+    """Images as uint8 RGB ``[N, 3, size, size]``: each centre-cropped to a square and resized (bicubic)."""
+    _package_dir("PIL", "pip install 'peftkit[train]'")
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    pixels = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                square = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as err:  # not an image, or a truncated one
+            raise ValueError(f"{path} is not a readable image: {err}") from None
+        pixels[i] = torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1)
+    return pixels
 
 
 # --- chatterbot dialogues ---------------------------------------------------------------------

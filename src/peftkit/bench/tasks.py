@@ -1,7 +1,8 @@
 """Benchmark tasks: a trainer task, model and data, the model family the method table is keyed by,
 the metrics it reports, and the budget each profile gives it.
 
-Bundled: MiniLM on BBC News, SmolLM2 on chatterbot dialogues, EfficientNet-Lite0 on Fashion-MNIST.
+Bundled: MiniLM on BBC News, SmolLM2 on chatterbot dialogues, EfficientNet-Lite0 and the DINOv2 ViT-S/14 on
+Fashion-MNIST.
 A user task comes from a small YAML file (see `load_task_file`), with local data files and any
 bundled model (or one registered by a module it names under `imports`).
 """
@@ -22,7 +23,7 @@ from .methods import FAMILIES
 METRICS = {"classify-text": ("accuracy", "loss"), "classify-image": ("accuracy", "loss"),
            "causal-lm-chat": ("loss", "exact_match")}
 LOWER_IS_BETTER = frozenset({"loss"})
-MODEL_FAMILIES = {"minilm": "bert", "smollm2": "llama", "efficientnet-lite0": "cnn"}
+MODEL_FAMILIES = {"minilm": "bert", "smollm2": "llama", "efficientnet-lite0": "cnn", "vit-small": "vit"}
 
 
 class BenchConfigError(ValueError):
@@ -74,7 +75,7 @@ class Budget:
 class BenchTask:
     name: str
     title: str
-    family: str  # key into the method table: bert | llama | cnn
+    family: str  # key into the method table: bert | llama | cnn | vit
     task: str  # trainer task: classify-text | causal-lm-chat | classify-image | a registered one
     model: dict[str, Any]  # the trainer's model section
     data: dict[str, Any]  # the trainer's data section (limits and lengths come from the budget)
@@ -115,6 +116,12 @@ BENCH_TASKS: dict[str, BenchTask] = {t.name: t for t in [
     BenchTask("fashion-mnist", "EfficientNet-Lite0 on Fashion-MNIST (10 classes, 224 px)", "cnn", "classify-image",
               {"name": "efficientnet-lite0"}, {"name": "fashion-mnist"}, "accuracy",
               {"full": Budget(steps=150, batch_size=16, train_rows=3000, val_rows=500, test_rows=1000)}),
+    # 112 px (8 x 8 patches, position embeddings interpolated): a ViT-S step at 224 px costs ~5x on a CPU
+    BenchTask("fashion-mnist-vit", "DINOv2 ViT-S/14 on Fashion-MNIST (10 classes)", "vit", "classify-image",
+              {"name": "vit-small"}, {"name": "fashion-mnist"}, "accuracy",
+              {"quick": Budget(steps=20, batch_size=16, train_rows=320, val_rows=64, test_rows=160, image_size=112),
+               "standard": Budget(steps=60, batch_size=16, train_rows=960, val_rows=160, test_rows=500, image_size=112),
+               "full": Budget(steps=150, batch_size=16, train_rows=3000, val_rows=500, test_rows=1000, image_size=112)}),
 ]}
 
 

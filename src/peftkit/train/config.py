@@ -67,7 +67,7 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     name: str | None = None  # a bundled set: bbc-news, chatterbot, fashion-mnist
-    train: Path | None = None  # a local .jsonl/.json/.csv file, or a folder of <label>/*.txt
+    train: Path | None = None  # a local .jsonl/.json/.csv file, a folder of <label>/*.txt, or (images) <label>/<image>
     eval: Path | None = None
     test: Path | None = None  # scored once, after training, with the chosen checkpoint
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)

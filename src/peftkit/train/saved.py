@@ -1,5 +1,5 @@
 """A trained adapter (or full fine-tune) used again with its training config: `peftkit eval` scores a split,
-`peftkit predict` labels texts or answers prompts. The config gives the model, the task and the data (for a
+`peftkit predict` labels texts or images, or answers prompts. The config gives the model, the task and the data (for a
 classifier, its label names); the directory gives the trained weights, loaded strictly.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..api import load
 from ..core.io import read_adapter
 from .config import TrainConfig, TrainConfigError
 from .full import is_full, load_full
-from .tasks import TASKS, RawData, Task, num_rows, read_inputs
+from .tasks import TASKS, RawData, Task, num_rows
 from .trainer import _resolve_bf16, _resolve_device, score_sums, split_metrics
 
 
@@ -66,9 +66,10 @@ def evaluate_saved(config: TrainConfig, path: str | os.PathLike, split: str = "e
 
 def predict_saved(config: TrainConfig, path: str | os.PathLike, inputs: str | os.PathLike,
                   max_new_tokens: int = 64) -> list[dict[str, Any]]:
-    """One record per input of file `inputs`: a classifier's label and probabilities, or a chat model's answer."""
+    """One record per input of `inputs` (a file; for images also a folder): a classifier's label and probabilities,
+    or a chat model's answer."""
     task = TASKS[config.task]()
     saved_method(path)  # a missing directory is named before the inputs are read
-    texts = read_inputs(Path(inputs), task.input_column(config.data))
+    items = task.predict_inputs(Path(inputs), config.data)
     model, processor, raw = load_trained(config, path, task)
-    return task.predict(model, processor, texts, config.data, raw.labels, max_new_tokens)
+    return task.predict(model, processor, items, config.data, raw.labels, max_new_tokens)

@@ -73,7 +73,8 @@ def model_logits(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
 
 # --- models --------------------------------------------------------------------------------------
 
-ModelBuilder = Callable[[int | None], tuple[nn.Module, Any]]  # num_labels -> (model, tokenizer or None)
+# num_labels -> (model, processor): a tokenizer (text), an ImageInput (images), or None
+ModelBuilder = Callable[[int | None], tuple[nn.Module, Any]]
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,16 @@ MODELS: dict[str, ModelSpec] = {
                         build_quantized=lambda n, q: bundled_models.load_minilm(num_labels=n, quantize=q)),
     "smollm2": ModelSpec(lambda _: bundled_models.load_smollm2(),
                          build_quantized=lambda _, q: bundled_models.load_smollm2(quantize=q)),
-    "efficientnet-lite0": ModelSpec(lambda n: (bundled_models.load_efficientnet_lite0(num_classes=n), None), head=("_fc",)),
+    "efficientnet-lite0": ModelSpec(lambda n: (bundled_models.load_efficientnet_lite0(num_classes=n),
+                                               bundled_models.EFFICIENTNET_LITE0_INPUT), head=("_fc",)),
+    "vit-small": ModelSpec(lambda n: (bundled_models.load_vit_small(num_classes=n), bundled_models.VIT_SMALL_INPUT),
+                           head=("classifier",)),
 }
 
 
 def register_model(name: str, build: ModelBuilder, head: tuple[str, ...] = ()) -> None:
-    """Make `model.name: <name>` loadable: `build(num_labels)` returns (model, tokenizer or None)."""
+    """Make `model.name: <name>` loadable: `build(num_labels)` returns (model, processor): a tokenizer, an
+    `ImageInput` for classify-image, or None."""
     if name in MODELS and MODELS[name].build is not build:  # two builders under one name: one would be lost
         raise ValueError(f"a model named {name!r} is already registered (by {MODELS[name].build.__module__})")
     MODELS[name] = ModelSpec(build, tuple(head))
@@ -272,7 +277,7 @@ class Task(ABC):
         """Read and check the data (files exist, not empty, columns, labels) without loading a model."""
 
     def load_model(self, model: ModelSection, raw: RawData) -> tuple[nn.Module, Any]:
-        """(model, tokenizer or None) from the `MODELS` registry, sized for the data's labels."""
+        """(model, processor) from the `MODELS` registry, sized for the data's labels."""
         return MODELS[model.name].load(len(raw.labels) if raw.labels is not None else None, model.quantize)
 
     def head_modules(self, model: ModelSection) -> list[str]:
@@ -314,12 +319,24 @@ class Task(ABC):
 
     def input_column(self, data: DataSection) -> str:
         """The column of an input file that `peftkit predict` reads."""
-        raise DataError(f"task {self.name} has no predict (it reads bundled tensors, not text inputs)")
+        raise DataError(f"task {self.name} has no predict")
+
+    def predict_inputs(self, path: Path, data: DataSection) -> list[str]:
+        """What `peftkit predict` reads from `path`: texts (one per line of a .txt, or a column of a table)."""
+        return read_inputs(path, self.input_column(data))
 
     def predict(self, model: nn.Module, processor: Any, inputs: list[str], data: DataSection,
                 labels: list[str] | None, max_new_tokens: int) -> list[dict[str, Any]]:
         """One JSON-able record per input: what `peftkit predict` writes."""
         raise NotImplementedError
+
+
+def _label_records(key: str, inputs: list[str], logits: torch.Tensor, labels: list[str]) -> list[dict[str, Any]]:
+    """`peftkit predict`'s record per input: the most probable label, and every label's probability (softmax)."""
+    probs = logits.float().softmax(-1).cpu()
+    return [{key: item, "label": labels[int(row.argmax())],
+             "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row, strict=True)}}
+            for item, row in zip(inputs, probs, strict=True)]
 
 
 def _classification_stats(logits: torch.Tensor, labels: torch.Tensor) -> RowStats:
@@ -366,10 +383,7 @@ class ClassifyText(Task):
         for start in range(0, len(inputs), self.predict_batch_size):
             texts = inputs[start:start + self.predict_batch_size]
             encoded = processor(texts, truncation=True, max_length=data.max_length, padding=True, return_tensors="pt")
-            probs = model(**encoded.to(device)).logits.float().softmax(-1).cpu()
-            for text, row in zip(texts, probs, strict=True):
-                records.append({"text": text, "label": labels[int(row.argmax())],
-                                "probabilities": {name: round(float(p), 6) for name, p in zip(labels, row, strict=True)}})
+            records += _label_records("text", texts, model(**encoded.to(device)).logits, labels)
         return records
 
 
@@ -451,42 +465,153 @@ class CausalLMChat(Task):
 
 
 class ClassifyImage(Task):
-    """Image classification (Fashion-MNIST greyscale images resized to the model's input, 3 channels)."""
+    """Image classification (cross-entropy on the model's logits; accuracy) on the bundled Fashion-MNIST or on image
+    folders in torchvision's `ImageFolder` layout: `data.train` (and `data.eval`, `data.test`) hold `<label>/<image>`,
+    the labels are the sorted folder names (or `data.labels`). Folder images are read once, centre-cropped and resized
+    to `data.image_size`; Fashion-MNIST's 28-pixel greyscale ones are resized and repeated to 3 channels per batch.
+    Pixels are normalised as the model's `ImageInput` (the builder's second value) says."""
 
     name = "classify-image"
     metric = "accuracy"
-    image_size = 224  # set from data.image_size by `encode`
     bundled = {"fashion-mnist": lambda seed: None}  # read by `read_data` (tensors, not a Dataset)
+
+    def __init__(self) -> None:
+        self.image_size = 224  # data.image_size, set with the model's normalisation by `use_model`
+        self.image_input: bundled_models.ImageInput | None = None
 
     def read_data(self, data: DataSection, seed: int) -> RawData:
         self.check_bundled(data)
-        if data.name is None or data.test is not None:
-            raise DataError("task classify-image reads the bundled data set only: set data.name: fashion-mnist "
-                            "(and no data.test)")
+        if data.name is None:
+            return self._read_folders(data, seed)
+        if data.test is not None:
+            raise DataError("fashion-mnist brings its own test split (scored as eval): drop data.test "
+                            "(it names an image folder)")
         def split(name: str, limit: int | None) -> Rows:
             images, labels = bundled_sets.load_fashion_mnist(name)
-            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:limit]
+            keep = _shuffled(len(labels), seed)[:limit]
             return {"pixels": images[keep], "labels": labels[keep]}
 
         return RawData(split("train", data.train_limit), split("test", data.eval_limit), list(bundled_sets.FASHION_MNIST_CLASSES))
 
+    def _read_folders(self, data: DataSection, seed: int) -> RawData:
+        """Train, eval (a folder, or data.eval_fraction of train) and test image folders, subset to the limits."""
+        paths, labels, names = _image_folder(data.train, data.labels, "train data", "data.labels")
+        known = "data.labels" if data.labels is not None else "the train data"
+
+        def rows(split_paths: list[Path], split_labels: torch.Tensor, keep: torch.Tensor, where: str) -> Rows:
+            return {"pixels": _load_images([split_paths[i] for i in keep.tolist()], data.image_size, where),
+                    "labels": split_labels[keep]}
+
+        train, evaluation = _shuffled(len(paths), seed), None
+        if data.eval_fraction:
+            if len(paths) < 2:
+                raise DataError(f"{data.train} has {len(paths)} image: too few to split off an eval set")
+            cut = min(max(1, round(len(paths) * data.eval_fraction)), len(paths) - 1)
+            evaluation = rows(paths, labels, train[:cut][:data.eval_limit], "eval data")
+            train = train[cut:]
+        elif data.eval is not None:
+            eval_paths, eval_labels, _ = _image_folder(data.eval, names, "eval data", known)
+            evaluation = rows(eval_paths, eval_labels, _shuffled(len(eval_paths), seed)[:data.eval_limit], "eval data")
+        test = None
+        if data.test is not None:
+            test_paths, test_labels, _ = _image_folder(data.test, names, "test data", known)
+            test = rows(test_paths, test_labels, torch.arange(len(test_paths)), "test data")
+        return RawData(rows(paths, labels, train[:data.train_limit], "train data"), evaluation, names, test)
+
+    def use_model(self, processor: Any, data: DataSection) -> None:
+        """Take the model's normalisation (its `ImageInput`) and data.image_size, checked against its patch size."""
+        if not isinstance(processor, bundled_models.ImageInput):
+            raise DataError("task classify-image needs a model that says how it reads pixels: its builder returns "
+                            f"(model, peftkit.models.ImageInput(mean, std)), here (model, {type(processor).__name__})")
+        if data.image_size % processor.patch:
+            raise DataError(f"data.image_size {data.image_size} is not a multiple of the model's patch size "
+                            f"{processor.patch}: its patches would drop the images' last rows and columns")
+        self.image_size, self.image_input = data.image_size, processor
+
     def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
-        self.image_size = data.image_size
-        return TaskData(raw.train, raw.eval, raw.labels)
+        self.use_model(processor, data)
+        return TaskData(raw.train, raw.eval, raw.labels, raw.test)
+
+    def model_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the model's input [B, 3, S, S]: greyscale [B, H, W] repeated to 3 channels, another side
+        than S resized (bilinear), then normalised. Done per batch, so the rows stay small uint8 tensors."""
+        pixels = images.float().div(255)
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(1)
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            pixels = F.interpolate(pixels, size=self.image_size, mode="bilinear", align_corners=False)
+        return self.image_input.normalize(pixels.expand(-1, 3, -1, -1))
 
     def collate(self, rows: Rows, idx: torch.Tensor) -> Rows:
-        """uint8 [B, 28, 28] -> normalised float [B, 3, S, S] (bilinear resize), resized per batch to save memory."""
-        pixels = rows["pixels"][idx].float().div(255).unsqueeze(1)
-        pixels = F.interpolate(pixels, size=self.image_size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-        mean = torch.tensor(bundled_models.EFFICIENTNET_LITE0_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(bundled_models.EFFICIENTNET_LITE0_STD).view(1, 3, 1, 1)
-        return {"pixels": (pixels - mean) / std, "labels": rows["labels"][idx]}
+        return {"pixels": self.model_pixels(rows["pixels"][idx]), "labels": rows["labels"][idx]}
 
     def inputs(self, batch: Rows) -> ModelInputs:
         return batch["pixels"]
 
     def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
         return _classification_stats(logits, batch["labels"])
+
+    def predict_inputs(self, path: Path, data: DataSection) -> list[str]:
+        """An image file, a folder of images (searched recursively), or a .txt file of image paths, one per line
+        (relative to the .txt file's folder)."""
+        if path.is_dir():
+            try:
+                return [str(p) for p in bundled_sets.image_files(path)]
+            except ValueError as err:
+                raise DataError(str(err)) from None
+        if path.suffix.lower() in bundled_sets.IMAGE_SUFFIXES:
+            images = [path]
+        elif path.suffix.lower() == ".txt":
+            images = [path.parent / line for line in read_inputs(path, column="")]  # a .txt has no columns
+        else:
+            raise DataError(f"{path}: task classify-image predicts on an image file, a folder of images or a .txt "
+                            "file listing image paths")
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise DataError(f"image file {missing[0]} does not exist" + (f" ({len(missing) - 1} more missing)"
+                                                                         if len(missing) > 1 else ""))
+        return [str(p) for p in images]
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, processor: Any, inputs: list[str], data: DataSection,
+                labels: list[str] | None, max_new_tokens: int) -> list[dict[str, Any]]:
+        """The most probable label of each image, with every label's probability (softmax of the logits)."""
+        self.use_model(processor, data)
+        device, records = next(model.parameters()).device, []
+        for start in range(0, len(inputs), self.predict_batch_size):
+            paths = inputs[start:start + self.predict_batch_size]
+            pixels = self.model_pixels(_load_images([Path(p) for p in paths], self.image_size, "input"))
+            records += _label_records("image", paths, model_logits(model, pixels.to(device)), labels)
+        return records
+
+
+def _shuffled(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _image_folder(path: Path, names: list[str] | None, where: str,
+                  known: str) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """(image files, label ids, label names) of an image folder; with `names` (those `known` gives: data.labels, or
+    the train data's) its label folders must be among them and the ids index them."""
+    try:
+        paths, ids, found = bundled_sets.list_image_folder(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"{where}: {err}") from None
+    if names is None:
+        return paths, torch.tensor(ids), found
+    outside = [label for label in found if label not in names]
+    if outside:
+        raise DataError(f"{where} {path} has label folder(s) {outside} missing from {known} "
+                        f"(labels: {', '.join(names)})")
+    index = [names.index(label) for label in found]
+    return paths, torch.tensor([index[i] for i in ids]), list(names)
+
+
+def _load_images(paths: list[Path], size: int, where: str) -> torch.Tensor:
+    try:
+        return bundled_sets.load_images(paths, size)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassifyText, CausalLMChat, ClassifyImage)}
