@@ -15,10 +15,12 @@ import yaml
 
 from peftkit.bench.measure import parameter_counts
 from peftkit.cli import main
-from peftkit.search import SearchError, run_search
+from peftkit.core.config import config_from_dict
+from peftkit.search import SearchError, run_search, search_config
 from peftkit.search.cli import parameter_count
 from peftkit.search.study import Candidates
 from peftkit.train import load_config, run_training
+from peftkit.train.config import read_config_file
 from tests.train_models import tiny_config
 
 # Two layers: one or two groups; small sizes for a hidden size of 16. Scored by validation loss (the tiny model's
@@ -79,6 +81,8 @@ def test_search_finishes_with_its_files_and_the_pareto_front(full_run) -> None:
     assert report.beats_median == (report.best.metrics["loss"] < report.median)
     table = (out / "pareto.md").read_text()
     assert all(f"`{r.label}`" in table for r in report.pareto) and f"{report.median:.4f}" in table
+    assert all(config_from_dict(r.design).to_dict() == r.design for r in scored)
+    assert {r.design["method"] for r in scored} >= {"layer_groups"}  # grouped designs, not only plain methods
 
 
 def test_best_yaml_trains_through_run_training_with_the_counted_parameters(full_run, tmp_path) -> None:
@@ -188,3 +192,8 @@ def test_the_command_line_resumes_and_reports(full_run, capsys) -> None:
 def test_parameter_counts_read_with_suffixes() -> None:
     assert [parameter_count(text) for text in ("50000", "50_000", "50k", "1.5M", "2m")] == \
         [50_000, 50_000, 50_000, 1_500_000, 2_000_000]
+
+
+def test_the_shipped_search_config_is_valid() -> None:
+    mapping, search = search_config(read_config_file(Path(__file__).parent.parent / "configs/search/bbc-minilm.yaml"))
+    assert (mapping["model"]["name"], search.budget, search.trials) == ("minilm", 100_000, 16)
