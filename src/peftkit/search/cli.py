@@ -74,8 +74,8 @@ def add_search(commands: argparse._SubParsersAction) -> None:
                     "it. CONFIG's search: section sets the space (docs/hybrid.md, Design search).")
     search.add_argument("config", help="a training config (YAML): task, model, data, schedule...; its method: is "
                                        "replaced by each candidate, its search: section sets the space")
-    search.add_argument("--trials", type=int, help="candidates to score in all, resumed ones included (search.trials; "
-                                                   "default 20)")
+    search.add_argument("--trials", type=int, help="designs to train in all, a resumed search's included "
+                                                   "(search.trials; default 20)")
     search.add_argument("--budget", type=parameter_count, metavar="PARAMS",
                         help="most trainable parameters a candidate may have, the task head included, e.g. 50000 or "
                              "50k (search.budget; default none)")

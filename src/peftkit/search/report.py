@@ -110,11 +110,11 @@ def markdown_table(records: list[TrialRecord], metrics: list[str]) -> str:
 def summary(report: SearchReport) -> list[str]:
     """The search in a few lines: what was drawn, the best design against the median candidate."""
     budget = f"{report.budget:,} trainable parameters (the task head included)" if report.budget else "none"
-    scored = report.count("trained") + report.count("repeat")
     lines = [f"{report.model} on {report.data}; candidates scored by validation {report.metric} on {report.val_rows} "
              f"rows held out of the training rows; sampler seed {report.seed}; budget: {budget}.",
-             f"Draws: {scored} scored ({report.count('trained')} designs trained, {report.count('repeat')} drawn again), "
-             f"{report.count('over_budget')} over the budget (pruned before training), {report.count('empty')} empty."]
+             f"Draws: {len(report.records)}: {report.count('trained')} designs trained, {report.count('repeat')} drawn "
+             f"again (scored from their first training), {report.count('over_budget')} over the budget (pruned before "
+             f"training), {report.count('empty')} empty."]
     best, median = report.best, report.median
     if best is not None:
         margin = abs(best.metrics[report.metric] - median)

@@ -48,7 +48,7 @@ class SearchError(ValueError):
 class SearchSection(_Section):
     """What `peftkit search` explores and how long; every key has a default."""
 
-    trials: int = Field(20, ge=1)  # candidates scored (designs over the budget are drawn again, not counted)
+    trials: int = Field(20, ge=1)  # designs trained (draws over the budget, empty or drawn before do not count)
     budget: int | None = Field(None, ge=1)  # most trainable parameters a candidate may have (task head included)
     seed: int = 0  # the sampler's; training uses the config's `seed`
     groups: list[PositiveInt] = [1, 2, 4]  # layer-group counts

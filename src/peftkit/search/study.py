@@ -5,10 +5,11 @@ for all, on the training rows less a validation split held out of them (seeded, 
 is scored on that split; the config's eval and test splits are never looked at. A draw's trainable parameters are
 counted by attaching it to a copy of the model: one over the budget is pruned before it trains.
 
-The study lives in OUTPUT/study.db (SQLite). A run draws designs until `trials` candidates are scored, so a rerun
-with a larger `trials` trains only the new ones, and a run cut short resumes where it stopped. Each draw's sampler is
-TPE seeded by (seed, draws finished): the designs depend only on the seed and the results before them, so a resumed
-search draws what an uninterrupted one would have, its unfinished draw included.
+The study lives in OUTPUT/study.db (SQLite). A run draws designs until `trials` designs are trained (a design drawn
+again is scored from its first training), so a rerun with a larger `trials` trains only the new ones, and a run cut
+short resumes where it stopped. Each draw's sampler is TPE (random right after a repeat) seeded by (seed, draws
+finished): the designs depend only on the seed and the results before them, so a resumed search draws what an
+uninterrupted one would have, its unfinished draw included.
 """
 from __future__ import annotations
 
@@ -134,10 +135,6 @@ def _storage(db: Path) -> Any:
     return optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}", engine_kwargs={"creator": connect})
 
 
-def _draw_seed(seed: int, finished: int) -> int:
-    return int(np.random.SeedSequence([seed, finished]).generate_state(1)[0])
-
-
 def _spec(mapping: dict[str, Any], search: SearchSection) -> dict[str, Any]:
     """What must match for a run to resume a study: the config (its method aside) and the space."""
     return json.loads(json.dumps({"config": mapping, "space": search.spec()}))
@@ -200,17 +197,14 @@ def run_search(config: dict[str, Any] | str | os.PathLike, output: str | os.Path
 
 
 def _report(study: Any, candidates: Candidates, search: SearchSection) -> SearchReport:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return SearchReport([TrialRecord.of(trial) for trial in trials], candidates.metric, search.budget, search.seed,
+    return SearchReport([TrialRecord.of(trial) for trial in _finished(study)], candidates.metric, search.budget, search.seed,
                         num_rows(candidates.data.eval), candidates.config.model.name,
                         candidates.config.data.name or str(candidates.config.data.train))
 
 
 def _draw_until(storage: Any, search: SearchSection, candidates: Candidates, layers: int, output: Path,
                 mapping: dict[str, Any], command: str, say: Callable[[str], None]) -> None:
-    """Draw designs until `search.trials` are scored (or the draws run out); trials.csv / .json after each draw."""
+    """Draw designs until `search.trials` are trained (or the draws run out); trials.csv / .json after each draw."""
     import optuna
     from optuna.trial import TrialState
 
@@ -222,20 +216,39 @@ def _draw_until(storage: Any, search: SearchSection, candidates: Candidates, lay
     if unfinished:
         say(f"{len(unfinished)} draw(s) left unfinished by an earlier run: drawn again")
     draws = 0
-    while (scored := len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))) < search.trials:
+    while (trained := _report(study, candidates, search).count("trained")) < search.trials:
         if draws >= DRAWS_PER_TRIAL * search.trials:
             write_reports(output, _report(study, candidates, search), mapping, command)
-            raise SearchError(f"{draws} draws found only {scored} of {search.trials} candidates: the others were "
-                              "empty or over the budget; raise the budget or narrow the space to smaller designs")
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        sampler = optuna.samplers.TPESampler(seed=_draw_seed(search.seed, finished), multivariate=False,
-                                             n_startup_trials=search.startup_trials, constant_liar=False)
-        study = optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler)
+            raise SearchError(f"{draws} draws found only {trained} of {search.trials} designs to train: the others were "
+                              "empty, over the budget or drawn before; raise the budget or widen the space")
+        study = optuna.load_study(study_name=STUDY, storage=storage, sampler=_sampler(_finished(study), search.seed,
+                                                                                    search.startup_trials))
         trial = study.ask()
         draws += 1
         design = build(draw(trial, search), search, layers)
         _score(study, trial, design, search, candidates, output / "trials" / f"{trial.number:04d}", say)
         write_trials(output, _report(study, candidates, search))
+
+
+def _sampler(finished: list[Any], seed: int, startup_trials: int) -> Any:
+    """The next draw's sampler: TPE, or a random draw right after a design drawn again (once TPE's model settles it
+    proposes its best design again, and a repeat teaches it nothing), seeded by (seed, draws finished)."""
+    import optuna
+
+    seed = int(np.random.SeedSequence([seed, len(finished)]).generate_state(1)[0])
+    if finished and finished[-1].user_attrs.get("outcome") == "repeat":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=False, n_startup_trials=startup_trials,
+                                      constant_liar=False)
+
+
+def _finished(study: Any) -> list[Any]:
+    """The draws that are done: scored (COMPLETE), pruned (PRUNED), and designs drawn again (FAIL, outcome repeat:
+    TPE leaves FAIL out, so a design's score counts once in its model); not a draw a stopped run left unfinished."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or t.state == TrialState.FAIL and t.user_attrs.get("outcome") == "repeat"]
 
 
 def _earlier(study: Any, label: str) -> Any:
@@ -248,8 +261,8 @@ def _earlier(study: Any, label: str) -> Any:
 
 def _score(study: Any, trial: Any, design: Design | None, search: SearchSection, candidates: Candidates,
            folder: Path, say: Callable[[str], None]) -> None:
-    """Prune, reuse or train one draw. A design drawn before is not attached or trained
-    again: its count and score are reused."""
+    """Prune, reuse or train one draw. A design drawn before is not attached or trained again: its count and score
+    are reused."""
     from optuna.trial import TrialState
 
     where = f"trial {trial.number}"
@@ -270,22 +283,23 @@ def _score(study: Any, trial: Any, design: Design | None, search: SearchSection,
             study.tell(trial, state=TrialState.PRUNED)
             say(f"{where}: {design.label}: {trainable:,} trainable > budget {search.budget:,}: pruned")
             return
-        if same is None:
-            start = time.perf_counter()
-            metrics, seconds = candidates.train(model, design.config, folder)
-            trial.set_user_attr("seconds", seconds)
-            say(f"{where}: {design.label}: {trainable:,} trainable, validation {candidates.metric} "
-                f"{metrics[candidates.metric]:.4f} ({time.perf_counter() - start:.0f} s)")
-        else:
-            metrics = same.user_attrs["metrics"]
-            trial.set_user_attr("same_as", same.user_attrs.get("same_as", same.number))
+        if same is not None:
+            for key, value in (("metrics", same.user_attrs["metrics"]), ("same_as", same.number),
+                               ("outcome", "repeat")):
+                trial.set_user_attr(key, value)
+            study.tell(trial, state=TrialState.FAIL)  # see _finished
             say(f"{where}: {design.label}: drawn before (trial {same.number}): its score again")
+            return
+        start = time.perf_counter()
+        metrics, seconds = candidates.train(model, design.config, folder)
     except ValueError as err:  # the design does not fit this model (targets, sizes): a space to fix
         study.tell(trial, state=TrialState.FAIL)
         raise SearchError(f"{where} ({design.label}) failed: {err}") from err
     except Exception:
         study.tell(trial, state=TrialState.FAIL)
         raise
-    trial.set_user_attr("outcome", "trained" if same is None else "repeat")
-    trial.set_user_attr("metrics", metrics)
+    for key, value in (("metrics", metrics), ("seconds", seconds), ("outcome", "trained")):
+        trial.set_user_attr(key, value)
     study.tell(trial, metrics[candidates.metric])
+    say(f"{where}: {design.label}: {trainable:,} trainable, validation {candidates.metric} "
+        f"{metrics[candidates.metric]:.4f} ({time.perf_counter() - start:.0f} s)")
