@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
                         say=lambda message: print(f"[search] {message}", flush=True))
     print("\n".join(["", *summary(report)]))
     if report.best is not None:
-        metrics = sorted({m for r in report.candidates for m in r.metrics})
-        print(f"\nPareto front:\n{markdown_table(report.pareto, metrics)}")
+        print(f"\nPareto front:\n{markdown_table(report.pareto, report.metric_names)}")
     print("\n" + ", ".join(str(path) for path in report.paths.values()), file=sys.stderr)
     return 0
 

@@ -56,6 +56,11 @@ class SearchReport:
     def lower_is_better(self) -> bool:
         return self.metric == "loss"
 
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric the candidates were scored with (the task's: loss, accuracy)."""
+        return sorted({m for r in self.candidates for m in r.metrics})
+
     def count(self, outcome: str) -> int:
         return sum(r.outcome == outcome for r in self.records)
 
@@ -173,7 +178,7 @@ def best_config(report: SearchReport, mapping: dict[str, Any], output: Path) -> 
 
 def write_trials(output: Path, report: SearchReport) -> dict[str, Path]:
     """trials.json and trials.csv: every finished draw so far."""
-    metrics = sorted({m for r in report.candidates for m in r.metrics})
+    metrics = report.metric_names
     paths = {name: output / name for name in ("trials.json", "trials.csv")}
     write_atomically(paths["trials.json"], json.dumps({"metric": report.metric, "budget": report.budget,
                                                        "seed": report.seed,
@@ -195,7 +200,7 @@ def write_reports(output: Path, report: SearchReport, mapping: dict[str, Any], c
     report.paths = paths
     if report.best is None:  # nothing trained: no front, no best
         return report
-    metrics = sorted({m for r in report.candidates for m in r.metrics})
+    metrics = report.metric_names
     paths.update({name: output / name for name in ("pareto.md", "pareto.png", "best.yaml")})
     by_score = sorted(report.candidates, key=lambda r: (-report.rank(r), r.trainable, r.number))
     md = ["# peftkit search", "", *([f"Command: `{command}`", ""] if command else []), *summary(report), "",
