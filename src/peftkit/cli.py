@@ -3,7 +3,7 @@
 `peftkit train [CONFIG.yaml]` trains an adapter as the config says; without a config it runs the bundled
 default (MiniLM-L6 + LoRA on BBC News). `peftkit eval` and `peftkit predict` use a trained adapter with its
 config. Each subcommand is one `_add_<name>(commands)` function (`bench` in `bench.cli`; `serve` in `serve.cli`;
-`inspect`, `convert` and `methods` in `cli_tools`; `merge` in `compose.cli`).
+`inspect`, `convert` and `methods` in `cli_tools`; `merge` in `compose.cli`; `search` in `search.cli`).
 """
 from __future__ import annotations
 
@@ -62,14 +62,20 @@ def _results(result: Any, config: Any) -> list[str]:
     return lines
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """`--set KEY=VALUE` (the value read as YAML) and `--no-progress`, as dotted config keys."""
+def set_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items (the value read as YAML) as dotted config keys."""
     overrides: dict[str, Any] = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`--set KEY=VALUE` and `--no-progress`, as dotted config keys."""
+    overrides = set_overrides(args.set)
     if args.no_progress:
         overrides["progress"] = False
     return overrides
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from peftkit.bench.cli import add_bench
     from peftkit.cli_tools import add_convert, add_inspect, add_methods
     from peftkit.compose.cli import add_merge
+    from peftkit.search.cli import add_search
     from peftkit.serve.cli import add_serve
 
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.splitlines()[0])
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     add_inspect(commands)
     add_convert(commands)
     add_merge(commands)
+    add_search(commands)
     add_methods(commands)
     args = parser.parse_args(argv)
     try:

@@ -260,14 +260,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """Read a YAML (or JSON) training config; `None` gives the bundled default (MiniLM + LoRA on BBC News)."""
     if path is None:
         return config_from_mapping(DEFAULT_CONFIG, overrides)
+    return config_from_mapping(read_config_file(path), overrides)
+
+
+def read_config_file(path: str | os.PathLike) -> Any:
+    """The plain values of a YAML (or JSON) config file, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"training config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise TrainConfigError(f"{path} is not valid YAML: {err}") from None
-    return config_from_mapping(data, overrides)
 
 
 # `peftkit train` with no config: the README's main job. configs/bbc-lora.yaml holds the same (a test checks).
