@@ -245,16 +245,25 @@ def test_config_errors_name_the_field() -> None:
     assert QuantizeConfig(bits=8).scheme == "int8" and QuantizeConfig(scheme="fp4").bits == 4
 
 
-def test_quantize_chooses_layers_and_refuses_what_it_cannot() -> None:
+def test_quantize_chooses_layers_and_refuses_what_it_cannot(tmp_path) -> None:
+    from peftkit.efficient.nf_codebook import NFLinear
+
     model = mlp()
     report = quantize(model, skip=["2"])
     assert report.quantized == ["0"] and report.skipped == {"2": "skip", "4": "output head (skip_head)"}
     assert report.bytes_after < report.bytes_before
+    assert quantize(mlp(), config=QuantizeConfig(skip_head=False)).quantized == ["0", "2", "4"]
     with pytest.raises(TargetError, match="typo"):
         quantize(mlp(), skip=["typo"])
+    with pytest.raises(ValueError, match="not both: skip_head, embeddings given beside config"):
+        quantize(mlp(), skip_head=True, embeddings="keep", config=QuantizeConfig())  # nothing silently ignored
     attached = peftkit.attach(mlp(), LoRA(r=2, targets=["0"]))
     with pytest.raises(ValueError, match="before attaching"):
         quantize(attached)
+    packed = mlp()
+    packed[0] = NFLinear.from_linear(packed[0], 3)
+    with pytest.raises(ValueError, match=r"layers \['0'\] are NF-k / grouped INT4 layers"):
+        save_quantized(packed, tmp_path / "base")
 
 
 def test_selective_deltas_are_refused_on_quantized_layers_and_allowed_elsewhere() -> None:
