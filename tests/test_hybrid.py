@@ -216,10 +216,10 @@ def test_a_compose_of_parts_that_add_terms_merges_beside_other_adapters() -> Non
 def test_a_learned_gate_is_refused_on_a_host_without_features_on_its_last_axis() -> None:
     """A gate reads the last axis as features: a Conv2d's is the image width, an Embedding's input token ids."""
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 2))
-    with pytest.raises(ValueError, match=r"module '0': part 0 \(lora\): a learned gate .* this Conv2d \(conv2d host\) has no features"):
+    with pytest.raises(ValueError, match=r"module '0': part 0 \(lora\): a learned gate .* this Conv2d \(conv2d host\)"):
         peftkit.attach(conv, Compose(LoRA(r=2, targets=["0"]), gates="learned"))
     model = tiny_bert()
-    with pytest.raises(ValueError, match=r"'bert.embeddings.word_embeddings': part 0 \(lora\): .* this Embedding \(embedding host\)"):
+    with pytest.raises(ValueError, match=r"'bert.embeddings.word_embeddings': part 0 \(lora\): .* this Embedding"):
         peftkit.attach(model, Compose(LoRA(r=2, targets=["word_embeddings"]), gates="learned"))
     assert peftkit.adapters(conv) == peftkit.adapters(model) == {}
     peftkit.attach(conv, Compose(LoRA(r=2, targets=["0"])))  # ungated: a Conv2d part is fine

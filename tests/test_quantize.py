@@ -425,8 +425,8 @@ def test_unmerging_some_of_several_merges_into_a_tied_table_keeps_the_others() -
     peftkit.activate(model, ["a", "b", "c"])
     table = model.model.embed_tokens
     stored = table.dequantized_weight()
-    change = {name: to_host_layout(table, table.peftkit[name].delta_weight()) + model.lm_head.peftkit[name].delta_weight()
-              for name in "abc"}
+    change = {name: to_host_layout(table, table.peftkit[name].delta_weight())
+              + model.lm_head.peftkit[name].delta_weight() for name in "abc"}
     peftkit.merge(model, ["a", "b", "c"])
     for done, name in enumerate("cba", start=1):
         peftkit.unmerge(model, name)

@@ -8,8 +8,8 @@ one composed LoRA:
 The composition is the paper's (its code multiplies every LoRA tensor, A and B alike, by w_i and sums); with
 `mixing="deltas"` it is instead the exact weighted sum ΔW = Σ_i w_i ΔW_i: a LoRA of rank Σ r_i for plain LoRAs
 (`merge_adapters`' "cat"), a dense weight change for other LoRA variants (LoHa, LoKr, VeRA, ...: "linear" with
-store="dense"). The search starts at w = 0, as the paper's, and runs an existing optimiser: Nevergrad's NGOpt (the paper's
-choice) or CMA-ES from `cma`, both seeded. λ defaults to 0.05 / K: the paper's 0.05 · mean_i |w_i|. The loss is
+store="dense"). The search starts at w = 0, as the paper's, and runs an existing optimiser: Nevergrad's NGOpt (the
+paper's choice) or CMA-ES from `cma`, both seeded. λ defaults to 0.05 / K: the paper's 0.05 · mean_i |w_i|. The loss is
 scored in eval mode without gradients, so it is a deterministic function of w; the result is the best candidate
 evaluated. A trained copy of a head (`modules_to_save`) is composed as base + Σ_i w_i (copy_i − base).
 """

@@ -66,7 +66,8 @@ def _adds_weight_change(delta: Delta) -> bool:
     """Whether the delta adds x ΔWᵀ to its host's output, ΔW its `delta_weight` (a hybrid's: every part does)."""
     if isinstance(delta, ComposedDelta):
         return all(_adds_weight_change(part) for part in delta.parts.values())
-    return type(delta).delta_weight is not Delta.delta_weight and delta.adds_term and delta.placement is Placement.OUTPUT
+    return (type(delta).delta_weight is not Delta.delta_weight and delta.adds_term
+            and delta.placement is Placement.OUTPUT)
 
 
 def read_source(model: nn.Module, name: str) -> Source:

@@ -152,19 +152,15 @@ def _gate(width: int, like: nn.Module, outputs: int = 1) -> nn.Linear:
 
 
 def _gate_width(host: nn.Module, part: Delta, label: str) -> int:
-    """The width of what a part reads: the host's input, or its output for a part that rewrites it. A gate reads
-    features on the last axis, as a Linear (or GPT-2 Conv1D) host has them: a Conv2d's last axis is the image width,
-    an Embedding's input is token ids."""
+    """The width of what a part reads: the host's input, or its output for a part that rewrites it."""
     try:
         shape = host_shape(host)
     except TypeError as err:
-        shape = None
-        reason = str(err)
-    else:
-        reason = f"this {type(host).__name__} ({shape.kind} host) has no features on its last axis"
-    if shape is None or shape.kind not in ("linear", "conv1d"):
-        raise ValueError(f"{label}: a learned gate reads features on the last axis of what the part reads, as on a "
-                         f"Linear; {reason}: give this part targets that are Linear layers, or use gates='none'")
+        raise ValueError(f"{label}: a learned gate needs a Linear host: {err}") from None
+    if shape.kind not in ("linear", "conv1d"):  # a Conv2d's last axis is the image width; an Embedding reads ids
+        raise ValueError(f"{label}: a learned gate reads features on the last axis, as a Linear's input has them; "
+                         f"this {type(host).__name__} ({shape.kind} host) has none there: target Linear layers with "
+                         "this part, or use gates='none'")
     return shape.in_features if part.placement is Placement.INPUT or part.additive else shape.out_features
 
 
