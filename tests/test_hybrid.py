@@ -192,6 +192,39 @@ def test_lora_parts_merge_and_unmerge() -> None:
             torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
 
 
+def test_a_compose_of_parts_that_add_terms_merges_beside_other_adapters() -> None:
+    """BitFit and LoRA on one module each add a term reading only x, so their holder commutes with another LoRA
+    there: either may be merged while the other runs unmerged, the outputs unchanged, and unmerging is exact."""
+    model = tiny_bert()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peftkit.attach(model, Compose(peftkit.BitFit(targets=["query"]), LoRA(r=2, targets=["query"])), name="c")
+    peftkit.attach(model, LoRA(r=3, targets=["query"]), name="l")
+    randomize(model, "c")
+    randomize(model, "l", seed=1)
+    peftkit.activate(model, ["c", "l"])
+    x = ids()
+    unmerged = logits(model, x)
+    for name in ("l", "c"):
+        peftkit.merge(model, name)
+        torch.testing.assert_close(logits(model, x), unmerged, rtol=1e-5, atol=1e-5)
+        peftkit.unmerge(model, name)
+        for n, p in model.named_parameters():
+            if n in weights:
+                torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+
+
+def test_a_learned_gate_is_refused_on_a_host_without_features_on_its_last_axis() -> None:
+    """A gate reads the last axis as features: a Conv2d's is the image width, an Embedding's input token ids."""
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(ValueError, match=r"module '0': part 0 \(lora\): a learned gate .* this Conv2d \(conv2d host\)"):
+        peftkit.attach(conv, Compose(LoRA(r=2, targets=["0"]), gates="learned"))
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"'bert.embeddings.word_embeddings': part 0 \(lora\): .* this Embedding"):
+        peftkit.attach(model, Compose(LoRA(r=2, targets=["word_embeddings"]), gates="learned"))
+    assert peftkit.adapters(conv) == peftkit.adapters(model) == {}
+    peftkit.attach(conv, Compose(LoRA(r=2, targets=["0"])))  # ungated: a Conv2d part is fine
+
+
 @pytest.mark.parametrize("config, reason", [
     (Compose(LoRA(r=2, targets=["query"]), Bottleneck(bottleneck=4, targets=FFN_OUT)),
      r"part 1 \(bottleneck\): BottleneckDelta has no weight delta"),
@@ -238,12 +271,23 @@ def test_bad_hybrids_are_named_errors() -> None:
     assert peftkit.adapters(model) == {}  # nothing half-attached
 
 
+def test_mam_is_ungated_unless_gates_are_asked_for() -> None:
+    model = tiny_bert()
+    peftkit.attach(model, MAM(num_virtual_tokens=2, bottleneck=4), name="plain")
+    peftkit.attach(model, MAM(num_virtual_tokens=2, bottleneck=4, gates="learned"), name="gated")
+    gates = {name: [key for key in adapter_tensors(model, name) if ".gates." in key] for name in ("plain", "gated")}
+    assert gates["plain"] == [] and ".gates.0.weight" in gates["gated"]  # the prefix's gate, on the model
+    assert "bert.encoder.layer.0.output.dense.gates.1.weight" in gates["gated"]  # the parallel adapter's
+
+
 def test_layer_group_sizes_and_placement() -> None:
     assert group_sizes("spindle", 4, 6) == [1, 2, 2, 1]
     assert group_sizes("spindle", 4, 12) == [2, 4, 4, 2]
     assert group_sizes("increasing", 4, 10) == [1, 2, 3, 4]
     assert group_sizes("decreasing", 4, 10) == [4, 3, 2, 1]
     assert group_sizes("bottleneck", 4, 6) == [2, 1, 1, 2]
+    assert group_sizes("spindle", 5, 18) == [2, 4, 6, 4, 2]  # w = 1, 2, 3, 2, 1: rising to the middle, as documented
+    assert group_sizes("bottleneck", 5, 22) == [6, 4, 2, 4, 6]  # w = 3, 2, 1, 2, 3
     assert group_sizes("uniform", 3, 7) == [3, 2, 2]
     config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, num_labels=3)

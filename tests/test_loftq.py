@@ -16,7 +16,7 @@ from peftkit.efficient.loftq import LoftQOptions, loftq, loftq_initialise
 from peftkit.efficient.nf_codebook import (NFLinear, dequantize_nf, nf_codebook, pack_codes, quantize_nf,
                                            unpack_codes)
 from peftkit.efficient.bnb_linear import bnb
-from peftkit.efficient.quantize import quantize
+from peftkit.efficient.quantize import quantization_errors, quantize
 
 from .conftest import randomize
 
@@ -171,6 +171,7 @@ def test_loftq_initialise_on_a_quantized_model(bits: int) -> None:
         assert result.error < result.qlora_error
         assert torch.equal(host.dequantized_weight(), result.base)  # the host stores LoftQ's Q
         torch.testing.assert_close(delta.delta_weight(), result.b @ result.a, rtol=1e-5, atol=1e-6)
+    assert quantization_errors(model) == {}  # Q_T is the base as quantized, not a merge's re-rounding
     model(torch.randn(3, 128)).square().sum().backward()  # trains on top as any LoRA
     assert {n for n, p in model.named_parameters() if p.grad is not None} == {
         f"{i}.peftkit.default.lora_{f}" for i in (0, 2) for f in "AB"} | {

@@ -76,6 +76,21 @@ def test_factor_mix_is_the_papers_formula_and_deltas_the_weighted_sum() -> None:
         torch.testing.assert_close(module.peftkit["sum"].delta_weight(), dense)
 
 
+def test_deltas_mixing_sums_the_weight_changes_of_lora_variants() -> None:
+    """A LoHa has no LoRA factors to mix: mixing="deltas" composes it with a LoRA as Σ w_i ΔW_i exactly, a dense
+    change of each module's weight."""
+    model = _model_with_loras()
+    peftkit.attach(model, peftkit.LoHa(r=2, targets=HOSTS), name="loha")
+    randomize(model, scale=0.3)
+    result = lorahub(model, ["t0", "loha"], [(torch.randn(4, 12), torch.randn(4, 3))], _mse, budget=4,
+                     mixing="deltas", new_name="sum")
+    assert len(result.history) == 4 and result.weights != {"t0": 0.0, "loha": 0.0}
+    for host in HOSTS:
+        module = model.get_submodule(host)
+        dense = sum(w * module.peftkit[n].delta_weight() for n, w in result.weights.items())
+        torch.testing.assert_close(module.peftkit["sum"].weight.dense(), dense)
+
+
 @pytest.mark.parametrize("optimizer", ["ngopt", "cma"])
 def test_search_beats_the_uniform_average_on_held_out_rows_and_is_reproducible(optimizer: str) -> None:
     model = _model_with_loras()

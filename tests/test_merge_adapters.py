@@ -345,7 +345,14 @@ def test_refusals_name_the_adapters_and_the_reason(tiny) -> None:
     peftkit.attach(tiny, peftkit.Bottleneck(bottleneck=4, targets=["ffn.2"]), name="bottle")
     peftkit.attach(tiny, peftkit.IA3(targets=["attn.k"]), name="ia3")
     peftkit.attach(tiny, peftkit.LoRA(r=2, targets=HOSTS, bias="lora_only"), name="biased")
+    peftkit.attach(tiny, peftkit.Compose(peftkit.LoRA(r=2, targets=["attn.q"]), gates="learned"), name="gated")
+    peftkit.attach(tiny, peftkit.Compose(peftkit.LoRA(r=2, targets=["attn.q"]),
+                                         peftkit.Bottleneck(bottleneck=4, targets=["ffn.2"])), name="mixed")
     cases = [
+        ({"gated": 1}, {}, r"'gated' \(compose\) cannot be merged: its ComposedDelta on 'attn.q' has no fixed weight "
+                           r"change: part 0 \(lora\) is scaled by a learned gate"),
+        ({"a": 1, "mixed": 1}, {"method": "svd"}, r"'mixed' \(compose\) cannot be merged: .* on 'ffn.2' .*part 1 "
+                                                  r"\(bottleneck\): BottleneckDelta has no weight delta"),
         ({"a": 1, "bottle": 1}, {}, r"'bottle' \(bottleneck\) cannot be merged: its BottleneckDelta on 'ffn.2'"),
         ({"a": 1, "ia3": 1}, {}, r"'a' \(lora\) and 'ia3' \(ia3\) have no common merged form"),
         ({"a": 1, "q_only": 1}, {}, r"linear mixes the LoRA factors of 'a' and 'q_only', which differ at \['ffn.0'\]"),
@@ -422,7 +429,8 @@ def test_cli_merges_saved_adapters_as_the_api_does(tmp_path, capsys) -> None:
 
     for bad, message in [(["--method", "ties"], "ties needs a density"),
                          (["--adapter", f"x={tmp_path / 'nope'}:1"], "adapter directory"),
-                         (["--adapter", f"news={tmp_path / 'news'}:inf"], "must be a finite number")]:
+                         (["--adapter", f"news={tmp_path / 'news'}:inf"], "must be a finite number"),
+                         (["--adapter", str(tmp_path / "news")], "--adapter entries share the name 'news'")]:
         base = ["merge", "--model", "minilm", "--adapter", f"news={tmp_path / 'news'}", "--output", str(tmp_path / "o2")]
         assert main(base + bad) == 2
         err = capsys.readouterr().err

@@ -10,6 +10,7 @@ from torch import nn
 import peftkit
 from peftkit.core.slot import detach_slot
 from peftkit.efficient.int4 import GroupINT4Linear, quantize_int4
+from peftkit.efficient.quantize import quantization_errors
 from peftkit.methods.reparameterized.qalora import QALoRA
 
 from .checks import assert_routed_grads_match_rows, assert_routed_matches_rows
@@ -100,6 +101,45 @@ def test_int4_and_nf_hosts_keep_no_dequantized_weight_for_the_backward(host) -> 
     torch.testing.assert_close(x.grad, reference.grad, rtol=1e-5, atol=1e-6)
 
 
+def _packed_host(kind: str, linear: nn.Linear) -> nn.Linear:
+    from peftkit.efficient.nf_codebook import NFLinear
+
+    return GroupINT4Linear.from_linear(linear, 8) if kind == "int4" else NFLinear.from_linear(linear, bits=2)
+
+
+@pytest.mark.parametrize("host", ["int4", "nf2"])
+def test_lora_merge_unmerge_cycles_restore_int4_and_nf_hosts_bit_for_bit(host) -> None:
+    """A LoRA merged into a packed host re-quantizes W + ΔW (its rounding reported); unmerging puts back the packed
+    tensors from before the merge, not Q(W + ΔW − ΔW): no drift over cycles."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_packed_host(host, nn.Linear(64, 32)), nn.Linear(32, 4))
+    peftkit.attach(model, peftkit.LoRA(r=4, targets=["0"]))
+    randomize(model, scale=0.3)
+    stored = {name: t.clone() for name, t in model[0].state_tensors().items()}
+    x = torch.randn(3, 64)
+    unmerged = model(x).detach()
+    for _ in range(3):
+        peftkit.merge(model)
+        assert set(quantization_errors(model)) == {"0"} and quantization_errors(model)["0"].relative_frobenius > 0
+        peftkit.unmerge(model)
+        assert all(torch.equal(t, stored[name]) for name, t in model[0].state_tensors().items())
+        assert quantization_errors(model) == {}
+    assert torch.equal(model(x), unmerged)
+
+
+@pytest.mark.parametrize("host", ["int4", "nf2"])
+def test_int4_and_nf_hosts_compute_in_the_inputs_dtype(host) -> None:
+    linear = nn.Linear(32, 16).to(torch.bfloat16)
+    layer = _packed_host(host, linear)
+    assert layer.bias.dtype == torch.bfloat16  # the bias kept as it was
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = nn.functional.linear(x.float(), layer.dequantized_weight(), layer.bias.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    assert _packed_host(host, nn.Linear(32, 16))(x.float()).dtype == torch.float32
+
+
 def test_refuses_a_float_host_and_a_rank_above_the_groups() -> None:
     model = nn.Sequential(nn.Linear(64, 8))
     with pytest.raises(ValueError, match="grouped-INT4 base.*quantize_int4"):
@@ -126,10 +166,10 @@ def test_merged_model_is_still_int4_with_the_same_codes_and_equals_unmerged() ->
     for i in (0, 2):
         detach_slot(bare[i])
     torch.testing.assert_close(bare(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert quantization_errors(model) == {}  # no re-quantization: nothing rounded
     peftkit.unmerge(model)
-    for i, (codes, scales, zeros) in before.items():
-        torch.testing.assert_close(model[i].weight_zeros, zeros, rtol=0, atol=1e-5)
-        assert torch.equal(model[i].codes(), codes)
+    for i, (codes, scales, zeros) in before.items():  # the zero points from before the merge, bit for bit
+        assert torch.equal(model[i].weight_zeros, zeros) and torch.equal(model[i].codes(), codes)
     torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
 
 

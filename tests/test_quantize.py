@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 import peftkit
 from peftkit import DoRA, IA3, LoRA, BitFit, Bottleneck, LayerNormTuning, PrefixTuning, PromptTuning
+from peftkit.core.merging import MergeError
 from peftkit.core.targets import TargetError
 from peftkit.efficient.quantize import (QuantizationError, QuantizeConfig, load_quantized, quantization_errors,
                                         quantize, quantized_layers, save_quantized)
@@ -245,16 +246,25 @@ def test_config_errors_name_the_field() -> None:
     assert QuantizeConfig(bits=8).scheme == "int8" and QuantizeConfig(scheme="fp4").bits == 4
 
 
-def test_quantize_chooses_layers_and_refuses_what_it_cannot() -> None:
+def test_quantize_chooses_layers_and_refuses_what_it_cannot(tmp_path) -> None:
+    from peftkit.efficient.nf_codebook import NFLinear
+
     model = mlp()
     report = quantize(model, skip=["2"])
     assert report.quantized == ["0"] and report.skipped == {"2": "skip", "4": "output head (skip_head)"}
     assert report.bytes_after < report.bytes_before
+    assert quantize(mlp(), config=QuantizeConfig(skip_head=False)).quantized == ["0", "2", "4"]
     with pytest.raises(TargetError, match="typo"):
         quantize(mlp(), skip=["typo"])
+    with pytest.raises(ValueError, match="not both: skip_head, embeddings given beside config"):
+        quantize(mlp(), skip_head=True, embeddings="keep", config=QuantizeConfig())  # nothing silently ignored
     attached = peftkit.attach(mlp(), LoRA(r=2, targets=["0"]))
     with pytest.raises(ValueError, match="before attaching"):
         quantize(attached)
+    packed = mlp()
+    packed[0] = NFLinear.from_linear(packed[0], 3)
+    with pytest.raises(ValueError, match=r"layers \['0'\] are NF-k / grouped INT4 layers"):
+        save_quantized(packed, tmp_path / "base")
 
 
 def test_selective_deltas_are_refused_on_quantized_layers_and_allowed_elsewhere() -> None:
@@ -319,6 +329,24 @@ def test_embedding_table_rows_are_its_dequantized_table(embeddings, bound) -> No
         host.weight = nn.Parameter(table)
 
 
+def test_nf4_table_rows_are_bitsandbytes_dequantized_table_rows(monkeypatch) -> None:
+    """A lookup dequantizes its rows' double-quantized block absmaxes alone (never the whole table's), bit for bit
+    bitsandbytes' dequantization of the whole table (absmaxes in several groups of 256 blocks)."""
+    from peftkit.efficient.bnb_embedding import quantized_embedding
+    from peftkit.efficient.bnb_linear import bnb
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(600, 128)  # 1200 blocks of 64: their absmaxes in 5 groups of 256
+    host = quantized_embedding(embedding, QuantizeConfig(embeddings="nf4"))
+    packed, state = bnb.functional.quantize_4bit(embedding.weight.detach().contiguous(), blocksize=64,
+                                                 compress_statistics=True, quant_type="nf4")
+    table = bnb.functional.dequantize_4bit(packed, state)
+    assert torch.equal(host.dequantized_weight(), table)
+    ids = torch.tensor([[599, 0, 300], [257, 256, 3]])
+    monkeypatch.setattr(bnb.functional, "dequantize_blockwise", None)  # the whole table's absmaxes: not read
+    assert torch.equal(host(ids), table[ids]) and torch.equal(host.rows(slice(255, 259)), table[255:259])
+
+
 def test_tied_head_reads_the_quantized_table_in_chunks_and_saves_none_of_it(monkeypatch) -> None:
     """SmolLM2-style tie: the head and the lookup share one stored table; logits and gradients equal a float model
     holding the dequantized table, with the table dequantized a chunk at a time; nothing of it is kept for the
@@ -357,6 +385,54 @@ def test_tied_head_reads_the_quantized_table_in_chunks_and_saves_none_of_it(monk
         assert 0 < (quantized(ids).logits - twin(ids).logits).abs().max() < 0.5  # the re-quantization's rounding
     peftkit.unmerge(quantized)
     assert torch.equal(table.dequantized_weight(), stored) and quantization_errors(quantized) == {}
+
+
+def test_a_failed_merge_into_a_tied_table_leaves_it_as_stored(monkeypatch) -> None:
+    """LoRA on a table and on the head tied to it, the head's fold failing after the table's: the table is put back
+    bit for bit, and later merge / unmerge cycles still restore it exactly (the failed merge left nothing behind)."""
+    model = tiny_llama(tied=True)
+    quantize(model)
+    peftkit.attach(model, LoRA(r=4, targets=["embed_tokens", "lm_head"]))
+    randomize(model, scale=0.1)
+    table = model.model.embed_tokens
+    stored = table.dequantized_weight()
+
+    def failing(host: nn.Module) -> None:
+        raise RuntimeError("fold failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model.lm_head.peftkit["default"], "merge_into", failing)
+        with pytest.raises(MergeError, match="fold failed"):
+            peftkit.merge(model)
+    assert torch.equal(table.dequantized_weight(), stored) and quantization_errors(model) == {}
+    for _ in range(2):
+        peftkit.merge(model)
+        assert set(quantization_errors(model)) == {"model.embed_tokens"}
+        peftkit.unmerge(model)
+        assert torch.equal(table.dequantized_weight(), stored) and quantization_errors(model) == {}
+
+
+def test_unmerging_some_of_several_merges_into_a_tied_table_keeps_the_others() -> None:
+    """Three adapters with LoRA on a table and its tied head, all merged, unmerged one at a time: the table always
+    holds the merges still in (to the re-quantization's rounding), and exactly what it stored when none is left."""
+    from peftkit.core.hosts import to_host_layout
+
+    model = tiny_llama(tied=True)
+    quantize(model)
+    for name in "abc":
+        peftkit.attach(model, LoRA(r=2, targets=["embed_tokens", "lm_head"]), name=name)
+    randomize(model, scale=0.1)
+    peftkit.activate(model, ["a", "b", "c"])
+    table = model.model.embed_tokens
+    stored = table.dequantized_weight()
+    change = {name: to_host_layout(table, table.peftkit[name].delta_weight())
+              + model.lm_head.peftkit[name].delta_weight() for name in "abc"}
+    peftkit.merge(model, ["a", "b", "c"])
+    for done, name in enumerate("cba", start=1):
+        peftkit.unmerge(model, name)
+        expected = stored + sum(change[n] for n in "abc"[:3 - done])
+        assert (table.dequantized_weight() - expected).norm() < 0.1 * change[name].norm(), f"after unmerging {name}"
+    assert torch.equal(table.dequantized_weight(), stored) and quantization_errors(model) == {}
 
 
 def test_prompt_initialised_from_the_vocabulary_reads_the_dequantized_table() -> None:

@@ -42,15 +42,15 @@ def _merge(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and adapter_format(output) is None:  # a save replaces the whole directory
         raise FileExistsError(f"{output} exists and is not an adapter directory; refusing to replace it")
-    specs = [parse_adapter(spec) for spec in args.adapter]
-    MergeOptions(method=args.method, **_options(args))  # a bad option fails before the model loads
+    specs = [(name or path.name, path, weight) for name, path, weight in map(parse_adapter, args.adapter)]
+    names = [name for name, _, _ in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # checked before the model loads, as a bad option is
+        raise ValueError(f"--adapter entries share the name {', '.join(map(repr, repeated))} (a directory's name "
+                         "unless one is given): name them apart, e.g. --adapter a=DIR:0.5")
+    MergeOptions(method=args.method, **_options(args))
     model = _build_model(args.model, args.num_labels)
-    weights: dict[str, float] = {}
-    for name, path, weight in specs:
-        loaded = load(model, path, name=name or path.name, activate=False)
-        weights[loaded] = weight
-    if len(weights) != len(specs):
-        raise ValueError("two --adapter entries have the same name: name them, e.g. --adapter a=DIR:0.5")
+    weights = {load(model, path, name=name, activate=False): weight for name, path, weight in specs}
     merge_adapters(model, weights, method=args.method, new_name=args.name, activate=False, **_options(args))
     save(model, output, name=args.name, format=args.format)
     config = adapters(model)[args.name]

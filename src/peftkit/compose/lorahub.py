@@ -6,9 +6,10 @@ one composed LoRA:
     w* = argmin_{w ∈ [−bound, bound]^K}  L(w) + λ Σ_i |w_i|       L(w): the mean loss on the examples
 
 The composition is the paper's (its code multiplies every LoRA tensor, A and B alike, by w_i and sums); with
-`mixing="deltas"` it is instead the exact weighted sum ΔW = Σ_i w_i ΔW_i (a LoRA of rank Σ r_i, `merge_adapters`'
-"cat"). The search starts at w = 0, as the paper's, and runs an existing optimiser: Nevergrad's NGOpt (the paper's
-choice) or CMA-ES from `cma`, both seeded. λ defaults to 0.05 / K: the paper's 0.05 · mean_i |w_i|. The loss is
+`mixing="deltas"` it is instead the exact weighted sum ΔW = Σ_i w_i ΔW_i: a LoRA of rank Σ r_i for plain LoRAs
+(`merge_adapters`' "cat"), a dense weight change for other LoRA variants (LoHa, LoKr, VeRA, ...: "linear" with
+store="dense"). The search starts at w = 0, as the paper's, and runs an existing optimiser: Nevergrad's NGOpt (the
+paper's choice) or CMA-ES from `cma`, both seeded. λ defaults to 0.05 / K: the paper's 0.05 · mean_i |w_i|. The loss is
 scored in eval mode without gradients, so it is a deterministic function of w; the result is the best candidate
 evaluated. A trained copy of a head (`modules_to_save`) is composed as base + Σ_i w_i (copy_i − base).
 """
@@ -30,7 +31,7 @@ from ..methods.selective.selection import LossFn, classification_nll
 from ..models import require_extra
 from . import merge_math
 from .merge import AdapterMerge, _set_lora
-from .sources import AdapterMergeError
+from .sources import AdapterMergeError, read_source
 
 Optimizer = Literal["ngopt", "cma"]
 Mixing = Literal["factors", "deltas"]
@@ -91,7 +92,7 @@ def lorahub(model: nn.Module, names: Sequence[str], examples: Sequence[Any], los
     names, examples = list(names), list(examples)
     _check_search(names, examples, budget, bound, l1, optimizer, mixing)
     penalty_weight = PAPER_L1 / len(names) if l1 is None else l1
-    merge = FactorMix(model, names) if mixing == "factors" else AdapterMerge(model, names, "cat")
+    merge = FactorMix(model, names) if mixing == "factors" else _weighted_sum(model, names)
     loss_fn = loss_fn or classification_nll
     history: list[Candidate] = []
 
@@ -132,6 +133,13 @@ def _check_search(names: list[str], examples: Sequence[Any], budget: int, bound:
                          "'deltas' (ΔW = Σ w_i ΔW_i)")
     if len(names) < 2:
         raise ValueError(f"LoRAHub composes two or more LoRAs, got {names}")
+
+
+def _weighted_sum(model: nn.Module, names: list[str]) -> AdapterMerge:
+    """ΔW = Σ_i w_i ΔW_i exactly: stacked factors for plain LoRAs (rank Σ r_i), else each module's dense change."""
+    if all(read_source(model, name).plain_lora for name in names):
+        return AdapterMerge(model, names, "cat")
+    return AdapterMerge(model, names, "linear", store="dense")
 
 
 @torch.no_grad()

@@ -236,6 +236,7 @@ class AdapterMerge:
         return [d for d, _ in pairs], [w for _, w in pairs]
 
     def _combine(self, tensors: list[torch.Tensor], weights: list[float], generator: torch.Generator) -> torch.Tensor:
+        """The merge of dense task vectors by this merge's method (svd and cat: their weighted sum, as linear)."""
         method = self.options.method if self.options.method not in ("svd", "cat") else "linear"
         return merge_math.combine(method, tensors, weights, self.options.density or 1.0, generator,
                                   self.options.sign_method or "total")
@@ -287,10 +288,7 @@ class AdapterMerge:
             base = host.get_parameter(param_name).detach().float()
             changes = [s.copies[host_name][1].module.get_parameter(param_name).detach().float() - base
                        if host_name in s.copies else torch.zeros_like(base) for s in self.sources]
-            method = self.options.method if self.options.method in _TRIMS + _DROPS else "linear"
-            merged = merge_math.combine(method, changes, weights, self.options.density or 1.0, generator,
-                                        self.options.sign_method or "total")
-            param.copy_(base + merged)
+            param.copy_(base + self._combine(changes, weights, generator))
 
 
 def _rank_bound(delta: Delta, limit: int) -> int:

@@ -11,6 +11,7 @@ from ..core.config import AdapterConfig
 from ..core.delta import Delta, ModuleCopy, Placement
 from ..core.registry import adapter_deltas, get_registry
 from ..methods.additive.ia3 import IA3Delta
+from ..methods.hybrid.compose import ComposedDelta
 from ..methods.reparameterized.lora import LoRADelta
 from ..methods.selective.sparse import SparseDelta
 
@@ -36,7 +37,7 @@ class Source:
         return all(type(d) is LoRADelta for d in self.deltas.values())
 
 
-def family_of(name: str, config: AdapterConfig, host_name: str, delta: Delta) -> Family:
+def family_of(name: str, config: AdapterConfig, host_name: str, host: nn.Module, delta: Delta) -> Family:
     """Which merge family a delta belongs to, or an error naming the adapter and why it cannot merge."""
     def refuse(reason: str) -> AdapterMergeError:
         return AdapterMergeError(f"adapter {name!r} ({config.method}) cannot be merged: {reason}")
@@ -51,11 +52,22 @@ def family_of(name: str, config: AdapterConfig, host_name: str, delta: Delta) ->
         if not delta.selected:
             raise refuse(f"its delta on {host_name!r} has no mask yet (peftkit.select first)")
         return "selective"
-    if (type(delta).delta_weight is not Delta.delta_weight and delta.adds_term
-            and delta.placement is Placement.OUTPUT):
-        return "lora"
+    if type(delta).delta_weight is not Delta.delta_weight and delta.placement is Placement.OUTPUT:
+        refusal = delta.merge_refusal(host)  # a gated hybrid part, a part without a weight delta, LoRA experts
+        if refusal is not None:
+            raise refuse(f"its {type(delta).__name__} on {host_name!r} has no fixed weight change: {refusal}")
+        if _adds_weight_change(delta):
+            return "lora"
     raise refuse(f"its {type(delta).__name__} on {host_name!r} is not a change of the host's weights that adds to "
                  "its output (merging takes LoRA-family, (IA)³ and selective adapters)")
+
+
+def _adds_weight_change(delta: Delta) -> bool:
+    """Whether the delta adds x ΔWᵀ to its host's output, ΔW its `delta_weight` (a hybrid's: every part does)."""
+    if isinstance(delta, ComposedDelta):
+        return all(_adds_weight_change(part) for part in delta.parts.values())
+    return (type(delta).delta_weight is not Delta.delta_weight and delta.adds_term
+            and delta.placement is Placement.OUTPUT)
 
 
 def read_source(model: nn.Module, name: str) -> Source:
@@ -66,7 +78,7 @@ def read_source(model: nn.Module, name: str) -> Source:
         if isinstance(delta, ModuleCopy):
             source.copies[host_name] = (host, delta)
             continue
-        families.add(family_of(name, config, host_name, delta))
+        families.add(family_of(name, config, host_name, host, delta))
         source.deltas[host_name] = delta
     if len(families) != 1:
         raise AdapterMergeError(f"adapter {name!r} ({config.method}) has no weight, scaling or selective delta to merge"

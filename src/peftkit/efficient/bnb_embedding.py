@@ -11,16 +11,30 @@ whole in memory nor kept for the backward.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .bnb_linear import bnb, int8_rows
+from ..core.slot import deltas_of
+from .bnb_linear import bnb, int8_rows, quant_state_tensors
 from .frozen_matmul import frozen_linear
-from .quantize import QuantizeConfig, QuantizedModule
+from .quantize import QuantizationError, QuantizeConfig, QuantizedModule
 
 HEAD_CHUNK_ROWS = 4096  # rows of the table dequantized at once by a tied head: 9 MiB of float32 at width 576
+NESTED_BLOCK = 256  # double quantization: one absmax of the absmaxes per 256 blocks (bitsandbytes')
+_TAKEN = itertools.count()  # orders the states taken of every table
+
+
+@dataclass(frozen=True, eq=False)
+class TableState:
+    """A table's stored tensors and last store's error at one moment, and when it was taken (`stored_state`)."""
+
+    buffers: dict[str, torch.Tensor]
+    error: QuantizationError | None
+    taken: int
 
 
 class QuantizedEmbedding(QuantizedModule, nn.Embedding):
@@ -34,8 +48,8 @@ class QuantizedEmbedding(QuantizedModule, nn.Embedding):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.output_dtype = dtype  # what lookups return: the dtype of the table it replaced, as the model expects
         self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
-        self._merged_states: list[tuple[Any, ...]] = []  # stored_state() of each merge still folded in, in order
-        self._unmerged_state: tuple[Any, ...] | None = None
+        self.__dict__["tied_heads"] = []  # the TiedHeads reading this table (referenced, not submodules)
+        self._undone: list[TableState] = []  # states of merges unmerged out of turn, while others are still in
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, config: QuantizeConfig) -> "QuantizedEmbedding":
@@ -84,28 +98,33 @@ class QuantizedEmbedding(QuantizedModule, nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids).to(self.output_dtype)
 
-    def stored_state(self) -> tuple[Any, ...]:
-        state = dict(self._buffers), self.store_error
-        if not self._merged_states:
-            self._unmerged_state = state
-        self._merged_states.append(state)
-        return state
+    def stored_state(self) -> TableState:
+        return TableState(dict(self._buffers), self.store_error, next(_TAKEN))
 
-    def restore_state(self, state: tuple[Any, ...]) -> None:
-        """Put back the table stored before the merge that `state` came from. The embedding and a head tied to it
-        merge into this one table, and core unmerges them in model order, not in the reverse of their merges: a
-        state restored out of turn would drop a merge still in place, so then the table keeps what unmerging
-        computed (W − ΔW, quantized) until the last merge is undone, when the table from before all of them
-        comes back exactly."""
-        position = next(i for i, kept in enumerate(self._merged_states) if kept is state)
-        latest = position == len(self._merged_states) - 1
-        del self._merged_states[position]
-        if not self._merged_states:
-            state = self._unmerged_state
-        elif not latest:
-            return
-        buffers, self.store_error = state
-        self._keep(buffers)
+    def restore_state(self, state: TableState) -> None:
+        """Put back the table stored before the merge that `state` came from, when it holds exactly the merges
+        still in. The embedding and a head tied to it merge into this one table, and core unmerges them in model
+        order, not in the reverse of their merges: a merge undone out of turn (a later one still in, or an earlier
+        one already out) leaves the table as unmerging computed it (W − ΔW, quantized) until the last merge is
+        undone, when the table from before all of them comes back exactly. Which merges are in is core's record
+        (each merged delta's `host_state_before_merge`), so a merge that failed leaves nothing behind here."""
+        others = [kept for kept in self._merged_states() if kept is not state]
+        if not others:
+            self._put(min([state, *self._undone], key=lambda kept: kept.taken))
+            self._undone = []
+        elif all(kept.taken < state.taken for kept in others) and all(u.taken > state.taken for u in self._undone):
+            self._put(state)
+        else:
+            self._undone.append(state)
+
+    def _merged_states(self) -> list[TableState]:
+        """The states kept by the merges folded into this table now: into it or into a head tied to it."""
+        return [delta.host_state_before_merge for host in (self, *self.tied_heads)
+                for delta in deltas_of(host).values() if delta.merged and delta.host_state_before_merge is not None]
+
+    def _put(self, state: TableState) -> None:
+        self._keep(state.buffers)
+        self.store_error = state.error
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._buffers)
@@ -156,28 +175,26 @@ class NF4Embedding(QuantizedEmbedding):
     def _quantize(self, weight: torch.Tensor) -> None:
         packed, state = bnb.functional.quantize_4bit(weight.to(torch.float32).contiguous(), blocksize=self.block_size,
                                                      compress_statistics=self.double_quant, quant_type="nf4")
-        tensors = {"packed": packed.view(self.num_embeddings, -1), "absmax": state.absmax, "code": state.code}
-        if state.nested:
-            tensors |= {"nested_absmax": state.state2.absmax, "nested_code": state.state2.code,
-                        "offset": state.offset.reshape(1)}
-        self._keep(tensors)
+        self._keep({"packed": packed.view(self.num_embeddings, -1), **quant_state_tensors(state)})
 
     def _keep(self, tensors: dict[str, torch.Tensor]) -> None:
         super()._keep(tensors)
         self.block_size = self.embedding_dim * self.num_embeddings // tensors["absmax"].numel()
         self.double_quant = "nested_absmax" in tensors
 
-    def _absmax(self) -> torch.Tensor:
-        """The per-block absmax as float32, (rows, blocks per row)."""
-        absmax = self.absmax
-        if self.double_quant:
-            nested = bnb.functional.QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=256,
-                                               dtype=torch.float32)
-            absmax = bnb.functional.dequantize_blockwise(absmax, nested) + self.offset
-        return absmax.view(self.num_embeddings, -1)
+    def _absmax(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The block absmaxes of rows `index` as float32, (…, blocks per row). Double-quantized, only these rows'
+        are dequantized: code2[q_b] · c_⌊b/256⌋ + offset for each of their blocks b, bitsandbytes' formula."""
+        per_row = self.embedding_dim // self.block_size
+        absmax = self.absmax.view(self.num_embeddings, per_row)[index]
+        if not self.double_quant:
+            return absmax
+        rows = torch.arange(self.num_embeddings, device=absmax.device)[index] if isinstance(index, slice) else index
+        blocks = rows[..., None] * per_row + torch.arange(per_row, device=absmax.device)
+        return self.nested_code[absmax.long()] * self.nested_absmax[blocks // NESTED_BLOCK] + self.offset
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
-        packed, absmax = self.packed[index], self._absmax()[index]
+        packed, absmax = self.packed[index], self._absmax(index)
         shape = (*packed.shape[:-1], self.embedding_dim)
         state = bnb.functional.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((packed.numel() * 2 //
                                           self.embedding_dim, self.embedding_dim)), code=self.code,
@@ -205,6 +222,7 @@ class TiedHead(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
         self.__dict__["embedding"] = embedding
+        embedding.tied_heads.append(self)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @property
@@ -225,10 +243,19 @@ class TiedHead(nn.Linear):
     def store_weight(self, weight: torch.Tensor) -> None:
         self.embedding.store_weight(weight)
 
-    def stored_state(self) -> tuple[Any, ...]:
+    @property
+    def store_error(self) -> QuantizationError | None:
+        """The table's: the head has no stored weight of its own."""
+        return self.embedding.store_error
+
+    @store_error.setter
+    def store_error(self, error: QuantizationError | None) -> None:
+        self.embedding.store_error = error
+
+    def stored_state(self) -> TableState:
         return self.embedding.stored_state()
 
-    def restore_state(self, state: tuple[Any, ...]) -> None:
+    def restore_state(self, state: TableState) -> None:
         self.embedding.restore_state(state)
 
     def extra_repr(self) -> str:

@@ -41,6 +41,16 @@ def int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32).mul_(scales.unsqueeze(-1).mul(1.0 / 127.0))
 
 
+def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """A 4-bit quant state's tensors by name: the block absmaxes and the code, and with double quantization the
+    absmaxes' own absmaxes, code and offset."""
+    tensors = {"absmax": state.absmax, "code": state.code}
+    if state.nested:
+        tensors |= {"nested_absmax": state.state2.absmax, "nested_code": state.state2.code,
+                    "offset": state.offset.reshape(1)}
+    return tensors
+
+
 def _rows_call(call: Any, x: torch.Tensor) -> torch.Tensor:
     """`call` on x's rows as one 2-D batch, reshaped back. bitsandbytes' autograd functions return a view for a
     3-D input, which a delta adding into the output in place (LoRA's fused addmm) may not modify; a 2-D result is
@@ -84,11 +94,7 @@ class Linear4bitHost(QuantizedModule, bnb.nn.Linear4bit):
         self.weight, self.quant_state, self.store_error = state
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        state = self.weight.quant_state
-        tensors = {"weight": self.weight.data, "absmax": state.absmax, "code": state.code}
-        if state.nested:
-            tensors |= {"nested_absmax": state.state2.absmax, "nested_code": state.state2.code, "offset": state.offset}
-        return tensors
+        return {"weight": self.weight.data, **quant_state_tensors(self.weight.quant_state)}
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take the packed weight and quant state saved by `Linear4bit`'s state dict, as they are."""

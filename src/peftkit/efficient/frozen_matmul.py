@@ -45,6 +45,7 @@ def _chunks(size: int, step: int) -> list[slice]:
 def frozen_linear(x: torch.Tensor, rows: Rows, out_features: int, bias: torch.Tensor | None = None,
                   chunk_rows: int | None = None) -> torch.Tensor:
     """x Wᵀ (+ b) where `rows(chunk)` dequantizes W's rows `chunk`; W read `chunk_rows` rows at a time (default:
-    all at once), in the forward and again in the backward, and not kept in between."""
+    all at once), in the forward and again in the backward, and not kept in between. The output has x's dtype
+    (the bias is cast to it, as the rows are)."""
     out = _FrozenLinear.apply(x, rows, out_features, chunk_rows or out_features)
-    return out + bias if bias is not None else out
+    return out + bias.to(out.dtype) if bias is not None else out

@@ -16,37 +16,24 @@ from ..core.config import TargetSpec
 from ..core.hosts import QuantizedHost
 from ..core.slot import deltas_of
 from ..core.targets import match_targets
-from .frozen_matmul import frozen_linear
 from .nf_codebook import pack_codes, unpack_codes
+from .packed_linear import PackedLinear
 
 LEVELS = 15  # 4-bit codes 0..15
 
 
-class GroupINT4Linear(nn.Linear):
-    """A Linear stored as grouped asymmetric INT4: `weight` holds the packed codes (uint8, frozen), `weight_scales`
-    and `weight_zeros` ([out, in/L], float32) each (row, group)'s s and z; the forward dequantizes. A QuantizedHost."""
+class GroupINT4Linear(PackedLinear):
+    """A Linear stored as grouped asymmetric INT4: `weight` holds the packed codes, `weight_scales` and
+    `weight_zeros` ([out, in/L], float32) each (row, group)'s s and z; the forward dequantizes
+    (`efficient.packed_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
                  device: torch.device | str | None = None):
         if group_size <= 0 or in_features % group_size:
             raise ValueError(f"group_size {group_size} must be positive and divide in_features {in_features}")
-        super().__init__(in_features, out_features, bias, device="meta")  # the float weight is never materialised
+        super().__init__(in_features, out_features, bias, device)
         self.group_size = group_size
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8, device=device), requires_grad=False)
-        self.register_buffer("weight_scales", torch.empty(0, device=device))
-        self.register_buffer("weight_zeros", torch.empty(0, device=device))
-        self.store_weight(torch.zeros(out_features, in_features, device=device))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "GroupINT4Linear":
-        """`linear` quantized to grouped INT4 (its bias kept in full precision)."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
-                     device=linear.weight.device)
-        module.store_weight(linear.weight)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-        return module
+        self._quantize(torch.zeros(out_features, in_features, device=device))
 
     @property
     def groups(self) -> int:
@@ -61,29 +48,23 @@ class GroupINT4Linear(nn.Linear):
         grouped = self.codes().view(self.out_features, self.groups, self.group_size).float()
         return (self.weight_scales[..., None] * (grouped - self.weight_zeros[..., None])).flatten(1)
 
-    @torch.no_grad()
-    def store_weight(self, weight: torch.Tensor) -> None:
-        expected = (self.out_features, self.in_features)
-        if tuple(weight.shape) != expected:
-            raise ValueError(f"GroupINT4Linear stores a {expected} weight, got {tuple(weight.shape)}")
-        grouped = weight.detach().float().view(self.out_features, self.groups, self.group_size)
+    def _pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        grouped = weight.view(self.out_features, self.groups, self.group_size)
         low, high = grouped.amin(-1), grouped.amax(-1)
         scales = (high - low) / LEVELS
         scales = torch.where(scales > 0, scales, 1.0)  # a constant group: any scale, z = −value puts it at code 0
         zeros = -low / scales
         codes = (grouped / scales[..., None] + zeros[..., None]).round().clamp(0, LEVELS)
-        self.weight.data, self.weight_scales, self.weight_zeros = pack_codes(codes.flatten(), 4), scales, zeros
+        return pack_codes(codes.flatten(), 4), {"weight_scales": scales, "weight_zeros": zeros}
 
     @torch.no_grad()
     def add_group_constants(self, change: torch.Tensor) -> None:
-        """W[o, j] += change[o, ⌊j/L⌋], exactly in the stored form: z −= change / s (codes untouched)."""
+        """W[o, j] += change[o, ⌊j/L⌋], exactly in the stored form: z −= change / s (codes untouched). The zero
+        points are replaced, not written into, so a state kept before (a merge's) still holds the old ones."""
         if tuple(change.shape) != tuple(self.weight_zeros.shape):
             raise ValueError(f"a group change must be [out, in/L] = {tuple(self.weight_zeros.shape)}, "
                              f"got {tuple(change.shape)}")
-        self.weight_zeros -= change.to(self.weight_zeros.dtype) / self.weight_scales
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the dequantized weight is not kept for the backward
-        return frozen_linear(x, lambda rows: self.dequantized_weight()[rows], self.out_features, self.bias)
+        self.weight_zeros = self.weight_zeros - change.to(self.weight_zeros.dtype) / self.weight_scales
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

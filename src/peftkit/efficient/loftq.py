@@ -107,8 +107,9 @@ def loftq_initialise(model: nn.Module, adapter: str, weights: Mapping[str, torch
                      iters: int = 5) -> dict[str, LoftQResult]:
     """LoftQ for a LoRA adapter attached to quantized hosts: each host (a QuantizedHost) stores Q_T computed from its
     original float weight `weights["<host>.weight"]` (a state dict of the model before quantizing), and the adapter's
-    A, B are set; the adapter's trainable module copies (`modules_to_save`, a fresh head) are left as they are.
-    Returns each host's result (its errors against zero-init QLoRA's)."""
+    A, B are set; the adapter's trainable module copies (`modules_to_save`, a fresh head) are left as they are. Q_T
+    is the base as quantized, so no host reports it as a merge's rounding (`quantization_errors`). Returns each
+    host's result (its errors against zero-init QLoRA's)."""
     if adapter in get_registry(model).merged:
         raise ValueError(f"adapter {adapter!r} is merged; unmerge it before initialising it")
     deltas = [(n, host, d) for n, host, d in adapter_deltas(model, adapter) if not isinstance(d, ModuleCopy)]
@@ -122,6 +123,7 @@ def loftq_initialise(model: nn.Module, adapter: str, weights: Mapping[str, torch
     for name, host, delta in deltas:
         original = weights[f"{name}.weight"].to(host.dequantized_weight().device)
         result = loftq(original, delta.lora_A.shape[0], delta.scaling, iters, host)
+        host.store_error = None
         delta.lora_A.copy_(result.a)
         delta.lora_B.copy_(result.b)
         results[name] = result

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .frozen_matmul import frozen_linear
+from .packed_linear import PackedLinear
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -90,29 +89,16 @@ def dequantize_nf(state: NFState) -> torch.Tensor:
     return blocks.flatten()[:count].view(state.shape)
 
 
-class NFLinear(nn.Linear):
-    """A Linear whose weight is stored NF-k (`quantize_nf`): `weight` holds the packed codes (uint8, frozen, as
-    bitsandbytes' Linear4bit does), `weight_scales` the block absmaxes; the forward dequantizes. A QuantizedHost."""
+class NFLinear(PackedLinear):
+    """A Linear whose weight is stored NF-k (`quantize_nf`): `weight` holds the packed codes, `weight_scales` the
+    block absmaxes; the forward dequantizes (`efficient.packed_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, block_size: int = 64,
                  device: torch.device | str | None = None):
         _check_bits(bits)
-        super().__init__(in_features, out_features, bias, device="meta")  # the float weight is never materialised
+        super().__init__(in_features, out_features, bias, device)
         self.bits, self.block_size = bits, block_size
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8, device=device), requires_grad=False)
-        self.register_buffer("weight_scales", torch.empty(0, device=device))
-        self.store_weight(torch.zeros(out_features, in_features, device=device))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, block_size: int = 64) -> "NFLinear":
-        """`linear` quantized to NF-`bits` (its bias kept in full precision)."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, block_size,
-                     device=linear.weight.device)
-        module.store_weight(linear.weight)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-        return module
+        self._quantize(torch.zeros(out_features, in_features, device=device))
 
     def state(self) -> NFState:
         return NFState(self.weight.data, self.weight_scales, self.bits, self.block_size,
@@ -121,16 +107,9 @@ class NFLinear(nn.Linear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_nf(self.state())
 
-    @torch.no_grad()
-    def store_weight(self, weight: torch.Tensor) -> None:
-        expected = (self.out_features, self.in_features)
-        if tuple(weight.shape) != expected:
-            raise ValueError(f"NFLinear stores a {expected} weight, got {tuple(weight.shape)}")
+    def _pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = quantize_nf(weight, self.bits, self.block_size)
-        self.weight.data, self.weight_scales = state.codes, state.scales
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the dequantized weight is not kept for the backward
-        return frozen_linear(x, lambda rows: self.dequantized_weight()[rows], self.out_features, self.bias)
+        return state.codes, {"weight_scales": state.scales}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, block_size={self.block_size}"

@@ -61,7 +61,8 @@ class QuantizeConfig(BaseModel):
                                                   "in the targets syntax: names, dotted suffixes, 'type:X', a regex")
     skip_head: bool = Field(True, description="leave the output layer alone (the LM head, a classification head)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="4-bit: the dtype the matmul runs in; None: the input's")
+        None, description="4-bit: the dtype the matmul runs in; None: fixed by the first input a layer sees "
+                          "(bitsandbytes: float32 or bfloat16 from then on, float16: each input's own)")
     embeddings: Literal["int8", "bf16", "nf4", "keep"] = Field(
         "int8", description="how the embedding tables (and a head tied to one) are stored: int8 with one absmax per "
                             "row, bf16, nf4 in blocks along each row, or kept as they are")
@@ -139,8 +140,9 @@ class QuantizationError:
 
 
 class QuantizedModule:
-    """What the quantized Linear types (`efficient.bnb_linear`) and embedding tables (`efficient.bnb_embedding`) have:
-    the QuantizedHost methods, exact restore, the rounding error of the last store, and their tensors for saving."""
+    """What the quantized Linear types (bitsandbytes' in `efficient.bnb_linear`, pure torch NF-k and grouped INT4 in
+    `efficient.packed_linear`) and embedding tables (`efficient.bnb_embedding`) have: the QuantizedHost methods,
+    exact restore, the rounding error of the last store, and their tensors for saving."""
 
     store_error: QuantizationError | None = None  # set by store_weight (a merge); None: the weight as quantized
 
@@ -172,11 +174,6 @@ class QuantizedModule:
 
 
 # --- which layers ---------------------------------------------------------------------------------
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def head_names(model: nn.Module) -> set[str]:
@@ -292,18 +289,22 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def quantize(model: nn.Module, bits: int | None = None, scheme: str | None = None, double_quant: bool | None = None,
-             block_size: int | None = None, skip: str | list[str] = (), skip_head: bool = True,
+             block_size: int | None = None, skip: str | list[str] | None = None, skip_head: bool | None = None,
              compute_dtype: str | None = None, embeddings: str | None = None,
              config: QuantizeConfig | None = None) -> QuantizeReport:
     """Replace the model's Linear layers and embedding tables, in place, by frozen quantized ones, leaving an untied
-    output head and `skip` in full precision. The arguments are `QuantizeConfig`'s (or give `config`); unset: NF4
-    with double quantization in blocks of 64, tables in int8. Quantize before attaching adapters. Returns what was
-    quantized and the resident bytes."""
+    output head and `skip` in full precision. The arguments are `QuantizeConfig`'s, or give `config` alone; unset:
+    NF4 with double quantization in blocks of 64, tables in int8. Quantize before attaching adapters. Returns what
+    was quantized and the resident bytes."""
+    given = {"bits": bits, "scheme": scheme, "double_quant": double_quant, "block_size": block_size,
+             "skip": skip if skip is None or isinstance(skip, str) else list(skip), "skip_head": skip_head,
+             "compute_dtype": compute_dtype, "embeddings": embeddings}
+    given = {field: value for field, value in given.items() if value is not None}
     if config is None:
-        given = {"bits": bits, "scheme": scheme, "double_quant": double_quant, "block_size": block_size,
-                 "compute_dtype": compute_dtype, "embeddings": embeddings}
-        config = QuantizeConfig(**{k: v for k, v in given.items() if v is not None},
-                                skip=skip if isinstance(skip, str) else list(skip), skip_head=skip_head)
+        config = QuantizeConfig(**given)
+    elif given:
+        raise ValueError(f"quantize takes a config or its fields, not both: {', '.join(given)} given beside config "
+                         "(put them in the config)")
     if model.__dict__.get(REGISTRY_ATTR) is not None and model.__dict__[REGISTRY_ATTR].configs:
         raise ValueError("quantize the base before attaching adapters: this model already has adapters attached")
     from .bnb_embedding import TiedHead, quantized_embedding
@@ -316,11 +317,11 @@ def quantize(model: nn.Module, bits: int | None = None, scheme: str | None = Non
     tables = {name: quantized_embedding(model.get_submodule(name), config) for name in plan.embeddings}  # may refuse
     before = resident_bytes(model)
     for name in plan.linears:
-        _set_module(model, name, quantized_linear(model.get_submodule(name), config))
+        model.set_submodule(name, quantized_linear(model.get_submodule(name), config))
     for name, table in tables.items():
-        _set_module(model, name, table)
+        model.set_submodule(name, table)
     for head, table in plan.tied_heads.items():
-        _set_module(model, head, TiedHead(tables[table], model.get_submodule(head).bias))
+        model.set_submodule(head, TiedHead(tables[table], model.get_submodule(head).bias))
     model.__dict__["peftkit_quantization"] = config
     return QuantizeReport(config, plan.linears, plan.skipped, before, resident_bytes(model), plan.embeddings,
                           plan.tied_heads)
@@ -360,6 +361,12 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no quantized layer: quantize it first (efficient.quantize.quantize)")
+    from .packed_linear import PackedLinear
+
+    packed = [name for name, host in layers.items() if isinstance(host, PackedLinear)]
+    if packed:
+        raise ValueError(f"layers {packed[:5]} are NF-k / grouped INT4 layers (pure torch), which this bitsandbytes "
+                         "base cache does not describe: save and load the model's state_dict instead")
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     first_by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -443,7 +450,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if linear.bias is not None:
             host.bias = nn.Parameter(tensors[f"{name}.bias"], requires_grad=False)
         host.train(linear.training)
-        _set_module(model, name, host)
+        model.set_submodule(name, host)
     for name, table_format in tables.items():
         embedding, prefix = modules[name], f"{name}."
         try:
@@ -451,9 +458,9 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 embedding, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         except ValueError as err:
             raise QuantizedBaseError(f"{directory}: embedding {name!r}: {err}") from None
-        _set_module(model, name, table)
+        model.set_submodule(name, table)
     for name, table in heads.items():
-        _set_module(model, name, TiedHead(model.get_submodule(table), tensors.get(f"{name}.bias")))
+        model.set_submodule(name, TiedHead(model.get_submodule(table), tensors.get(f"{name}.bias")))
     packed = [*description["layers"], *tables]
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in packed)}
     missing, unexpected = model.load_state_dict(rest, strict=False)

@@ -151,12 +151,16 @@ def _gate(width: int, like: nn.Module, outputs: int = 1) -> nn.Linear:
     return gate
 
 
-def _gate_width(host: nn.Module, part: Delta) -> int:
+def _gate_width(host: nn.Module, part: Delta, label: str) -> int:
     """The width of what a part reads: the host's input, or its output for a part that rewrites it."""
     try:
         shape = host_shape(host)
     except TypeError as err:
-        raise ValueError(f"a learned gate needs a Linear host: {err}") from None
+        raise ValueError(f"{label}: a learned gate needs a Linear host: {err}") from None
+    if shape.kind not in ("linear", "conv1d"):  # a Conv2d's last axis is the image width; an Embedding reads ids
+        raise ValueError(f"{label}: a learned gate reads features on the last axis, as a Linear's input has them; "
+                         f"this {type(host).__name__} ({shape.kind} host) has none there: target Linear layers with "
+                         "this part, or use gates='none'")
     return shape.in_features if part.placement is Placement.INPUT or part.additive else shape.out_features
 
 
@@ -180,11 +184,18 @@ class ComposedDelta(Delta):
                              "give them different targets")
         self.placement = Placement.INPUT if on_input else Placement.OUTPUT
         self.parts = nn.ModuleDict({str(i): delta for i, delta in parts.items()})
-        self.gates = nn.ModuleDict({str(i): _gate(_gate_width(host, d), host) for i, d in parts.items() if i in gated})
+        self.gates = nn.ModuleDict({str(i): _gate(_gate_width(host, d, self.labels[str(i)]), host)
+                                    for i, d in parts.items() if i in gated})
         self.additive = all(d.additive for d in parts.values())
         self.reads_input = bool(self.gates) or any(d.reads_input for d in parts.values())
         self.reads_base = any(d.reads_base for d in parts.values())
         self.trains_host_parameters = any(d.trains_host_parameters for d in parts.values())
+
+    @property
+    def adds_term(self) -> bool:
+        """Every part adds a term that reads only x (LoRA's, a selective change's), and no part that rewrites the
+        output is gated (its gate reads the output): then the holder commutes with other such deltas (core.merging)."""
+        return all(part.adds_term and (part.additive or key not in self.gates) for key, part in self.parts.items())
 
     def _scale(self, key: str, u: torch.Tensor) -> torch.Tensor | None:
         gate = self.gates[key] if key in self.gates else None

@@ -2,13 +2,16 @@
 the layers are split into consecutive groups and each group gets its own methods and settings.
 
     layers 0 … L−1 = G_1 ∪ … ∪ G_k (consecutive),  |G_j| ∝ w_j
-    spindle w = (1, 2, …, 2, 1)   uniform (1, …, 1)   increasing (1, 2, …, k)   decreasing (k, …, 1)
-    bottleneck w = (2, 1, …, 1, 2)
+    spindle w_j = min(j, k + 1 − j)            (1, 2, 2, 1) at k = 4, (1, 2, 3, 2, 1) at k = 5
+    bottleneck w_j = max(spindle) + 1 − spindle_j   (2, 1, 1, 2) at k = 4, (3, 2, 1, 2, 3) at k = 5
+    uniform (1, …, 1)   increasing (1, 2, …, k)   decreasing (k, …, 1)
 
-S4's search found spindle grouping best; its S4 model puts different mixes of adapters, LoRA, prefixes and BitFit
-in the four groups. Here each group's parts are ordinary method configs whose targets are narrowed to the group's
-layers (a layer is the first number in a module's name: `encoder.layer.3.…`, `model.layers.3.…`); parts that act
-on every layer at once (a prefix, whose cache holds all layers) go in `shared`. It is a `Compose` underneath.
+Spindle is the paper's pattern of fewer layers at the ends and more in the middle, for any k: rising one step a
+group toward the middle (as `increasing` does) and falling after it; bottleneck is its mirror. S4's search found
+spindle grouping best; its S4 model puts different mixes of adapters, LoRA, prefixes and BitFit in the four groups.
+Here each group's parts are ordinary method configs whose targets are narrowed to the group's layers (a layer is the
+first number in a module's name: `encoder.layer.3.…`, `model.layers.3.…`); parts that act on every layer at once (a
+prefix, whose cache holds all layers) go in `shared`. It is a `Compose` underneath.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ Shape = Literal["spindle", "uniform", "increasing", "decreasing", "bottleneck"]
 
 
 def group_weights(shape: Shape, groups: int) -> list[int]:
-    """The relative group sizes w_j of a grouping pattern."""
+    """The relative group sizes w_j of a grouping pattern (module docstring): spindle rises toward the middle and
+    falls after it, bottleneck the reverse."""
     spindle = [min(j + 1, groups - j) for j in range(groups)]
     return {"spindle": spindle, "uniform": [1] * groups, "increasing": list(range(1, groups + 1)),
             "decreasing": list(range(groups, 0, -1)),

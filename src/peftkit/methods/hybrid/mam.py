@@ -23,7 +23,8 @@ from .compose import HybridConfig, Placed
 
 @register_method
 class MAM(HybridConfig):
-    """MAM adapter config: prefix length, the parallel adapter's width, scale and targets (no gates)."""
+    """MAM adapter config: prefix length, the parallel adapter's width, scale and targets; ungated as in the paper
+    (gates="learned" gates both parts as in `Compose`)."""
 
     method: ClassVar[str] = "mam"
     num_virtual_tokens: int = Field(30, gt=0, description="prefix length (He et al.: 30)")
