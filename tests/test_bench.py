@@ -12,7 +12,7 @@ from torch import nn
 import peftkit
 from peftkit.bench import (BENCH_METHODS, BenchConfigError, OutputDirError, UnknownMethodError, UnknownMetricError,
                            UnknownTaskError, load_task_file, plan_bench, run_bench)
-from peftkit.bench.methods import FAMILIES, REFERENCES, bench_method
+from peftkit.bench.methods import FAMILIES, REFERENCES, all_rows, bench_method
 from peftkit.bench.protocol import Progress, cell_spec
 from peftkit.bench.tasks import BENCH_TASKS
 from peftkit.bench.worker import run_cell
@@ -52,7 +52,9 @@ def test_every_registered_method_has_a_bench_entry_for_every_family() -> None:
         assert entry.lrs, f"{method} has no learning rates"
         if entry.peft:
             assert hasattr(METHODS[method], "to_peft"), f"{method} is marked as in PEFT but cannot convert"
-    assert set(BENCH_METHODS) == set(METHODS) | set(REFERENCES)
+    variants = {name: entry.method for name, entry in BENCH_METHODS.items() if entry.method is not None}
+    assert all(method in METHODS for method in variants.values()), variants
+    assert set(BENCH_METHODS) == set(METHODS) | set(REFERENCES) | set(variants) == set(all_rows())
 
 
 def _tiny_llama() -> nn.Module:
@@ -66,18 +68,18 @@ def _efficientnet() -> nn.Module:
     return load_efficientnet_lite0(num_classes=10)
 
 
-def _tiny_vit() -> nn.Module:
+def _tiny_dinov2() -> nn.Module:
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
     return Dinov2ForImageClassification(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                                      mlp_ratio=2, image_size=28, patch_size=7, num_labels=10))
+                                                     mlp_ratio=2, patch_size=4, image_size=16, num_labels=3))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_default_config_attaches_to_its_family(family: str) -> None:
     """The table's targets exist in each family's architecture (BERT, Llama, EfficientNet, Dinov2 names)."""
     build, head = {"bert": (lambda: tiny_bert(2)[0], ["classifier"]), "llama": (_tiny_llama, []),
-                   "cnn": (_efficientnet, ["_fc"]), "vit": (_tiny_vit, ["classifier"])}[family]
+                   "cnn": (_efficientnet, ["_fc"]), "vit": (_tiny_dinov2, ["classifier"])}[family]
     model = build()
     for name, entry in BENCH_METHODS.items():
         if name in REFERENCES or entry.skip_reason(family) is not None:

@@ -11,6 +11,7 @@ import torch
 
 from peftkit.core.config import METHODS
 from peftkit.core.registry import adapter_deltas
+from peftkit.core.targets import TargetError
 from peftkit.methods import AdaLoRAController
 from peftkit.methods.reparameterized.sora import SoRADelta
 from peftkit.methods.selective.selection import candidates
@@ -54,6 +55,9 @@ LLAMA = {"llama_adapter": {"adapter_len": 2, "adapter_layers": 1}}  # Llama atte
 CHAT = {**LLAMA, "lora": {"targets": ["q_proj", "v_proj"], "r": 2}, "prompt_tuning": {"num_virtual_tokens": 4},
         "prefix_tuning": {"num_virtual_tokens": 4}, "ia3": {"targets": ["k_proj", "v_proj", "down_proj"],
                                                            "feedforward": ["down_proj"]}}
+# Vision transformer methods: trained on a tiny Dinov2 classifying Fashion-MNIST, refused by name on the BBC BERT.
+VISION = {"vpt": {"num_tokens": 2}, "convpass": {"dim": 4}}
+NOT_ON_TEXT = {"vpt": "embeds no image patches", "convpass": "has no patch embedding"}
 REFUSED = {"adapter_fusion": "adapters: Field required",  # fuses adapters trained before: nothing to fuse here
            "bitdelta": "bitdelta is not trained by peftkit train: it compresses a finished fine-tune",
            "qalora": "qalora is not trained by peftkit train: it trains on a grouped-INT4 base",
@@ -64,7 +68,7 @@ STEPS = 8  # 16 rows in batches of 4, 2 epochs
 
 
 def test_every_registered_method_has_a_case_here() -> None:
-    assert set(METHODS) == set(CONFIGS) | set(LLAMA) | set(REFUSED)
+    assert set(METHODS) == set(CONFIGS) | set(LLAMA) | set(REFUSED) | set(VISION)
 
 
 def sparse_counts(model) -> tuple[int, int]:
@@ -117,8 +121,13 @@ def assert_base(model, before: dict[str, torch.Tensor], method: str) -> None:
     assert bool(changed) == (method == "relora"), changed[:3]
 
 
-def config(tmp_path, method: str, chat: bool = False, **sections) -> dict[str, Any]:
-    if chat:
+def config(tmp_path, method: str, kind: str = "bbc", **sections) -> dict[str, Any]:
+    if kind == "vit":
+        return tiny_config(tmp_path, task="classify-image", model={"name": "tiny-dinov2"},
+                           method={"method": method, **VISION[method]},
+                           data={"name": "fashion-mnist", "train_limit": 16, "eval_limit": 4, "image_size": 16},
+                           **sections)
+    if kind == "chat":
         return tiny_config(tmp_path, task="causal-lm-chat", model={"name": "tiny-llama"},
                            method={"method": method, **CHAT[method]},
                            data={"name": "chatterbot", "train_limit": 16, "eval_limit": 4, "max_length": 96},
@@ -136,12 +145,12 @@ class KeepOptimizer(Callback):
         self.optimizer = trainer.optimizer
 
 
-CASES = [(m, False) for m in METHODS if m not in REFUSED and m not in LLAMA] + [(m, True) for m in CHAT]
+CASES = [(m, "bbc") for m in CONFIGS] + [(m, "chat") for m in CHAT] + [(m, "vit") for m in VISION]
 
 
-@pytest.mark.parametrize("method, chat", CASES, ids=[f"{m}-{'chat' if chat else 'bbc'}" for m, chat in CASES])
-def test_method_trains_through_peftkit_train_and_multijob_with_its_own_steps(tmp_path, method: str, chat: bool) -> None:
-    cfg = config(tmp_path, method, chat, **RUN)
+@pytest.mark.parametrize("method, kind", CASES, ids=[f"{m}-{kind}" for m, kind in CASES])
+def test_method_trains_through_peftkit_train_and_multijob_with_its_own_steps(tmp_path, method: str, kind: str) -> None:
+    cfg = config(tmp_path, method, kind, **RUN)
     model, _, task, data = prepare(config_from_mapping(cfg))  # the same initial model the run starts from
     initial, base = {k: v.clone() for k, v in adapter_state(model).items()}, base_state(model)
 
@@ -169,6 +178,14 @@ def test_method_trains_through_peftkit_train_and_multijob_with_its_own_steps(tmp
 def test_a_method_that_cannot_run_here_is_refused_by_name_before_any_work(tmp_path, method: str) -> None:
     with pytest.raises(TrainConfigError, match=REFUSED[method]):
         run_training(config(tmp_path, method, **RUN))
+
+
+@pytest.mark.parametrize("method", NOT_ON_TEXT)
+def test_a_vision_method_is_refused_on_a_text_model_by_name(tmp_path, method: str) -> None:
+    cfg = tiny_config(tmp_path, method={"method": method, **VISION[method]}, data={"train_limit": 16, "eval_limit": 4},
+                      **RUN)
+    with pytest.raises(TargetError, match=NOT_ON_TEXT[method]):
+        run_training(cfg)
 
 
 def test_relora_is_refused_beside_other_jobs(tmp_path) -> None:

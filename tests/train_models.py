@@ -1,6 +1,6 @@
 """Tiny randomly initialised transformers with the bundled models' tokenizers, registered for training configs
-("tiny-bert", "tiny-llama"): the trainer's unit tests run on them in well under a second per step; plus the
-small training configs and data files those tests build."""
+("tiny-bert", "tiny-llama", "tiny-dinov2"): the trainer's unit tests run on them in well under a second per step;
+plus the small training configs and data files those tests build."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -46,8 +46,17 @@ def tiny_llama(_: int | None) -> tuple[nn.Module, Any]:
     return LlamaForCausalLM(config).to(torch.float32), tokenizer
 
 
+def tiny_dinov2(num_labels: int | None) -> tuple[nn.Module, None]:
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=4,
+                          image_size=16, num_labels=num_labels or 2)
+    return Dinov2ForImageClassification(config), None
+
+
 register_model("tiny-bert", tiny_bert, head=("classifier",))
 register_model("tiny-llama", tiny_llama)
+register_model("tiny-dinov2", tiny_dinov2, head=("classifier",))
 
 
 def tiny_config(tmp_path: Path, **sections) -> dict:

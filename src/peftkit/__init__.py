@@ -26,6 +26,7 @@ from .methods import DoRA, VeRA
 from .methods import LoHa, LoKr, OFT
 from .methods import Bottleneck
 from .methods import IA3, SSF
+from .methods import VPT, Convpass
 from .methods import PrefixTuning, PromptTuning, PTuning
 from .methods import AdapterFusion, LlamaAdapter
 from .methods import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedule, FishMask, LastK, LayerNormTuning,
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Bottleneck",
-    "IA3", "SSF",
+    "IA3", "SSF", "VPT", "Convpass",
     "PromptTuning", "PTuning", "PrefixTuning", "SequenceError", "SequenceLengthError",
     "AdapterFusion", "LlamaAdapter",
     "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",

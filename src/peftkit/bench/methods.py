@@ -6,10 +6,12 @@ per-step hooks, extra loss, phases) come from its config, `AdapterConfig.trainin
 Every method in `peftkit.core.config.METHODS` needs an entry here (a test fails otherwise), and
 every entry either configures a family or says why it is skipped for it: the report shows a
 "skipped: reason" row, never a silent gap. Families: "bert" (MiniLM and other BERT encoders),
-"llama" (SmolLM2 and other Llama decoders), "cnn" (EfficientNet-Lite0), "vit" (DINOv2 ViT-S/14 and other
-transformers Dinov2 models: attention q/k/v/o_proj, MLP fc1/fc2, LayerNorms, a convolutional patch embedding).
+"llama" (SmolLM2 and other Llama decoders), "cnn" (EfficientNet-Lite0), "vit" (DINOv2-small and other vision
+transformers: transformers' Dinov2 and ViT, with a `classifier` head).
 
-Two reference rows sit beside the methods: full fine-tuning and the frozen-backbone linear probe.
+A row may also be a named variant of a method (`method=`): VPT-shallow beside VPT(-deep), AdaptFormer as the
+bottleneck adapter's preset. Two reference rows sit beside the methods: full fine-tuning and the frozen-backbone
+linear probe.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ FULL, PROBE = "full-finetune", "linear-probe"
 REFERENCES = (FULL, PROBE)
 REFERENCE = "reference"  # the backend column of the reference rows
 
-# Where the weight deltas go, per family: the transformers' attention query/value (as LoRA's paper),
+# Where the weight deltas go, per family: BERT's, Llama's and the ViTs' attention query/value (as LoRA's paper),
 # EfficientNet's 1x1 expand/project convolutions (the bulk of its weights; depthwise convs are tiny).
 QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "cnn": r"_blocks\.\d+\._(expand|project)_conv",
       "vit": ["q_proj", "v_proj"]}
@@ -42,12 +44,14 @@ class BenchMethod:
     lrs: tuple[float, ...]  # the learning-rate sweep, best first (`--quick` uses only the first)
     skips: dict[str, str] = field(default_factory=dict)  # family -> why the method does not apply
     schedule: Callable[[int], dict[str, Any]] | None = None  # config fields that follow the step budget
+    method: str | None = None  # a named variant's registered method (None: the row's name is the method)
     quick: bool = False  # part of the `--quick` profile
     peft: bool = False  # Hugging Face PEFT has the same method (`--compare-peft` runs its version too)
 
     def config_fields(self, family: str, steps: int) -> dict[str, Any]:
         """The method's config for a family and a step budget (without the task head, added by the protocol)."""
-        return {"method": self.name, **self.defaults[family], **(self.schedule(steps) if self.schedule else {})}
+        return {"method": self.method or self.name, **self.defaults[family],
+                **(self.schedule(steps) if self.schedule else {})}
 
     def skip_reason(self, family: str) -> str | None:
         if family in self.skips:
@@ -79,21 +83,16 @@ def _linear_only(**fields: Any) -> dict[str, dict[str, Any]]:
 # Selective methods: every linear layer (conv on the CNN) is a candidate, the task head is trained whole.
 ALL_WEIGHTS = {"bert": {"targets": "all-linear", "exclude": ["classifier"]}, "llama": {"targets": "all-linear"},
                "cnn": {"targets": ["type:Conv2d"]}, "vit": {"targets": "all-linear", "exclude": ["classifier"]}}
+LINEARS_AND_NORMS = {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]}
 NO_TOKENS = "it adds tokens to a token sequence; a CNN has none"
-NO_TOKEN_IDS = "it places virtual tokens through the input embeddings of token ids; a ViT embeds pixel patches " \
-               "(VPT prompts those)"
-# Dinov2's FFN output is mlp.fc2, which the bottleneck presets' FFN patterns (BERT, Llama, GPT-2) do not name.
-VIT_FFN_OUT = r".*\.mlp\.fc2"
+NO_TOKEN_IDS = "it needs token ids and an input embedding table; a ViT reads pixels (its prompts: vpt)"
+VIT_ONLY = "it works on a vision transformer's patch tokens"
+PREFIX_PART = "its prefix part needs token ids and an input embedding table; a ViT reads pixels"
 # A ViT's layers as SSF places its scale-shift (Lian et al.: after every linear, norm and the patch embedding), and
 # the layers whose biases BitFit trains.
 VIT_LAYERS = {"targets": ["type:Linear", "type:LayerNorm", "type:Conv2d"], "exclude": ["classifier"]}
 HYBRID_CNN = "its parts are transformer methods (prefixes, FFN adapters, attention LoRA); a CNN has none of those layers"
 NOT_LLAMA_ATTENTION = "LLaMA-Adapter's gated prompts need Llama-style attention (q/k/v/o_proj); BERT's differs"
-
-
-def _ffn_targets(family: str) -> dict[str, str]:
-    """A bottleneck part's targets where its preset's FFN patterns miss the family's FFN output."""
-    return {"targets": VIT_FFN_OUT} if family == "vit" else {}
 
 
 def _selective(**fields: Any) -> dict[str, dict[str, Any]]:
@@ -131,12 +130,19 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                         "llama": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]},
                         "vit": {"targets": ["k_proj", "v_proj", "fc2"], "feedforward": ["fc2"]}},
                 VECTOR_LRS, skips={"cnn": f"(IA)3: {LINEAR_ONLY}"}, quick=True, peft=True),
-    BenchMethod("ssf", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]},
-                        "llama": {"targets": "all-linear"},
+    BenchMethod("ssf", {"bert": LINEARS_AND_NORMS, "llama": {"targets": "all-linear"},
                         "cnn": {"targets": ["type:Conv2d"]}, "vit": VIT_LAYERS}, VECTOR_LRS),
-    BenchMethod("bottleneck", {**{f: Bottleneck.preset("parallel").model_dump(mode="json") for f in ("bert", "llama")},
-                               "vit": Bottleneck.preset("parallel", targets=VIT_FFN_OUT).model_dump(mode="json")},
+    BenchMethod("bottleneck", {family: Bottleneck.preset("parallel").model_dump(mode="json") for family in TRANSFORMERS},
                 BLOCK_LRS, skips={"cnn": f"bottleneck adapters: {LINEAR_ONLY}"}, quick=True),
+    BenchMethod("adaptformer", {"vit": Bottleneck.preset("adaptformer").model_dump(mode="json")}, LORA_LRS,
+                method="bottleneck", skips={family: f"AdaptFormer: {VIT_ONLY} (the bottleneck row is the text models' "
+                                                    "parallel adapter)" for family in ("bert", "llama", "cnn")}),
+    BenchMethod("vpt", {"vit": {"num_tokens": 10, "depth": "deep"}}, PROMPT_LRS,
+                skips={family: f"VPT: {VIT_ONLY} (text prompts: prompt_tuning)" for family in ("bert", "llama", "cnn")}),
+    BenchMethod("vpt-shallow", {"vit": {"num_tokens": 10, "depth": "shallow"}}, PROMPT_LRS, method="vpt",
+                skips={family: f"VPT: {VIT_ONLY} (text prompts: prompt_tuning)" for family in ("bert", "llama", "cnn")}),
+    BenchMethod("convpass", {"vit": {}}, LORA_LRS,
+                skips={family: f"Convpass: {VIT_ONLY}, laid on their patch grid" for family in ("bert", "llama", "cnn")}),
     BenchMethod("prompt_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
                 skips={"cnn": f"prompt tuning: {NO_TOKENS}", "vit": f"prompt tuning: {NO_TOKEN_IDS}"}),
     BenchMethod("prefix_tuning", {"bert": {"num_virtual_tokens": 20}, "llama": {"num_virtual_tokens": 20}}, PROMPT_LRS,
@@ -145,22 +151,21 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                 skips={"cnn": f"P-tuning: {NO_TOKENS}", "vit": f"P-tuning: {NO_TOKEN_IDS}"}),
     BenchMethod("llama_adapter", {"llama": {"adapter_len": 10, "adapter_layers": 10}}, PROMPT_LRS,
                 skips={"bert": NOT_LLAMA_ATTENTION, "cnn": f"LLaMA-Adapter: {NO_TOKENS}",
-                       "vit": f"LLaMA-Adapter: {NO_TOKEN_IDS}"}),
+                       "vit": "LLaMA-Adapter's gated prompts need Llama-style attention with rotary positions"}),
     BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
         family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
                 "to fuse" for family in FAMILIES}),
     *(_not_trained(name) for name in ("merged_diff", "bitdelta", "qalora", "coop", "cocoop", "clip_adapter",
                                        "tip_adapter")),
-    BenchMethod("bitfit", {"bert": {"targets": ["type:Linear", "type:LayerNorm"], "exclude": ["classifier"]},
-                           "vit": VIT_LAYERS},
-                SPARSE_LRS, skips={"llama": "Llama's linear layers and norms have no biases",
-                                   "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
+    BenchMethod("bitfit", {"bert": LINEARS_AND_NORMS, "vit": VIT_LAYERS}, SPARSE_LRS,
+                skips={"llama": "Llama's linear layers and norms have no biases",
+                       "cnn": "EfficientNet's convolutions have no biases (BatchNorm follows them)"}, quick=True),
     BenchMethod("layernorm", {"bert": {}, "vit": {}}, SPARSE_LRS,
                 skips={"llama": "Llama's norms are RMSNorm, not LayerNorm",
                        "cnn": "EfficientNet normalises with BatchNorm, not LayerNorm"}),
     BenchMethod("lastk", {"bert": {"k": 1}, "llama": {"k": 2, "targets": "all-linear"},  # RMSNorm, BatchNorm: not hosts
-                          "vit": {"k": 1, "targets": ["type:Linear", "type:LayerNorm"]},  # nor Dinov2's layer scales
-                          "cnn": {"k": 2, "targets": ["type:Conv2d"]}}, BLOCK_LRS),
+                          "cnn": {"k": 2, "targets": ["type:Conv2d"]},
+                          "vit": {"k": 1, "targets": ["type:Linear", "type:LayerNorm"]}}, BLOCK_LRS),  # no layer scale
     BenchMethod("pafi", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("fishmask", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("fishdip", _selective(fraction=0.005, samples=32), SPARSE_LRS,
@@ -169,23 +174,20 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("child_tuning_f", _selective(p=0.3), BLOCK_LRS),
     BenchMethod("diff_pruning", _selective(fraction=0.005), SPARSE_LRS),
     BenchMethod("ltsft", _selective(fraction=0.005), SPARSE_LRS),
-    BenchMethod("structured", {"bert": {"fraction": 0.1}, "llama": {"fraction": 0.1},
-                               "vit": {"fraction": 0.1, "units": ["heads"]}},  # Dinov2's fc1/fc2 FFN is no known layout
-                BLOCK_LRS,
+    BenchMethod("structured", {family: {"fraction": 0.1} for family in TRANSFORMERS}, BLOCK_LRS,
                 skips={"cnn": "structured units are attention heads and FFN rows; a CNN has neither"}),
     BenchMethod("compose", {family: {"parts": [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
-                                               {"method": "bottleneck", "preset": "parallel", "bottleneck": 64,
-                                                **_ffn_targets(family)}]}
+                                               {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]}
                             for family in TRANSFORMERS}, LORA_LRS, skips={"cnn": f"compose: {HYBRID_CNN}"}),
-    BenchMethod("unipelt", {"bert": {}, "llama": {}}, LORA_LRS, skips={"cnn": f"UniPELT: {HYBRID_CNN}",
-                                                                       "vit": f"UniPELT's prefix part: {NO_TOKEN_IDS}"}),
+    BenchMethod("unipelt", {"bert": {}, "llama": {}}, LORA_LRS,
+                skips={"cnn": f"UniPELT: {HYBRID_CNN}", "vit": f"UniPELT: {PREFIX_PART}"}),
     BenchMethod("mam", {"bert": {"bottleneck": 64}, "llama": {"bottleneck": 64}}, BLOCK_LRS,  # s = 4 diverges at 1e-2
-                skips={"cnn": f"MAM adapter: {HYBRID_CNN}", "vit": f"MAM adapter's prefix part: {NO_TOKEN_IDS}"}),
+                skips={"cnn": f"MAM adapter: {HYBRID_CNN}", "vit": f"MAM adapter: {PREFIX_PART}"}),
     BenchMethod("layer_groups", {family: {"shape": "uniform", "groups": [  # two groups: the bench's tiny models have 2 layers
         [{"method": "lora", "r": 4, "alpha": 8, "targets": QV[family]}],
         [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
-         {"method": "bottleneck", "preset": "parallel", "bottleneck": 64, **_ffn_targets(family)}]]}
-        for family in TRANSFORMERS}, LORA_LRS, skips={"cnn": f"layer groups: {HYBRID_CNN}"}),
+         {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]]} for family in TRANSFORMERS},
+                LORA_LRS, skips={"cnn": f"layer groups: {HYBRID_CNN}"}),
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4), quick=True),
     BenchMethod(PROBE, {"bert": {}, "cnn": {}, "vit": {}}, (1e-2, 3e-3, 3e-2),
                 skips={"llama": "a causal LM has no separate head to probe (SmolLM2 ties it to the input embeddings)"},
@@ -203,5 +205,9 @@ def bench_method(name: str) -> BenchMethod:
 
 
 def all_rows() -> list[str]:
-    """Every registered method (registry order), then the reference rows."""
-    return [*METHODS, *REFERENCES]
+    """Every registered method (registry order), each followed by its named variants, then the reference rows."""
+    variants: dict[str, list[str]] = {}
+    for entry in BENCH_METHODS.values():
+        if entry.method is not None:
+            variants.setdefault(entry.method, []).append(entry.name)
+    return [row for method in METHODS for row in (method, *variants.get(method, ()))] + [*REFERENCES]

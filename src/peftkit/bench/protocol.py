@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from ..core.config import METHODS
 from ..models import require_extra
 from .cache import ResultCache, config_hash
-from .methods import BENCH_METHODS, REFERENCE, REFERENCES, bench_method
+from .methods import BENCH_METHODS, REFERENCE, REFERENCES, all_rows, bench_method
 from .report import Row, TaskReport, write_report
 from .tasks import (BENCH_TASKS, LOWER_IS_BETTER, BenchTask, Budget, OutputDirError, UnknownMethodError,
                     UnknownMetricError, UnknownTaskError, unknown)
@@ -51,14 +50,10 @@ def _quick_methods() -> list[str]:
     return [name for name, entry in BENCH_METHODS.items() if entry.quick]  # the reference rows come last
 
 
-def _all_methods() -> list[str]:
-    return [*METHODS, *REFERENCES]
-
-
 PROFILES = {
     "quick": Profile("quick", seeds=1, sweep=False, timing_rounds=5, tasks=("bbc-news",), methods=_quick_methods),
-    "standard": Profile("standard", seeds=1, sweep=True, timing_rounds=5, tasks=("bbc-news",), methods=_all_methods),
-    "full": Profile("full", seeds=3, sweep=True, timing_rounds=11, tasks=tuple(BENCH_TASKS), methods=_all_methods),
+    "standard": Profile("standard", seeds=1, sweep=True, timing_rounds=5, tasks=("bbc-news",), methods=all_rows),
+    "full": Profile("full", seeds=3, sweep=True, timing_rounds=11, tasks=tuple(BENCH_TASKS), methods=all_rows),
 }
 
 
@@ -108,9 +103,10 @@ def plan_bench(profile: str = "quick", tasks: Sequence[str] | None = None, metho
     if budget:
         selected = [t.with_budget(chosen.name, budget) for t in selected]
     rows = list(methods) if methods else chosen.methods()
+    known = all_rows()
     for name in rows:
-        if name not in METHODS and name not in REFERENCES:
-            raise UnknownMethodError(unknown("method", name, [*METHODS, *REFERENCES]))
+        if name not in known:
+            raise UnknownMethodError(unknown("method", name, known))
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     return BenchPlan(chosen, selected, rows, seeds or chosen.seeds, _writable(Path(output)), compare_peft,

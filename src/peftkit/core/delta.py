@@ -7,7 +7,8 @@ Where a delta acts is its `placement` (one value, `Placement`):
 - INPUT: the host runs on t(x) ((IA)³'s feed-forward vector s ⊙ x, OFT's blockwise rotation x·R);
 - HOST_CALL: folded into the host's own call where a pass allows it (a selective change of a Linear's
   weight: one matmul on W0 + ΔW), on the output otherwise;
-- SEQUENCE: extra positions of the model's input (virtual tokens, KV prefixes: `core.sequence`).
+- SEQUENCE: extra positions of the model's input (virtual tokens, KV prefixes: `core.sequence`);
+- TOKENS: positions inserted into the host's output sequence [B, N, D] (VPT's prompts: `core.tokens`).
 The host slot (`core.slot`) applies each for the rows routed to the delta and never needs to know which
 method it is running.
 """
@@ -33,6 +34,7 @@ class Placement(enum.Enum):
     INPUT = "input"  # the slot's pre-hook: the host runs on `transform_input(x)`
     HOST_CALL = "host call"  # `host_call` replaces the host's own call where it can; OUTPUT where it cannot
     SEQUENCE = "sequence"  # core.sequence, at the model's input: the slot never applies it
+    TOKENS = "tokens"  # core.tokens: positions inserted into the host's output sequence, after the output deltas
 
 
 class Delta(nn.Module):

@@ -1,21 +1,25 @@
-"""Routed encoder batches whose rows carry prompts of different lengths run as one pass per length.
+"""Routed encoder batches whose rows need sequences of different lengths run as one pass per length.
 
-Rows of an encoder never interact, so a routed batch mixing rows with a P-token prompt and rows
-without one need not pad every row by P: the model's forward runs once per prompt length on that
-bucket's rows (each under its own routing plan) and the outputs are put back in row order, padded
-at the end ([virtual][real][pads], the encoder layout of `core.sequence`). Each row's outputs at
-its own tokens equal running it alone, as in one padded pass; the batch costs the tokens it has.
+Rows of an encoder never interact, so a routed batch need not pad every row to its longest: the model's forward runs
+once per bucket of rows whose sequences have the same layout (each bucket under its own routing plan), and the
+outputs are put back in row order, padded at the end of every dim; the batch costs the tokens it has. Two kinds of
+delta give rows different layouts:
+- prompts of different lengths before a text encoder's input (`core.sequence`), [virtual][real][pads] in the
+  padded form. A call that cannot be bucketed (labels: one loss over the whole batch; a key/value cache; attention
+  weights requested, whose key layout differs between buckets) runs as one padded pass, whose mask hides the pads;
+- tokens inserted into a module's sequence (`core.tokens`, VPT's prompts): a bucket per insertion layout (where
+  and how many). No mask reaches inserted positions, so there is no padded pass: such rows with labels or a cache
+  in the call are an error naming the fix.
+Each row's outputs at its own positions equal running it alone.
 
-Forward hooks on the root model run once, on the merged outputs. Only plain forward passes are
-bucketed: a call with labels (one loss over the whole batch), a key/value cache, or attention
-weights requested (their key layout differs between buckets) runs as one padded pass. The returned
-outputs carry no key/value cache, which an encoder never continues. Installed on the model's
-instance `forward` when a sequence adapter is attached to an encoder, and removed when the last
-one is gone.
+Forward hooks on the root model run once, on the merged outputs. The returned outputs carry no key/value cache,
+which an encoder never continues. Installed on the model's instance `forward` when a prompt adapter (on an encoder)
+or a token adapter is attached, and removed when the last one is gone.
 """
 from __future__ import annotations
 
 import types
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -35,43 +39,66 @@ def install(model: nn.Module) -> None:
         model.forward = types.MethodType(_bucketed_forward, model)  # a bound method: deep copies rebind it
 
 
-def prompt_widths(model: nn.Module, call: dict[str, Any], rows: list[Any]) -> list[int] | None:
-    """Each row's prompt length when this call (bound, not yet rewritten) runs one pass per length, else None.
-    `rows` are the rows' sequence deltas (None: none)."""
-    installed = getattr(model.__dict__.get("forward"), "__func__", None) is _bucketed_forward
-    if not installed or any(d is not None and d.causal for d in rows) or call.get("output_attentions") \
-            or any(call.get(key) is not None for key in UNBUCKETED_ARGUMENTS):
+def _installed(model: nn.Module) -> bool:
+    return getattr(model.__dict__.get("forward"), "__func__", None) is _bucketed_forward
+
+
+def row_buckets(model: nn.Module, call: dict[str, Any]) -> list[Hashable] | None:
+    """Each row's bucket when this call (bound, not yet rewritten) runs one pass per bucket, else None."""
+    from .tokens import TokenError, row_insertions  # that module installs this one
+
+    registry: AdapterRegistry | None = model.__dict__.get(REGISTRY_ATTR)
+    if not _installed(model) or registry is None or registry.plan is None or registry.disabled:
         return None
-    widths = [d.num_virtual_tokens if d is not None and d.kind == "prompt" else 0 for d in rows]
-    return widths if len(set(widths)) > 1 else None
+    insertions = row_insertions(model, registry)
+    unbucketed = [key for key in UNBUCKETED_ARGUMENTS if call.get(key) is not None]
+    if len(set(insertions)) > 1 and unbucketed:
+        raise TokenError(f"rows insert different tokens (VPT prompt counts), so they run one forward pass each, which "
+                         f"cannot take {', '.join(unbucketed)}: compute the loss from the returned logits instead")
+    widths = None if unbucketed else _prompt_widths(model, registry, call)
+    keys = list(zip(widths or [0] * len(insertions), insertions))
+    return keys if len(set(keys)) > 1 else None
+
+
+def _prompt_widths(model: nn.Module, registry: AdapterRegistry, call: dict[str, Any]) -> list[int] | None:
+    """Each row's prompt length when the rows' prompts may be bucketed (an encoder, no attention weights asked)."""
+    from .sequence import _row_deltas, _sequence_deltas  # that module installs this one
+
+    deltas = _sequence_deltas(model)
+    x = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+    if not deltas or x is None or call.get("output_attentions"):
+        return None
+    rows = _row_deltas(registry, deltas, x.shape[0])
+    if any(d is not None and d.causal for d in rows):
+        return None
+    return [d.num_virtual_tokens if d is not None and d.kind == "prompt" else 0 for d in rows]
 
 
 def _bucketed_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from .sequence import _bind, _rewrite_call, _row_deltas, _sequence_deltas  # that module installs this one
+    from .sequence import _bind, _rewrite_call, _sequence_deltas  # that module installs this one
+    from .tokens import token_adapters
 
     forward = type(model).forward
-    deltas = _sequence_deltas(model)
-    if not deltas:  # the last sequence adapter is gone
+    registry: AdapterRegistry | None = model.__dict__.get(REGISTRY_ATTR)
+    prompts = bool(_sequence_deltas(model))
+    if not prompts and (registry is None or not token_adapters(registry)):  # the last prompt or token adapter is gone
         del model.__dict__["forward"]
         return forward(model, *args, **kwargs)
-    registry: AdapterRegistry | None = model.__dict__.get(REGISTRY_ATTR)
-    if registry is None or registry.plan is None or registry.disabled:
-        return forward(model, *args, **kwargs)
     call = _bind(model, args, kwargs)
-    x = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
-    widths = None if x is None else prompt_widths(model, call, _row_deltas(registry, deltas, x.shape[0]))
-    if widths is None:  # the pre-hook has rewritten this call for one padded pass
+    keys = row_buckets(model, call)
+    if keys is None:  # one pass (the pre-hook has rewritten this call for its prompts)
         return forward(model, *args, **kwargs)
-    outer, batch = registry.plan, len(widths)
+    outer, batch = registry.plan, len(keys)
     plan = outer.for_rows(batch, "the model")
+    device = next(v.device for v in call.values() if _is_batched(v, batch))
     parts = []
     try:
-        for width in sorted(set(widths)):
-            rows = torch.tensor([i for i, w in enumerate(widths) if w == width], device=x.device)
+        for key in sorted(set(keys)):
+            rows = torch.tensor([i for i, k in enumerate(keys) if k == key], device=device)
             registry.plan = RoutingPlan([plan.row_adapters[i] for i in rows.tolist()])
             sub_call = {k: v.index_select(0, rows) if _is_batched(v, batch) else v for k, v in call.items()}
             # the root's hooks ran once for the whole call; this bucket only needs its virtual tokens added
-            rewritten = _rewrite_call(model, (), sub_call)
+            rewritten = _rewrite_call(model, (), sub_call) if prompts else None
             parts.append((rows, forward(model, **(sub_call if rewritten is None else rewritten[1]))))
             registry.plan.release()
     finally:

@@ -42,7 +42,8 @@ class MergeError(ValueError):
 
 def fold_order(slot: DeltaSlot, active: Sequence[str]) -> list[str]:
     """The active deltas of one host in fold order: input side nearest W0 first, then the output side in active order."""
-    present = [name for name in active if name in slot and slot[name].placement is not Placement.SEQUENCE]
+    outside_host = (Placement.SEQUENCE, Placement.TOKENS)  # written into the sequence, never into a weight
+    present = [name for name in active if name in slot and slot[name].placement not in outside_host]
     inputs = [name for name in reversed(present) if _on_input(slot[name])]
     return inputs + [name for name in present if not _on_input(slot[name])]
 

@@ -216,13 +216,17 @@ def _row_deltas(registry: AdapterRegistry, deltas: dict[str, SequenceDelta], bat
 
 def cache_argument(model: nn.Module) -> str:
     """The name of the model's key/value cache argument: `cache` from transformers 5.24 on, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    """The parameters of the model class's forward, without `self` (the instance's may be `core.length_buckets`')."""
+    return dict(list(inspect.signature(type(model).forward).parameters.items())[1:])
 
 
 def _bind(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call as keyword arguments only (positional ones named by the forward signature)."""
-    names = [n for n, p in inspect.signature(model.forward).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [n for n, p in _forward_parameters(model).items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(args) > len(names):
         raise SequenceError(f"{type(model).__name__}.forward got {len(args)} positional arguments; pass inputs by name")
     return {**dict(zip(names, args)), **kwargs}
@@ -311,7 +315,7 @@ def _rewrite_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     if x is None:
         raise SequenceError("prompt and prefix adapters need input_ids or inputs_embeds in the model call")
     rows = _row_deltas(registry, deltas, x.shape[0])
-    if all(d is None for d in rows) or length_buckets.prompt_widths(model, call, rows) is not None:
+    if all(d is None for d in rows) or length_buckets.row_buckets(model, call) is not None:
         return None  # nothing to add, or the forward runs one pass per prompt length (each call rewritten then)
     layout = _Layout(rows, next(iter(deltas.values())), x.device)
     past = call.get(cache_argument(model))

@@ -6,7 +6,8 @@ OUTPUT deltas act in the forward hook on the host's output, reading the host's u
 HOST_CALL delta (a selective change of a Linear's weight: one matmul on W0 + ΔW instead of the host's plus
 the delta's) replaces the host's call in un-routed passes: the host then runs `_folding_forward`, installed
 on its instance `forward` while such a delta sits on it, and the output hook applies the other deltas.
-SEQUENCE deltas sit in the root module's slot and are applied by `core.sequence`.
+SEQUENCE deltas sit in the root module's slot and are applied by `core.sequence`; TOKENS deltas insert positions
+into the host's output sequence after the other output deltas (`core.tokens`).
 
 Deltas live *beside* the host (`<module>.peftkit.<adapter>.<param>`) instead of wrapping it, so
 the base model's parameter names never change and a base checkpoint loads as it is. Code outside this
@@ -23,6 +24,7 @@ from torch import nn
 
 from .delta import Delta, DeltaBank, Placement
 from .hosts import refusal_to_train
+from .tokens import insert_tokens
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
@@ -45,6 +47,7 @@ class DeltaSlot(nn.ModuleDict):
         self._transformed_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (t(x), x) of the running call
         self._input_transforms: set[str] = set()  # names of input-transforming deltas: most hosts have none
         self._folders: set[str] = set()  # names of deltas that can replace the host's call (`Delta.host_call`)
+        self._token_inserts: set[str] = set()  # names of deltas that insert tokens into the host's output sequence
         self._folded: str | None = None  # the delta folded into the running call, which the output hook skips
         self._banks: dict[type[Delta], DeltaBank | None] = {}  # per delta type: its batched path's kept state
 
@@ -59,11 +62,14 @@ class DeltaSlot(nn.ModuleDict):
             self._input_transforms.add(name)
         if delta.placement is Placement.HOST_CALL:
             self._folders.add(name)
+        if delta.placement is Placement.TOKENS:
+            self._token_inserts.add(name)
 
     def __delitem__(self, name: str) -> None:
         super().__delitem__(name)
         self._input_transforms.discard(name)
         self._folders.discard(name)
+        self._token_inserts.discard(name)
         for bank in self._banks.values():
             if bank is not None:
                 bank.discard(name)
@@ -124,13 +130,14 @@ class DeltaSlot(nn.ModuleDict):
         if registry.disabled:
             return out
         if registry.plan is not None:
-            return self._apply_routed(x, out)
-        for name in registry.active:
-            delta = self._modules.get(name)
-            if delta is None or name == folded or not delta.acts_on_output:
-                continue
-            out = delta.add_increment_(x, out) if delta.additive else delta.transform(x, out)
-        return out
+            out = self._apply_routed(x, out)
+        else:
+            for name in registry.active:
+                delta = self._modules.get(name)
+                if delta is None or name == folded or not delta.acts_on_output:
+                    continue
+                out = delta.add_increment_(x, out) if delta.additive else delta.transform(x, out)
+        return insert_tokens(self, registry, out, self._module_name) if self._token_inserts else out
 
     def _apply_routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         plan = self._registry.plan

@@ -6,6 +6,10 @@
   or module types as `"type:Linear"` (the class or any base class by name), and each entry
   must match something, so a typo is caught instead of silently ignored;
 - `exclude` uses the same syntax and removes matches.
+
+Structural look-ups for methods placed by the model's shape rather than by names: `block_list` (the ModuleList of
+transformer blocks), `patch_projection` (a vision transformer's patch embedding) and `io_widths` (the widths a
+linear layer or a block of them reads and writes).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .hosts import LINEAR_TYPES
+from .hosts import LINEAR_TYPES, host_shape
 
 ALL_LINEAR = "all-linear"
 SLOT_NAME = "peftkit"  # the attribute holding a host's deltas (core.slot.SLOT_ATTR; that module imports this one)
@@ -118,3 +122,41 @@ def match_targets(
         details = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in sorted(wrong)[:5])
         raise TargetError(f"targets match modules this method cannot adapt: {details}; supported types: {allowed}")
     return [n for n in names if n in chosen]
+
+
+def block_list(model: nn.Module, name: str | None) -> tuple[str, int]:
+    """(name, length) of the ModuleList of blocks: the one named, or the model's unique longest one."""
+    if name is not None:
+        try:
+            blocks = model.get_submodule(name)
+        except AttributeError:
+            raise TargetError(f"blocks {name!r} is not a module of this model") from None
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+            raise TargetError(f"blocks {name!r} is a {type(blocks).__name__}, not a non-empty ModuleList of blocks")
+        return name, len(blocks)
+    lists = [(n, len(m)) for n, m in own_modules(model) if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise TargetError("this model has no ModuleList of blocks; name the blocks with blocks=...")
+    longest = max(size for _, size in lists)
+    names = [n for n, size in lists if size == longest]
+    if len(names) > 1:
+        raise TargetError(f"several block lists of {longest} blocks ({', '.join(names)}); name one with blocks=...")
+    return names[0], longest
+
+
+def patch_projection(module: nn.Module) -> nn.Conv2d | None:
+    """The patch embedding inside `module`: a Conv2d cutting the image into non-overlapping patches (stride equal
+    to its kernel, larger than 1), as every vision transformer's; None when there is none (a text model, a CNN)."""
+    for _, sub in own_modules(module):
+        if isinstance(sub, nn.Conv2d) and tuple(sub.stride) == tuple(sub.kernel_size) and max(sub.kernel_size) > 1:
+            return sub
+    return None
+
+
+def io_widths(module: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of a linear layer, or of a block of them (an attention or MLP module): its first
+    linear layer's input and its last one's output. A module holding no linear layer is a ValueError."""
+    linears = [sub for _, sub in own_modules(module) if isinstance(sub, LINEAR_TYPES)]
+    if not linears:
+        raise ValueError(f"{type(module).__name__} holds no linear layer to read its input and output widths from")
+    return host_shape(linears[0]).in_features, host_shape(linears[-1]).out_features

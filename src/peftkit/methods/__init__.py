@@ -1,5 +1,6 @@
 """PEFT methods by family. Importing this package registers every method's config."""
 from .additive.bottleneck import Bottleneck
+from .additive.convpass import Convpass
 from .additive.fusion import AdapterFusion
 from .additive.ia3 import IA3
 from .additive.prefix import PrefixTuning
@@ -7,6 +8,7 @@ from .additive.prompt_tuning import PromptTuning
 from .additive.ptuning import PTuning
 from .additive.llama_adapter import LlamaAdapter
 from .additive.ssf import SSF
+from .additive.vpt import VPT
 from .hybrid import MAM, Compose, LayerGroups, UniPELT
 from .clip import CLIPAdapter, CLIPClassifier, CoCoOp, CoOp, TipAdapter, build_cache
 from .reparameterized.adalora import AdaLoRA, AdaLoRAController
@@ -34,7 +36,7 @@ from .selective import (DiffPruning, LTSFT, StructuredMask, StructureError, diff
 __all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
            "DyLoRA", "dylora_sample_rank", "dylora_truncate", "set_rank", "LoRAFA", "LoRAPlus", "loraplus_param_groups",
            "ReLoRA", "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA", "LoHa", "LoKr", "OFT",
-           "PromptTuning", "PTuning", "PrefixTuning",
+           "PromptTuning", "PTuning", "PrefixTuning", "VPT", "Convpass",
            "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
            "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",
            "DiffPruning", "LTSFT", "StructuredMask", "StructureError", "diff_pruning_penalty", "diff_pruning_project",

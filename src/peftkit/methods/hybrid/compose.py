@@ -35,6 +35,7 @@ from ...core.delta import Delta, Placement
 from ...core.hosts import host_shape
 from ...core.sequence import ROOT, SequenceConfig, SequenceDelta, SequenceError, input_embeddings, kv_geometry
 from ...core.targets import module_names
+from ...core.tokens import TokenConfig
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -64,6 +65,9 @@ def check_parts(parts: list[AdapterConfig], where: str = "parts") -> list[Adapte
         if part.modules_to_save:
             raise ValueError(f"{label} has modules_to_save {part.modules_to_save}; give them to the hybrid itself, "
                              "which trains them once for all its parts")
+        if isinstance(part, TokenConfig):
+            raise ValueError(f"{label} inserts tokens into the sequence, which changes its length for every other part; "
+                             "attach it as its own adapter")
         if part.rewrites_base:
             raise ValueError(f"{label} rewrites the base weights (PiSSA / LoftQ init); a part must leave them as they are")
         needs = [hook for hook in ("training_steps", "fill_from_run", "optimizer_groups")

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from ...core.config import TargetSpec, register_method
-from ...core.targets import TargetError, match_targets
+from ...core.targets import TargetError, block_list, match_targets
 from .mask import Mask
 from .sparse import SPARSE_HOST_TYPES, SelectiveConfig, whole_masks
 
@@ -31,7 +31,7 @@ class LastK(SelectiveConfig):
     targets: TargetSpec = ".*"
 
     def choose_hosts(self, model: nn.Module) -> list[str]:
-        blocks, count = _block_list(model, self.blocks)
+        blocks, count = block_list(model, self.blocks)
         if self.k > count:
             raise TargetError(f"k={self.k} but {blocks!r} holds only {count} blocks")
         top = tuple(f"{blocks}.{i}." for i in range(count - self.k, count))
@@ -48,23 +48,3 @@ class LastK(SelectiveConfig):
 
     def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask]:
         return whole_masks(hosts, self.param_names)
-
-
-def _block_list(model: nn.Module, name: str | None) -> tuple[str, int]:
-    """(name, length) of the ModuleList of blocks: the named one, or the model's unique longest one."""
-    if name is not None:
-        try:
-            blocks = model.get_submodule(name)
-        except AttributeError:
-            raise TargetError(f"blocks {name!r} is not a module of this model") from None
-        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-            raise TargetError(f"blocks {name!r} is a {type(blocks).__name__}, not a non-empty ModuleList of blocks")
-        return name, len(blocks)
-    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) and ".peftkit." not in f".{n}."]
-    if not lists:
-        raise TargetError("this model has no ModuleList of blocks; name the blocks with LastK(blocks=...)")
-    longest = max(size for _, size in lists)
-    names = [n for n, size in lists if size == longest]
-    if len(names) > 1:
-        raise TargetError(f"several block lists of {longest} blocks ({', '.join(names)}); name one with LastK(blocks=...)")
-    return names[0], longest

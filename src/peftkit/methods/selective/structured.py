@@ -12,8 +12,9 @@ together with the query heads that read it, since their k/v rows cannot be split
 parameters form dense row or column blocks (`Mask.slices`), stored as the blocks' values plus their
 positions. Attach leaves the adapter unselected; `select_units(model, name, batches)` chooses (the
 Fisher needs a few training batches; `score="magnitude"` needs none). Knows BERT-style attention
-(`self.query/key/value` + `output.dense`) and Llama-style attention (`q_proj/k_proj/v_proj/o_proj`),
-BERT-style FFNs (`intermediate.dense` + `output.dense`) and gated or plain `up_proj`/`down_proj` FFNs;
+(`self.query/key/value` + `output.dense`) and Llama-style attention (`q_proj/k_proj/v_proj/o_proj`, also
+Dinov2's and ViT's), BERT-style FFNs (`intermediate.dense` + `output.dense`), ViT-style MLPs (`fc1` + `fc2`) and
+gated or plain `up_proj`/`down_proj` FFNs;
 anything else (GPT-2's fused `c_attn`) is a `StructureError`.
 """
 from __future__ import annotations
@@ -118,6 +119,9 @@ def _ffn(name: str, module: nn.Module) -> UnitGroup | None:
     if bert and bert[0].out_features == bert[1].in_features:
         return UnitGroup("ffn", bert[0].out_features, (Member(f"{prefix}intermediate.dense", 0, 1),
                                                        Member(f"{prefix}output.dense", 1, 1)))
+    fc = _linears(module, "fc1", "fc2")  # ViT / Dinov2 / CLIP: an MLP module
+    if fc and fc[0].out_features == fc[1].in_features:
+        return UnitGroup("ffn", fc[0].out_features, (Member(f"{prefix}fc1", 0, 1), Member(f"{prefix}fc2", 1, 1)))
     updown = _linears(module, "up_proj", "down_proj")
     if updown and updown[0].out_features == updown[1].in_features:
         rows = ("gate_proj", "up_proj") if _linears(module, "gate_proj") else ("up_proj",)
@@ -128,7 +132,8 @@ def _ffn(name: str, module: nn.Module) -> UnitGroup | None:
 
 _FINDERS = {"heads": (_attention, "attention heads (BERT: attention.self.query/key/value + attention.output.dense; "
                                   "Llama: q_proj/k_proj/v_proj/o_proj with head_dim)"),
-            "ffn": (_ffn, "FFN units (BERT: intermediate.dense + output.dense; Llama: gate_proj/up_proj + down_proj)")}
+            "ffn": (_ffn, "FFN units (BERT: intermediate.dense + output.dense; Llama: gate_proj/up_proj + down_proj; "
+                          "ViT: mlp.fc1 + mlp.fc2)")}
 
 
 def unit_groups(model: nn.Module, kinds: Iterable[UnitKind], targets: TargetSpec = ".*",
