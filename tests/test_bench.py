@@ -107,7 +107,7 @@ def test_skipped_and_unconfigured_methods_get_rows_with_reasons(tmp_path) -> Non
                      isolate=False)
     rows = {row.method: row for row in run_bench(vit, run=never, progress=_quiet())[0][0].rows}
     assert BENCH_TASKS["fashion-mnist-vit"].family == "vit"
-    assert all(rows[m].status == "skipped" and "a ViT embeds pixel patches" in rows[m].reason for m in rows)
+    assert all(rows[m].status == "skipped" and "a ViT reads pixels" in rows[m].reason for m in rows)
 
 
 # --- cells: determinism, cache, resume ------------------------------------------------------------------

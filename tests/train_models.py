@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.models import IMAGENET_MEAN, IMAGENET_STD, ImageInput
 from peftkit.train import register_model
 
 
@@ -46,12 +47,12 @@ def tiny_llama(_: int | None) -> tuple[nn.Module, Any]:
     return LlamaForCausalLM(config).to(torch.float32), tokenizer
 
 
-def tiny_dinov2(num_labels: int | None) -> tuple[nn.Module, None]:
+def tiny_dinov2(num_labels: int | None) -> tuple[nn.Module, ImageInput]:
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
     config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=4,
                           image_size=16, num_labels=num_labels or 2)
-    return Dinov2ForImageClassification(config), None
+    return Dinov2ForImageClassification(config), ImageInput(IMAGENET_MEAN, IMAGENET_STD, patch=4)
 
 
 register_model("tiny-bert", tiny_bert, head=("classifier",))
