@@ -46,6 +46,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "compose": {"parts": [{"method": "lora", "targets": QV, "r": 2},
                           {"method": "bottleneck", "bottleneck": 4, "targets": ["output.dense"]}], "gates": "learned"},
     "unipelt": {"r": 2, "num_virtual_tokens": 4, "bottleneck": 4}, "mam": {"num_virtual_tokens": 4, "bottleneck": 4},
+    "lst": {"reduction": 4},
     "layer_groups": {"groups": [[{"method": "lora", "targets": QV, "r": 2}],
                                 [{"method": "bottleneck", "bottleneck": 4, "targets": ["output.dense"]}]],
                      "shape": "uniform"},
@@ -53,7 +54,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 LLAMA = {"llama_adapter": {"adapter_len": 2, "adapter_layers": 1}}  # Llama attention only: the chat task
 CHAT = {**LLAMA, "lora": {"targets": ["q_proj", "v_proj"], "r": 2}, "prompt_tuning": {"num_virtual_tokens": 4},
         "prefix_tuning": {"num_virtual_tokens": 4}, "ia3": {"targets": ["k_proj", "v_proj", "down_proj"],
-                                                           "feedforward": ["down_proj"]}}
+                                                           "feedforward": ["down_proj"]}, "lst": {"reduction": 4}}
 REFUSED = {"adapter_fusion": "adapters: Field required",  # fuses adapters trained before: nothing to fuse here
            "bitdelta": "bitdelta is not trained by peftkit train: it compresses a finished fine-tune",
            "qalora": "qalora is not trained by peftkit train: it trains on a grouped-INT4 base",

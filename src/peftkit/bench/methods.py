@@ -122,6 +122,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
                 skips={"cnn": f"P-tuning: {NO_TOKENS}"}),
     BenchMethod("llama_adapter", {"llama": {"adapter_len": 10, "adapter_layers": 10}}, PROMPT_LRS,
                 skips={"bert": NOT_LLAMA_ATTENTION, "cnn": f"LLaMA-Adapter: {NO_TOKENS}"}),
+    BenchMethod("lst", {"bert": {"reduction": 8}, "llama": {"reduction": 8}}, LORA_LRS,
+                skips={"cnn": "LST's side network is built from transformer layers (BERT or Llama); a CNN has none"}),
     BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
         family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
                 "to fuse" for family in FAMILIES}),
