@@ -76,6 +76,22 @@ def test_dropped_layers_equal_the_adapter_removed_there_and_run_no_adapter_code(
     torch.testing.assert_close(dropped, reference(IDS).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_routed_rows_drop_only_their_own_adapters_layers(method: str) -> None:
+    model = model_with(method)
+    peftkit.attach(model, METHODS[method], name="b")
+    randomize(model, "b")
+    adapter_drop(model, "a", 2)
+    rows = ["a", "b", None]
+    with peftkit.routed(model, rows):
+        mixed = model(IDS).logits
+    for i, name in enumerate(rows):
+        with peftkit.routed(model, [name]):
+            torch.testing.assert_close(mixed[i], model(IDS[i:i + 1]).logits[0], rtol=1e-5, atol=1e-5)
+    peftkit.activate(model, "a")
+    torch.testing.assert_close(mixed[0], model(IDS[:1]).logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_backward_stops_at_the_first_kept_layer() -> None:
     """Nothing below layer n has a trainable delta, so autograd records none of those layers: their outputs have no
     graph, and the dropped deltas get no gradient."""

@@ -75,6 +75,28 @@ def test_side_layers_start_from_the_backbone_pruned_by_l1_norm() -> None:
     torch.testing.assert_close(side.output.LayerNorm.weight, norm[norm.abs().topk(4).indices.sort().values])
 
 
+@pytest.mark.parametrize("dropout, expected", [(None, 0.1), (0.0, 0.0)])
+def test_side_attention_dropout_is_the_backbones_unless_set(dropout, expected) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32))
+    peftkit.attach(model, LST(reduction=4, attention_dropout=dropout))
+    assert model.bert.encoder.layer[1].peftkit["default"].side.attention.self.dropout.p == expected
+    assert model.bert.encoder.layer[1].attention.self.dropout.p == 0.1
+
+
+def test_a_quantized_backbone_is_pruned_from_its_dequantized_weights() -> None:
+    model, _ = tiny_bert(3)
+    peftkit.quantize_int4(model, "all-linear", group_size=16, exclude=["classifier"])
+    peftkit.attach(model, LST(reduction=4))
+    layer = model.bert.encoder.layer[0]
+    weight = layer.attention.self.query.dequantized_weight()
+    rows = weight.abs().sum(1).topk(4).indices.sort().values
+    torch.testing.assert_close(layer.peftkit["default"].side.attention.self.query.weight,
+                               weight[rows][:, cols_of(weight, 4)])
+
+
 def cols_of(weight: torch.Tensor, size: int) -> torch.Tensor:
     return weight.abs().sum(0).topk(size).indices.sort().values
 

@@ -87,8 +87,8 @@ def prune_adapter(model: nn.Module, name: str, sparsity: float, method: PruneMet
 
 def _snip_scores(model: nn.Module, name: str, tensors: list[tuple[str, Delta, str, nn.Parameter]],
                  data: Iterable[Any], loss_fn: "LossFn | None") -> list[torch.Tensor]:
-    """|θ·g| per tensor, g the gradient of the mean loss averaged over the batches; |g|, then |θ|, where that is zero
-    everywhere (a zero-initialised factor, the factor in front of it)."""
+    """|θ·g| per tensor, g the batches' gradients of their mean losses, summed (the ranking of their mean); |g|, then
+    |θ|, where that is zero everywhere (a zero-initialised factor, the factor in front of it)."""
     from ..methods.selective.selection import classification_nll  # the methods package imports this module
 
     params = [param for *_, param in tensors]

@@ -35,11 +35,13 @@ from torch import nn
 
 from ...core.config import AdapterConfig, TargetSpec, register_method
 from ...core.delta import Delta
+from ...core.hosts import read_weight
 from ...core.slot import host_children
 from ...core.targets import layer_number
 
 ENCODER, DECODER = "encoder", "decoder"
 ATTENTION_KINDS = ("eager", "sdpa")
+ATTENTION_DROPOUT = {ENCODER: "attention_probs_dropout_prob", DECODER: "attention_dropout"}  # the configs' names
 
 
 class UnsupportedBackboneError(ValueError):
@@ -55,6 +57,9 @@ class LST(AdapterConfig):
                                 "read: consecutive, ending with the last layer (default: all of them)")
     reduction: int = Field(8, gt=1, description="r: the side network's widths are the backbone's ÷ r")
     gate_temperature: float = Field(0.1, gt=0, description="T in the ladder gates μ_i = σ(α_i / T)")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the side layers' attention "
+                                            "probabilities; None: the backbone's. At 0, fused attention keeps no "
+                                            "attention map for the backward pass (much less memory)")
     _backbone: Any = PrivateAttr(None)  # (hidden size, layer family, side config): set by choose_hosts
 
     def host_types(self) -> tuple[type[nn.Module], ...]:
@@ -71,7 +76,10 @@ class LST(AdapterConfig):
                                            f"attention does; this model uses {config._attn_implementation!r}")
         _check_stack(model, names)
         family = {_family(model.get_submodule(name)) for name in names}.pop()  # one stack: one layer class
-        self._backbone = (config.hidden_size, family, _side_config(config, family, self.reduction))
+        side = _side_config(config, family, self.reduction)
+        if self.attention_dropout is not None:
+            setattr(side, ATTENTION_DROPOUT[family], self.attention_dropout)
+        self._backbone = (config.hidden_size, family, side)
         return names
 
     def build_all(self, hosts: dict[str, nn.Module]) -> Any:
@@ -252,16 +260,16 @@ def _side_rotary(table: torch.Tensor, width: int) -> torch.Tensor:
 def _prune_into(side: nn.Module, layer: nn.Module) -> None:
     """Each side parameter from the backbone parameter of the same name: the rows and columns of largest L1 norm
     (a bias takes the rows its weight kept, a 1-D scale its largest entries), in their original order."""
-    source = dict(layer.named_parameters())
     for name, param in side.named_parameters():
-        weight = source[name].detach().float()
         owner, _, leaf = name.rpartition(".")
-        rows_of = source.get(f"{owner}.weight" if owner else "weight") if leaf == "bias" else None
+        module = layer.get_submodule(owner)
+        source = read_weight(module, leaf).detach().float()  # a quantized weight, dequantized
+        ranked = read_weight(module).detach().float() if leaf == "bias" else source
+        pruned = source
         for dim, size in enumerate(param.shape):
-            if weight.shape[dim] != size:
-                ranked = rows_of.detach().float() if rows_of is not None else source[name].detach().float()
-                weight = weight.index_select(dim, _largest(ranked, dim, size))
-        param.copy_(weight)
+            if source.shape[dim] != size:
+                pruned = pruned.index_select(dim, _largest(ranked, dim, size))
+        param.copy_(pruned)
 
 
 def _largest(weight: torch.Tensor, dim: int, size: int) -> torch.Tensor:
