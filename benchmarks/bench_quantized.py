@@ -338,9 +338,10 @@ def interleaved_steps(contenders: list[str], job: Job, rounds: int) -> dict[str,
 # ----------------------------------------------------------------------------- driving and reporting
 
 
-def _in_subprocess(request: dict[str, Any]) -> Any:
-    """A worker request (`measure` or `interleaved_steps`) run in a fresh Python process; its JSON answer."""
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(request)], capture_output=True, text=True,
+def _in_subprocess(request: dict[str, Any], script: str = __file__) -> Any:
+    """A worker request (`measure` or `interleaved_steps`) run in a fresh Python process of `script` (this one, or a
+    benchmark that shares these helpers); its JSON answer."""
+    out = subprocess.run([sys.executable, script, "--worker", json.dumps(request)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1]}

@@ -47,6 +47,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "compose": {"parts": [{"method": "lora", "targets": QV, "r": 2},
                           {"method": "bottleneck", "bottleneck": 4, "targets": ["output.dense"]}], "gates": "learned"},
     "unipelt": {"r": 2, "num_virtual_tokens": 4, "bottleneck": 4}, "mam": {"num_virtual_tokens": 4, "bottleneck": 4},
+    "lst": {"reduction": 4},
     "layer_groups": {"groups": [[{"method": "lora", "targets": QV, "r": 2}],
                                 [{"method": "bottleneck", "bottleneck": 4, "targets": ["output.dense"]}]],
                      "shape": "uniform"},
@@ -54,7 +55,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 LLAMA = {"llama_adapter": {"adapter_len": 2, "adapter_layers": 1}}  # Llama attention only: the chat task
 CHAT = {**LLAMA, "lora": {"targets": ["q_proj", "v_proj"], "r": 2}, "prompt_tuning": {"num_virtual_tokens": 4},
         "prefix_tuning": {"num_virtual_tokens": 4}, "ia3": {"targets": ["k_proj", "v_proj", "down_proj"],
-                                                           "feedforward": ["down_proj"]}}
+                                                           "feedforward": ["down_proj"]}, "lst": {"reduction": 4}}
 # Vision transformer methods: trained on a tiny Dinov2 classifying Fashion-MNIST, refused by name on the BBC BERT.
 VISION = {"vpt": {"num_tokens": 2}, "convpass": {"dim": 4}}
 NOT_ON_TEXT = {"vpt": "embeds no image patches", "convpass": "has no patch embedding"}

@@ -28,7 +28,9 @@ from .methods import Bottleneck
 from .methods import IA3, SSF
 from .methods import VPT, Convpass
 from .methods import PrefixTuning, PromptTuning, PTuning
-from .methods import AdapterFusion, LlamaAdapter
+from .methods import AdapterFusion, LlamaAdapter, LST
+from .efficient.adapter_drop import adapter_drop
+from .efficient.sparse_adapter import prune_adapter
 from .methods import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSchedule, FishMask, LastK, LayerNormTuning,
                       Mask, MaskError, MaskNotSelectedError, NoDataError, PaFi, SelectionError, fisher_scores, select)
 from .methods import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
@@ -51,7 +53,7 @@ __all__ = [
     "Bottleneck",
     "IA3", "SSF", "VPT", "Convpass",
     "PromptTuning", "PTuning", "PrefixTuning", "SequenceError", "SequenceLengthError",
-    "AdapterFusion", "LlamaAdapter",
+    "AdapterFusion", "LlamaAdapter", "LST", "adapter_drop", "prune_adapter",
     "BitFit", "ChildTuningD", "ChildTuningF", "FishDip", "FishDipSchedule", "FishMask", "LastK", "LayerNormTuning",
     "Mask", "MaskError", "MaskNotSelectedError", "NoDataError", "PaFi", "SelectionError", "fisher_scores", "select",
     "DiffPruning", "LTSFT", "StructuredMask", "StructureError", "diff_pruning_penalty", "diff_pruning_project",

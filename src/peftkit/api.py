@@ -53,6 +53,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     registry.configs[name] = config
     registry.hosts[name] = host_names + copy_names
     _link(model, name)
+    try:
+        config.on_attach(model, name)
+    except Exception:
+        remove(model, name)
+        raise
     freeze_base(model)
     if activate:
         activate_new(model, name)

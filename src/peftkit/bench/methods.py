@@ -152,6 +152,9 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("llama_adapter", {"llama": {"adapter_len": 10, "adapter_layers": 10}}, PROMPT_LRS,
                 skips={"bert": NOT_LLAMA_ATTENTION, "cnn": f"LLaMA-Adapter: {NO_TOKENS}",
                        "vit": "LLaMA-Adapter's gated prompts need Llama-style attention with rotary positions"}),
+    BenchMethod("lst", {"bert": {"reduction": 8}, "llama": {"reduction": 8}}, LORA_LRS,
+                skips={"cnn": "LST's side network is built from transformer layers (BERT or Llama); a CNN has none",
+                       "vit": "LST's side network is built from BERT or Llama layers; a Dinov2 ViT is neither"}),
     BenchMethod("adapter_fusion", {}, LORA_LRS, skips={
         family: "AdapterFusion combines adapters already trained on other tasks; this single-task protocol has none "
                 "to fuse" for family in FAMILIES}),

@@ -71,6 +71,10 @@ class AdapterConfig(BaseModel):
         for host in hosts.values():
             yield self.build(host)
 
+    def on_attach(self, model: nn.Module, name: str) -> None:
+        """Optional: work on the adapter once all its deltas are placed and linked, on attach and on load
+        (AdapterDrop's layer rule, SparseAdapter's masks)."""
+
     @property
     def rewrites_base(self) -> bool:
         """True when attaching changes the base weights themselves (PiSSA's residual)."""

@@ -24,6 +24,7 @@ from torch import nn
 from .hosts import edited_weight, refusal_to_train, to_host_layout
 
 if TYPE_CHECKING:
+    from ..efficient.adapter_drop import LayerDrop
     from .routing import RoutingPlan
 
 
@@ -49,6 +50,7 @@ class Delta(nn.Module):
     merge_snapshot: dict[str, torch.Tensor] | None = None  # the delta's tensors when merged, for an exact unmerge
     host_state_before_merge: object | None = None  # a quantized host's stored weight before the merge (core.merging)
     trains_host_parameters: bool = False  # trains (a copy of) the host's own parameters: refused on a quantized host
+    layer_drop: "LayerDrop | None" = None  # AdapterDrop (efficient.adapter_drop): whether this layer's delta is skipped
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """The additive contribution to the host output for input rows `x`."""
@@ -88,12 +90,15 @@ class Delta(nn.Module):
         """Why this delta cannot be folded into `host`'s weights now, or None (checked before anything changes)."""
         if type(self).merge_into is Delta.merge_into and type(self).delta_weight is Delta.delta_weight:
             return f"{type(self).__name__} has no weight delta to fold into the base weights"
+        if self.layer_drop is not None and self.layer_drop.drops(training=False):
+            return "AdapterDrop skips this layer's delta at inference; folded into the weight it would act again"
         return None
 
     @property
     def acts_on_output(self) -> bool:
         """Whether the slot's output hook applies this delta (not one applied before the host or at the model input)."""
-        return not self.merged and self.placement in (Placement.OUTPUT, Placement.HOST_CALL)
+        return (not self.merged and self.placement in (Placement.OUTPUT, Placement.HOST_CALL)
+                and (self.layer_drop is None or not self.layer_drop.drops(self.training)))
 
     @staticmethod
     def read_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

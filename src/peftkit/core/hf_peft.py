@@ -95,6 +95,9 @@ def to_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Te
     """(adapter_config.json dict, adapter_model.safetensors dict) for one adapter's saved tensors."""
     if not hasattr(config, "to_peft"):
         raise ValueError(f"method {config.method!r} has no Hugging Face PEFT equivalent; save it in peftkit format")
+    refusal = config.peft_refusal() if hasattr(config, "peft_refusal") else None  # an option PEFT cannot hold
+    if refusal is not None:
+        raise ValueError(f"this {config.method} adapter has no Hugging Face PEFT equivalent: {refusal}")
     extra: dict[str, Any] = {}
     if hasattr(config, "pack_peft"):  # a layout that differs beyond names (AdaLoRA: kept triplets + rank_pattern)
         extra, tensors = config.pack_peft(tensors, model)

@@ -25,6 +25,7 @@ from .atomic import recover, write_dir_atomically
 from .merging import unfolded
 from .config import AdapterConfig, config_from_dict
 from .registry import adapter_deltas, get_registry
+from .weight_masks import dense_form, sparse_form
 
 PEFTKIT_CONFIG = "peftkit_adapter.json"
 PEFTKIT_WEIGHTS = "adapter.safetensors"
@@ -35,11 +36,13 @@ class AdapterFileError(ValueError):
     """An adapter directory or file that is missing, corrupt, or does not fit the model."""
 
 
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """`<module>.<tensor>` -> tensor for one adapter, in its saved (plain) form."""
+def adapter_tensors(model: nn.Module, name: str, sparse: bool = False) -> dict[str, torch.Tensor]:
+    """`<module>.<tensor>` -> tensor for one adapter, in its saved (plain) form; with `sparse`, pruned parameters as
+    their kept values and mask bits (`core.weight_masks`)."""
     tensors: dict[str, torch.Tensor] = {}
     for host_name, _, delta in adapter_deltas(model, name):
-        for key, value in delta.saved_tensors().items():
+        saved = delta.saved_tensors()
+        for key, value in (sparse_form(delta, saved) if sparse else saved).items():
             tensors[f"{host_name}.{key}"] = value.contiguous().cpu()
     return tensors
 
@@ -58,7 +61,7 @@ def adapter_files(model: nn.Module, name: str = "default", format: str = "peftki
         raise ValueError(f"unknown adapter format {format!r}; use 'peftkit' or 'peft'")
     # merged, a head copy holds the base's tensors and the base bias holds the change: read them unfolded
     with unfolded(model, registry, registry.hosts[name] if name in registry.merged else []):
-        tensors = adapter_tensors(model, name)
+        tensors = adapter_tensors(model, name, sparse=format == "peftkit")  # PEFT's layout: dense (no masks)
         if format == "peftkit":
             return {PEFTKIT_CONFIG: {"format_version": FORMAT_VERSION, "name": name, "config": config.to_dict()},
                     PEFTKIT_WEIGHTS: tensors}
@@ -206,6 +209,10 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], pa
     empty = []
     for host_name, _, delta in adapter_deltas(model, name):
         saved = owned[host_name]
+        try:
+            dense_form(delta, saved)  # pruned parameters saved sparse: dense again, their masks given to the delta
+        except ValueError as err:
+            raise AdapterFileError(f"{path}: module {host_name}: {err}") from None
         delta.prepare_load(saved)  # a delta whose shapes change in training (a pruned rank) takes the file's
         state = delta.state_dict(keep_vars=True)
         if state and not saved:

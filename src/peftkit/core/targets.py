@@ -24,6 +24,7 @@ from .hosts import LINEAR_TYPES, host_shape
 ALL_LINEAR = "all-linear"
 SLOT_NAME = "peftkit"  # the attribute holding a host's deltas (core.slot.SLOT_ATTR; that module imports this one)
 TYPE_PREFIX = "type:"
+_LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 class TargetError(ValueError):
@@ -92,6 +93,13 @@ def _select(names: list[str], spec: str | list[str], model: nn.Module, what: str
             raise TargetError(f"{what} {entry!r} matches no module; close module names: {_close_names(names, entry)}")
         found |= hits
     return found
+
+
+def layer_number(name: str) -> int | None:
+    """The numbered layer a module sits in: the first number in its dotted name (`encoder.layer.3.output.dense`: 3);
+    None outside numbered layers."""
+    found = _LAYER_NUMBER.search(name)
+    return int(found.group(1)) if found else None
 
 
 def module_names(model: nn.Module) -> list[str]:

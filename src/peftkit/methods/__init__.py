@@ -7,6 +7,7 @@ from .additive.prefix import PrefixTuning
 from .additive.prompt_tuning import PromptTuning
 from .additive.ptuning import PTuning
 from .additive.llama_adapter import LlamaAdapter
+from .additive.lst import LST
 from .additive.ssf import SSF
 from .additive.vpt import VPT
 from .hybrid import MAM, Compose, LayerGroups, UniPELT
@@ -33,7 +34,7 @@ from .selective import (BitFit, ChildTuningD, ChildTuningF, FishDip, FishDipSche
 from .selective import (DiffPruning, LTSFT, StructuredMask, StructureError, diff_pruning_penalty, diff_pruning_project,
                         ltsft_select, select_units)
 
-__all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
+__all__ = ["AdapterFusion", "Bottleneck", "IA3", "LlamaAdapter", "LST", "SSF", "AdaLoRA", "AdaLoRAController", "Compacter", "KronA", "LoRA",
            "DyLoRA", "dylora_sample_rank", "dylora_truncate", "set_rank", "LoRAFA", "LoRAPlus", "loraplus_param_groups",
            "ReLoRA", "relora_restart", "SoRA", "sora_proximal_step", "sora_prune", "DoRA", "VeRA", "LoHa", "LoKr", "OFT",
            "PromptTuning", "PTuning", "PrefixTuning", "VPT", "Convpass",

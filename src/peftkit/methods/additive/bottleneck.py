@@ -31,6 +31,7 @@ from torch import nn
 from ...core.config import AdapterConfig, register_method
 from ...core.delta import Delta
 from ...core.targets import io_widths
+from ...efficient.adapter_options import DropAndPrune
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
@@ -50,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @register_method
-class Bottleneck(AdapterConfig):
+class Bottleneck(DropAndPrune, AdapterConfig):
     """Bottleneck adapter config: width, non-linearity, serial or parallel placement, output scale; `preset:
     houlsby | pfeiffer | parallel | adaptformer` places it as in the papers (keys given beside it override the
     preset's)."""

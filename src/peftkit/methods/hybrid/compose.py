@@ -21,7 +21,6 @@ module that do not all just add a term.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -34,10 +33,13 @@ from ...core.config import AdapterConfig, config_from_dict, register_method
 from ...core.delta import Delta, Placement
 from ...core.hosts import host_shape
 from ...core.sequence import ROOT, SequenceConfig, SequenceDelta, SequenceError, input_embeddings, kv_geometry
-from ...core.targets import module_names
+from ...core.targets import layer_number, module_names
 from ...core.tokens import TokenConfig
+from ...efficient.adapter_options import DropAndPrune
 
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+# A part's config hooks that leave nothing to run around training (DropAndPrune's steps are empty while unset).
+_NO_STEPS = {AdapterConfig.training_steps, DropAndPrune.training_steps, AdapterConfig.fill_from_run,
+             AdapterConfig.optimizer_groups}
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,11 @@ def check_parts(parts: list[AdapterConfig], where: str = "parts") -> list[Adapte
                              "attach it as its own adapter")
         if part.rewrites_base:
             raise ValueError(f"{label} rewrites the base weights (PiSSA / LoftQ init); a part must leave them as they are")
+        if isinstance(part, DropAndPrune) and (part.adapter_drop is not None or part.prune is not None):
+            raise ValueError(f"{label} sets adapter_drop or prune, which a hybrid does not apply per part; use the "
+                             "plain method as its own adapter")
         needs = [hook for hook in ("training_steps", "fill_from_run", "optimizer_groups")
-                 if getattr(type(part), hook) is not getattr(AdapterConfig, hook)] + (["trains_base"] if part.trains_base else [])
+                 if getattr(type(part), hook) not in _NO_STEPS] + (["trains_base"] if part.trains_base else [])
         if needs:
             raise ValueError(f"{label} needs its own training steps ({', '.join(needs)}), which a hybrid does not run "
                              "per part; use the plain method as its own adapter")
@@ -136,11 +141,11 @@ def _part_hosts(model: nn.Module, index: int, placed: Placed) -> list[str]:
     if hosts == [ROOT]:
         raise ValueError(f"{label} adds virtual tokens to every layer at once and cannot be limited to layers "
                          f"{sorted(placed.layers)}; make it a part of the whole model")
-    outside = [name for name in hosts if _LAYER.search(name) is None]
+    outside = [name for name in hosts if layer_number(name) is None]
     if outside:
         raise ValueError(f"{label} targets {outside[:3]}, which sit in no numbered layer, so no layer group holds "
                          "them; narrow its targets or make it a part of the whole model")
-    kept = [name for name in hosts if int(_LAYER.search(name).group(1)) in placed.layers]
+    kept = [name for name in hosts if layer_number(name) in placed.layers]
     if not kept:
         raise ValueError(f"{label}: none of its targets lies in layers {sorted(placed.layers)}")
     return kept

@@ -29,6 +29,7 @@ from ...core.delta import Delta, DeltaBank
 from ...core.routing import RoutingPlan, tensor_version
 from ...core.hosts import WEIGHT_HOST_TYPES, edited_weight, host_shape, read_weight, to_host_layout
 from ...core.targets import TargetError, match_targets, module_names
+from ...efficient.adapter_options import DropAndPrune
 from ...efficient.loftq import LoftQOptions, loftq_start
 from ..selective.mask import Mask
 from ..selective.sparse import SPARSE_HOST_TYPES, SparseDelta
@@ -44,7 +45,7 @@ def pattern_matches(key: str, name: str) -> bool:
 
 
 @register_method
-class LoRA(PeftKeys, AdapterConfig):
+class LoRA(PeftKeys, DropAndPrune, AdapterConfig):
     """LoRA config: rank, scaling, dropout on the input of A, and the initialisation of A and B."""
 
     method: ClassVar[str] = "lora"
