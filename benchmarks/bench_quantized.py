@@ -31,12 +31,10 @@ repack the weights for inference and break the training forward after it. More r
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from _memory import in_fresh_process, release_freed_memory, report, reset_peak, rss_bytes
 
 THREADS = 2
 SEED = 0
@@ -205,21 +205,6 @@ def _allocation_peak(fn: Callable[[], object]) -> int:
     return value
 
 
-def _rss_bytes(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS, so RSS counts what is alive (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def base_bytes(model: nn.Module) -> int:
     """Bytes of the base's weights as held: parameters and buffers outside the adapters, plus every 4-bit quant
     state (peftkit's and plain bitsandbytes' layers alike), each storage once."""
@@ -295,19 +280,19 @@ def _setup(job: Job) -> tuple[Any, Any]:
 
 def measure(contender: str, job: Job, steps: int) -> dict[str, Any]:
     task, data = _setup(job)
-    _release_freed_memory()
-    before = _rss_bytes()
+    release_freed_memory()
+    before = rss_bytes()
     run = _training(contender, job, task, data)
     resident = base_bytes(run.model)
     quality_before = _quality(run.model, task, data.eval)
-    _release_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
+    release_freed_memory()
+    reset_peak()  # peak RSS from here on
     times = []
     for _ in range(steps + 1):  # the first is a warm-up
         start = time.perf_counter()
         run.step()
         times.append(time.perf_counter() - start)
-    peak_rss = _rss_bytes("VmHWM") - before
+    peak_rss = rss_bytes("VmHWM") - before
     kept = sum(t.numel() * t.element_size() for p in run.params for t in [p, *run.optimizer.state[p].values()]
                if isinstance(t, torch.Tensor))
     step_peak = _allocation_peak(run.step)
@@ -341,11 +326,7 @@ def interleaved_steps(contenders: list[str], job: Job, rounds: int) -> dict[str,
 def _in_subprocess(request: dict[str, Any], script: str = __file__) -> Any:
     """A worker request (`measure` or `interleaved_steps`) run in a fresh Python process of `script` (this one, or a
     benchmark that shares these helpers); its JSON answer."""
-    out = subprocess.run([sys.executable, script, "--worker", json.dumps(request)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(script, request)
 
 
 def _work(request: dict[str, Any]) -> Any:
@@ -477,12 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                     result["interleaved_step_s"] = timed[result["contender"]]
             env[f"interleaved_{name}"] = timed
             env[f"loadavg_after_{name}"] = os.getloadavg()
-    env["loadavg_end"] = os.getloadavg()
-    print(table(results))
-    print("\n".join(verdicts(results)))
-    print(f"environment: {env}")
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+    report(table(results), verdicts(results), env, results, args.json)
     return 0
 
 

@@ -28,6 +28,12 @@ class AdapterConfig(BaseModel):
     trains_base: ClassVar[bool] = False  # its training steps write into the base weights (ReLoRA's restarts)
     # Why `peftkit train` cannot train it from a fresh attach, and what makes it instead; None: it can.
     not_trained_by_run: ClassVar[str | None] = None
+    # Why its training reads backward's gradients; None: a zeroth-order optimizer (MeZO), which computes none, can
+    # train it.
+    needs_gradients: ClassVar[str | None] = None
+    # Why activation checkpointing would change its training (a forward with side effects that the recomputation in
+    # backward repeats); None: it trains alike with and without.
+    not_checkpointable: ClassVar[str | None] = None
     targets: TargetSpec = Field(description="modules to adapt: names / dotted suffixes / 'type:Linear', a regex, "
                                             "or 'all-linear'")
     exclude: TargetSpec | None = Field(None, description="modules to leave out, in the same syntax")

@@ -32,6 +32,7 @@ from ..core.registry import adapter_deltas, get_registry
 from ..core.slot import is_delta_parameter
 from ..core.training import TrainingContext
 from .engine import BatchLoss, Engine, MicroBatch, Run, param_groups, scale_lr, selection_indices, task_loss, to_device
+from .mezo import MeZO, check_zeroth_order
 from .tasks import ModelInputs as Inputs
 from .tasks import Rows, Task, model_logits, num_rows
 
@@ -96,7 +97,7 @@ class Job:
     lr: float = 1e-3
     seed: int = 0
     # params or parameter groups -> optimizer; default: AdamW(lr=self.lr, weight_decay=0), as `peftkit train`'s. A
-    # method's groups (LoRA+) carry their own lr, from `lr`.
+    # method's groups (LoRA+) carry their own lr, from `lr`. A `train.mezo.MeZO` trains the job with forwards only.
     optimizer: OptimizerFactory | None = None
     schedule: ScheduleFactory | None = None  # (optimizer, total_steps) -> scheduler, stepped once per step
     max_grad_norm: float | None = None
@@ -243,6 +244,8 @@ class MultiJobTrainer:
                            "while it trains (ReLoRA's restarts), and the other jobs share that base: train it alone")
         hooks = registry.configs[job.adapter].training_steps(job.training_context(self.model))  # may change what trains
         optimizer, scheduler = _optimizer(self.model, job, job.total_steps)
+        if isinstance(optimizer, MeZO):
+            check_zeroth_order(registry.configs[job.adapter], job.max_grad_norm)
         state = JobState(self.model, job.adapter, optimizer, scheduler, job.total_steps, hooks, job.max_grad_norm,
                          job=job, batches=job.batch_indices())
         for hook in hooks:

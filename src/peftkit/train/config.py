@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from ..core.config import METHODS, AdapterConfig, validation_message
 from ..efficient.quantize import QuantizeConfig
 from .full import FullFinetune
+from .mezo import check_zeroth_order
 
 
 class TrainConfigError(ValueError):
@@ -51,7 +52,8 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = "minilm"
     train_head: bool = True  # train a fresh task head whole (added to the method's modules_to_save)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
+    offload_activations: bool = False  # keep what backward needs in CPU memory until then (a model on a GPU only)
     quantize: QuantizeConfig | None = None  # the base's Linear layers stored quantized: nf4 | fp4 | int8, or a mapping
 
     @field_validator("quantize", mode="before")
@@ -93,11 +95,12 @@ class DataSection(_Section):
 
 
 class OptimizerSection(_Section):
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: Literal["adamw", "adam", "sgd", "mezo"] = "adamw"  # mezo: zeroth-order SGD, forwards only (train.mezo)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0)  # sgd only
     max_grad_norm: float | None = Field(None, gt=0)
+    eps: float | None = Field(None, gt=0)  # mezo only: the perturbation scale ε (unset: 1e-3, the paper's)
 
 
 class ScheduleSection(_Section):
@@ -150,6 +153,25 @@ class TrainConfig(_Section):
             raise ValueError(f"method {self.method.method} writes into the base weights while it trains, so neither a "
                              "saved adapter nor the best epoch's checkpoint holds its model: set output.save: false "
                              "and eval.restore_best: false (and save the merged model yourself)")
+        return self
+
+    @model_validator(mode="after")
+    def _zeroth_order_fits(self) -> "TrainConfig":
+        """MeZO's options, and what it cannot train: a method that reads gradients, clipping, and the controls of
+        the memory backward needs (its forwards keep no activations)."""
+        optimizer = self.optimizer
+        if optimizer.name != "mezo":
+            if optimizer.eps is not None:
+                raise ValueError(f"optimizer.eps is MeZO's perturbation scale; optimizer {optimizer.name} takes none")
+            return self
+        check_zeroth_order(self.method, optimizer.max_grad_norm)
+        if optimizer.momentum:
+            raise ValueError("optimizer.momentum: mezo takes the paper's plain zeroth-order SGD steps; leave it 0")
+        backward_only = [key for key, on in (("model.gradient_checkpointing", self.model.gradient_checkpointing),
+                                             ("model.offload_activations", self.model.offload_activations)) if on]
+        if backward_only:
+            raise ValueError(f"{' and '.join(backward_only)} save(s) memory of the activations kept for backward, "
+                             "and MeZO runs no backward: its forwards keep none. Leave it off")
         return self
 
     @field_validator("method", mode="before")

@@ -10,8 +10,9 @@ into shared forward passes with each row routed to its run's adapter), both unde
              summed over processes, clipped, optimizer step, the run's step hooks, schedule step, zero_grad
 
 so each run gets the gradient of its own mean loss over its whole group, as if its batches were one
-batch trained alone. A run's hooks are `core.training.TrainingStep`s: the method's own steps first,
-then the user's callbacks.
+batch trained alone. A run whose optimizer is MeZO (`train.mezo`) takes a zeroth-order step instead: the same
+passes twice under no_grad, at θ + εz and θ − εz, and its optimizer steps by the projected gradient. A run's hooks
+are `core.training.TrainingStep`s: the method's own steps first, then the user's callbacks.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 from ..api import routed
 from ..core.registry import REGISTRY_ATTR
 from ..core.training import TrainingStep
+from .mezo import MeZO
 from .tasks import ModelInputs, RowStats, Task, model_logits
 
 
@@ -122,31 +124,34 @@ class Engine:
     `route`: rows go to their run's adapter through `peftkit.routed` (several runs in one pass);
     otherwise the model runs as it is (one run, its adapter active). `max_rows` caps the rows of one
     forward pass (None: every compatible micro-batch of the same rank in one pass). `sync` sums loss
-    statistics and gradients over processes; `autocast()` wraps the forward passes (bf16)."""
+    statistics and gradients over processes; `autocast()` wraps the forward passes (bf16); `offload`
+    keeps the activations saved for backward in CPU memory (`torch.autograd.graph.save_on_cpu`) until backward
+    needs them. A run whose optimizer is `MeZO` takes a zeroth-order step instead (`_zeroth_order`)."""
 
     def __init__(self, model: nn.Module, route: bool = False, max_rows: int | None = None, sync: Any = None,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext, is_main: bool = True):
+                 autocast: Callable[[], AbstractContextManager] = nullcontext, is_main: bool = True,
+                 offload: bool = False):
         if max_rows is not None and max_rows < 1:
             raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
         self.model, self.route, self.max_rows, self.sync = model, route, max_rows, sync
-        self.autocast, self.is_main = autocast, is_main
+        self.autocast, self.is_main, self.offload = autocast, is_main, offload
 
     def step(self, work: list[tuple[Run, list[MicroBatch]]]) -> list[float]:
         """One optimizer step of every run over its micro-batches; returns each run's mean loss per unit."""
         params = [id(p) for run, _ in work for p in run.params]
         if len(params) != len(set(params)):
             raise TrainingError("two runs share a parameter: its gradient would be normalised and stepped twice")
-        stats = torch.zeros(len(work), 2, dtype=torch.float64)  # per run: loss sum, units
-        slot = {id(run): i for i, (run, _) in enumerate(work)}
-        for group in self._passes([batches for _, batches in work]):
-            for batch, (loss_sum, units) in zip(group, self._forward_backward(group)):
-                stats[slot[id(batch.run)]] += torch.tensor([loss_sum, units], dtype=torch.float64)
-        if self.sync is not None:
-            stats = self.sync.sum(stats)
-        for (run, _), (_, units) in zip(work, stats.tolist()):  # before any gradient is touched
-            if units <= 0:
-                raise TrainingError(f"adapter {run.adapter!r}: its batch at step {run.step} has no loss units "
-                                    "(e.g. every label masked), so its mean loss is undefined")
+        zeroth = [i for i, (run, _) in enumerate(work) if isinstance(run.optimizer, MeZO)]
+        backprop = [i for i in range(len(work)) if i not in zeroth]
+        losses = dict(zip(backprop, self._backprop([work[i] for i in backprop])))
+        losses.update(zip(zeroth, self._zeroth_order([work[i] for i in zeroth])))
+        return [losses[i] for i in range(len(work))]
+
+    def _backprop(self, work: list[tuple[Run, list[MicroBatch]]]) -> list[float]:
+        """Forward and backward passes, gradients normalised per run, extra losses, sync, optimizer steps."""
+        if not work:
+            return []
+        stats = self._check_units(work, self._loss_sums(work, backward=True))
         losses = []
         for (run, _), (loss_sum, units) in zip(work, stats.tolist()):
             for p in run.params:  # the backward passes summed the rows' losses: make it the mean
@@ -157,8 +162,53 @@ class Engine:
         if self.sync is not None:
             self.sync.grads([p for run, _ in work for p in run.params])
         for run, _ in work:
+            if run.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(run.params, run.max_grad_norm)
             self._update(run)
         return losses
+
+    def _zeroth_order(self, work: list[tuple[Run, list[MicroBatch]]]) -> list[float]:
+        """MeZO's step for every run at once (`train.mezo`): each run's parameters moved by +εz, forward passes
+        (shared between runs as usual), moved by −2εz, the same passes with the same random draws (dropout), then
+        each run's update by its projected gradient g = (L+ − L−) / 2ε, its loss being mean loss + extra loss."""
+        if not work:
+            return []
+        draws = _RandomState()
+        means = []
+        for scale in (1.0, -2.0):
+            for run, _ in work:
+                run.optimizer.perturb(scale)
+            draws.restore()
+            try:
+                stats = self._check_units(work, self._loss_sums(work, backward=False))
+            except BaseException:
+                for run, _ in work:  # back from θ ± εz to θ before giving up the step
+                    run.optimizer.perturb(-1.0 if scale > 0 else 1.0)
+                raise
+            means.append([loss_sum / units + self._extra_value(run) for (run, _), (loss_sum, units)
+                          in zip(work, stats.tolist())])
+        losses = []
+        for (run, _), plus, minus in zip(work, *means):
+            self._update(run, (plus - minus) / (2 * run.optimizer.eps))  # MeZO's step takes the projected gradient
+            losses.append((plus + minus) / 2)
+        return losses
+
+    def _loss_sums(self, work: list[tuple[Run, list[MicroBatch]]], backward: bool) -> torch.Tensor:
+        """[runs, 2]: each run's loss sum and units over its micro-batches (summed over processes)."""
+        stats = torch.zeros(len(work), 2, dtype=torch.float64)
+        slot = {id(run): i for i, (run, _) in enumerate(work)}
+        for group in self._passes([batches for _, batches in work]):
+            for batch, (loss_sum, units) in zip(group, self._forward(group, backward)):
+                stats[slot[id(batch.run)]] += torch.tensor([loss_sum, units], dtype=torch.float64)
+        return self.sync.sum(stats) if self.sync is not None else stats
+
+    @staticmethod
+    def _check_units(work: list[tuple[Run, list[MicroBatch]]], stats: torch.Tensor) -> torch.Tensor:
+        for (run, _), (_, units) in zip(work, stats.tolist()):  # before any gradient or parameter is updated
+            if units <= 0:
+                raise TrainingError(f"adapter {run.adapter!r}: its batch at step {run.step} has no loss units "
+                                    "(e.g. every label masked), so its mean loss is undefined")
+        return stats
 
     def _extra_loss(self, run: Run) -> None:
         for hook in run.hooks:
@@ -166,12 +216,16 @@ class Engine:
             if extra is not None and self.is_main:  # once: the gradients are summed over processes next
                 extra.backward()
 
+    @torch.no_grad()
+    def _extra_value(self, run: Run) -> float:
+        """The run's extra loss terms at its current (perturbed) parameters: equal in every process."""
+        extras = [hook.extra_loss(run.view) for hook in run.hooks]
+        return sum(float(extra) for extra in extras if extra is not None)
+
     @staticmethod
-    def _update(run: Run) -> None:
-        if run.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(run.params, run.max_grad_norm)
+    def _update(run: Run, *step_args: float) -> None:
         optimizer, scheduler = run.optimizer, run.scheduler  # a hook may start new ones: they begin at the next step
-        optimizer.step()
+        optimizer.step(*step_args)
         run.step += 1
         for hook in run.hooks:
             hook.on_step_end(run.view)
@@ -195,8 +249,9 @@ class Engine:
                     current.append(batch)
                 yield current
 
-    def _forward_backward(self, group: list[MicroBatch]) -> list[tuple[float, float]]:
-        """One forward pass over the group's rows, backward of the sum of their loss sums; (loss sum, units) each."""
+    def _forward(self, group: list[MicroBatch], backward: bool) -> list[tuple[float, float]]:
+        """One forward pass over the group's rows (then, with `backward`, backward of the sum of their loss sums;
+        without, no graph is built); (loss sum, units) each."""
         device = next(self.model.parameters()).device  # the rows may live elsewhere (CPU rows, CUDA model)
         first = group[0].inputs
         if isinstance(first, torch.Tensor):
@@ -205,8 +260,9 @@ class Engine:
             inputs = {k: torch.cat([b.inputs[k] for b in group]).to(device) for k in first}
         rows = [b.run.adapter for b in group for _ in range(b.rows)]
         routing = routed(self.model, rows) if self.route else nullcontext()
+        saved = torch.autograd.graph.save_on_cpu(pin_memory=True) if backward and self.offload else nullcontext()
         with routing:  # backward inside: gradient checkpointing re-runs the forward
-            with self.autocast():
+            with self.autocast(), saved, torch.set_grad_enabled(backward):
                 logits = model_logits(self.model, inputs)
                 total, start, sums = logits.new_zeros((), dtype=torch.float32), 0, []
                 for b in group:
@@ -214,8 +270,22 @@ class Engine:
                     start += b.rows
                     total = total + loss_sum.sum()
                     sums.append((loss_sum.detach().sum().item(), units.sum().item()))
-            total.backward()
+            if backward:
+                total.backward()
         return sums
+
+
+class _RandomState:
+    """The random generators' state now (CPU, and CUDA if present), to draw the same numbers again from it."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 def to_device(targets: Any, device: torch.device) -> Any:

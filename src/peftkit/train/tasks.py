@@ -375,16 +375,99 @@ class ClassifyText(Task):
     def input_column(self, data: DataSection) -> str:
         return data.text_column
 
+    def label_logits(self, model: nn.Module, processor: Any, texts: list[str], data: DataSection,
+                     labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: the classifier's logits for raw texts."""
+        encoded = processor(texts, truncation=True, max_length=data.max_length, padding=True, return_tensors="pt")
+        return model(**encoded.to(next(model.parameters()).device)).logits
+
     @torch.inference_mode()
     def predict(self, model: nn.Module, processor: Any, inputs: list[str], data: DataSection,
                 labels: list[str] | None, max_new_tokens: int) -> list[dict[str, Any]]:
         """The most probable label of each text, with every label's probability (softmax of the logits)."""
-        device, records = next(model.parameters()).device, []
+        records = []
         for start in range(0, len(inputs), self.predict_batch_size):
             texts = inputs[start:start + self.predict_batch_size]
-            encoded = processor(texts, truncation=True, max_length=data.max_length, padding=True, return_tensors="pt")
-            records += _label_records("text", texts, model(**encoded.to(device)).logits, labels)
+            records += _label_records("text", texts, self.label_logits(model, processor, texts, data, labels), labels)
         return records
+
+
+class ClassifyTextPrompt(ClassifyText):
+    """Text classification with a causal LM's own head, as MeZO's paper (and LM-BFF before it) trains: each text in a
+    template, the label scored by its verbalizer word's logit at the next position, cross-entropy over the labels'
+    words only (the paper's `train_as_classification`). No fresh head: the objective starts where pretraining left
+    the model, which zeroth-order training needs (the paper finds MeZO without prompts far behind; here MiniLM with
+    a fresh head barely moved in 160 MeZO steps).
+
+        input = template(text) = "{text}\\nTopic:";  logits_c = LM(input)[last position, first token of " " + label_c]
+
+    Rows are left-padded, so the last position is every row's next token (sequence deltas put their virtual tokens
+    before the text, as for any causal model); a text is cut to fit `data.max_length` with the template's end kept."""
+
+    name = "classify-text-prompt"
+    template = "{text}\nTopic:"
+    verbalizer: list[int]  # the labels' word token ids, set by `encode`
+
+    def load_model(self, model: ModelSection, raw: RawData) -> tuple[nn.Module, Any]:
+        loaded, processor = MODELS[model.name].load(None, model.quantize)  # the LM itself, with its own head
+        if not hasattr(loaded, "get_output_embeddings") or loaded.get_output_embeddings() is None:
+            raise DataError(f"task {self.name} scores label words with a language model's head; model {model.name} "
+                            "has none (use a causal LM such as smollm2)")
+        return loaded, processor
+
+    def head_modules(self, model: ModelSection) -> list[str]:
+        return []
+
+    def encode(self, raw: RawData, processor: Any, data: DataSection) -> TaskData:
+        self.verbalizer = label_words(processor, raw.labels)
+
+        def rows(split: Dataset) -> Rows:
+            encoded = prompt_rows(processor, self.template, list(split[data.text_column]), data.max_length)
+            return {**encoded, "labels": torch.tensor(_label_ids(split[data.label_column], raw.labels, "data"))}
+
+        return self.encode_splits(raw, rows)
+
+    def collate(self, rows: Rows, idx: torch.Tensor) -> Rows:
+        """The batch of rows `idx`, its shared left padding cut."""
+        batch = {key: value[idx] for key, value in rows.items()}
+        length = int(batch["attention_mask"].sum(1).max())
+        return {k: v[:, -length:] if v.dim() == 2 else v for k, v in batch.items()}
+
+    def loss_stats(self, logits: torch.Tensor, batch: Rows) -> RowStats:
+        return _classification_stats(logits[:, -1, self.verbalizer], batch["labels"])
+
+    def label_logits(self, model: nn.Module, processor: Any, texts: list[str], data: DataSection,
+                     labels: list[str]) -> torch.Tensor:
+        encoded = self.collate(prompt_rows(processor, self.template, texts, data.max_length), torch.arange(len(texts)))
+        device = next(model.parameters()).device
+        logits = model(**{key: value.to(device) for key, value in encoded.items()}).logits
+        return logits[:, -1, label_words(processor, labels)]
+
+
+def label_words(tokenizer: Any, labels: list[str]) -> list[int]:
+    """Each label's verbalizer token: the first token of " " + its name; two labels may not share one."""
+    words = [tokenizer(f" {label}", add_special_tokens=False)["input_ids"][0] for label in labels]
+    shared = [label for label, word in zip(labels, words) if words.count(word) > 1]
+    if shared:
+        raise DataError(f"labels {shared} begin with the same token, so their verbalizer words cannot tell them apart")
+    return words
+
+
+def prompt_rows(tokenizer: Any, template: str, texts: list[str], max_length: int) -> Rows:
+    """Each text in `template` ("...{text}..."), tokenized, the text cut so the whole fits `max_length` tokens with
+    the template's end kept, left-padded to `max_length`."""
+    head, tail = template.split("{text}")
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    if len(tail_ids) >= max_length:
+        raise DataError(f"the template's end {tail!r} fills all of data.max_length={max_length} tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(texts), max_length), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, text in enumerate(texts):
+        ids = tokenizer(head + text, add_special_tokens=False)["input_ids"][:max_length - len(tail_ids)] + tail_ids
+        input_ids[row, max_length - len(ids):] = torch.tensor(ids)
+        attention[row, max_length - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention}
 
 
 def chat_rows(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> Rows:
@@ -614,7 +697,8 @@ def _load_images(paths: list[Path], size: int, where: str) -> torch.Tensor:
         raise DataError(f"{where}: {err}") from None
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassifyText, CausalLMChat, ClassifyImage)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassifyText, ClassifyTextPrompt, CausalLMChat,
+                                                             ClassifyImage)}
 
 
 def register_task(cls: type[Task]) -> type[Task]:

@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 from ..api import attach
 from ..core.io import adapter_files, write_dir_atomically
 from ..core.registry import get_registry
-from ..core.slot import is_delta_parameter
+from ..core.slot import deltas_of, is_delta_parameter
 from ..core.training import TrainingContext, TrainingStep
 from ..models import require_extra
 from .config import DataSection, TrainConfig, TrainConfigError, config_from_mapping, load_config
 from .engine import Engine, MicroBatch, Run, param_groups, scale_lr, selection_indices, task_loss, to_device
 from .distributed import AdapterGradSync, DistContext, broadcast_adapters, init_distributed, save_from_main
 from .full import FullFinetune, full_files, load_full, save_full, train_base
+from .mezo import EPS, MeZO
 from .tasks import TASKS, Rows, Task, TaskData, num_rows
 
 STATE_FILE = "trainer_state.json"
@@ -113,6 +114,8 @@ def _lr_factor(scheduler: str, warmup: int, total: int) -> Any:
 
 def _make_optimizer(config: TrainConfig, params: list[Any]) -> torch.optim.Optimizer:
     opt = config.optimizer
+    if opt.name == "mezo":  # the run's seed draws its noise: a resumed or repeated run perturbs alike
+        return MeZO(params, lr=opt.lr, eps=opt.eps or EPS, weight_decay=opt.weight_decay, seed=config.seed)
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
@@ -195,6 +198,9 @@ class Trainer:
                                    f"{self.ctx.world_size} processes that share each batch")
         self.device = _train_device(config, self.ctx)
         self.bf16 = _resolve_bf16(config.precision, self.device)
+        if config.model.offload_activations and self.device.type != "cuda":
+            raise TrainConfigError(f"model.offload_activations moves the activations saved for backward from GPU to "
+                                   f"CPU memory; this run trains on {self.device.type}, where they already are")
         self.metric = config.eval.metric or task.metric
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -207,7 +213,8 @@ class Trainer:
         optimizer = self._new_optimizer()
         self.run = Run(model, config.adapter_name, optimizer, self._schedule(optimizer, 0), self.total_steps,
                        self.callbacks, config.optimizer.max_grad_norm, host=self)
-        self.engine = Engine(model, sync=self.sync, autocast=self._autocast, is_main=self.ctx.is_main)
+        self.engine = Engine(model, sync=self.sync, autocast=self._autocast, is_main=self.ctx.is_main,
+                             offload=config.model.offload_activations)
         self.output = Path(config.output.dir)
         # Progress: complete epochs, optimizer steps into the current epoch (`step`: optimizer steps taken).
         self.epoch = self.step_in_epoch = 0
@@ -585,11 +592,20 @@ def prepare(config: TrainConfig, say: Callable[[str], None] = lambda message: No
 
 
 def _checkpoint_activations(config: TrainConfig, model: nn.Module) -> None:
-    """Gradient checkpointing, when `model.gradient_checkpointing` asks for it."""
+    """Gradient checkpointing, when `model.gradient_checkpointing` asks for it: per block (each transformer layer's
+    activations are recomputed in backward instead of kept)."""
     if config.model.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise TrainConfigError(f"model.gradient_checkpointing: {config.model.name} does not support it "
                                    "(Hugging Face transformers models do)")
+        reason = getattr(config.method, "not_checkpointable", None)
+        if reason:
+            raise TrainConfigError(f"model.gradient_checkpointing: method {config.method.method} cannot use it: {reason}")
+        prefixes = [name for name, delta in deltas_of(model).items() if getattr(delta, "kind", None) == "prefix"]
+        if prefixes:  # a layer that writes to the cache would write twice when backward recomputes it
+            raise TrainConfigError(f"model.gradient_checkpointing: adapter {prefixes[0]!r} passes its prefix to the "
+                                   "layers in their key/value cache, which transformers' checkpointed layers drop "
+                                   "(past_key_values=None): train prefix methods without checkpointing")
         # Non-reentrant: recomputation works although the frozen base's inputs do not require grad. transformers
         # before 5.23 names it gradient_checkpointing_enable.
         enable = getattr(model, "activation_checkpointing_enable", None)

@@ -34,6 +34,7 @@ class AdaLoRA(PeftKeys, AdapterConfig):
     """AdaLoRA config: starting and target rank per layer, the pruning schedule, the score EMAs."""
 
     method: ClassVar[str] = "adalora"
+    needs_gradients: ClassVar[str | None] = "its rank allocation scores triplets by |w · ∂L/∂w|"
     init_r: int = Field(12, gt=0, description="starting rank of every adapted layer")
     target_r: int = Field(8, gt=0, description="average rank per layer left after the schedule")
     alpha: float = Field(8.0, gt=0, description="scaling numerator: s = alpha / init_r")

@@ -41,6 +41,9 @@ class LoRAMoE(AdapterConfig):
     """Mixture-of-LoRA-experts config: experts, top-k, each expert's rank and scaling, and the balance loss."""
 
     method: ClassVar[str] = "lora_moe"
+    needs_gradients: ClassVar[str | None] = "its load-balancing loss is recorded only in passes that build a graph"
+    not_checkpointable: ClassVar[str | None] = ("every forward records its load-balancing loss and expert counts, so a "
+                                                "block recomputed in backward would record them twice")
     experts: int = Field(4, ge=2, description="E: LoRA experts per module")
     top_k: int = Field(2, ge=1, description="experts each token is sent to (k = E: a soft mixture)")
     r: int = Field(8, gt=0, description="rank of each expert")

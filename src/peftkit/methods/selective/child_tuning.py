@@ -39,6 +39,7 @@ class ChildTuningF(SelectiveConfig):
     """Child-Tuning_F config: each entry's gradient is kept with probability `p` (and scaled by 1/p)."""
 
     method: ClassVar[str] = "child_tuning_f"
+    needs_gradients: ClassVar[str | None] = "its child network is a Bernoulli mask on each backward pass's gradient"
     p: Fraction = 0.3
 
     def masks(self, hosts: dict[str, nn.Module]) -> dict[str, Mask]:
