@@ -17,7 +17,8 @@ from tests.test_engine import CASES, RUN, config
 
 PREFIXED = {"prefix_tuning", "unipelt", "mam"}  # their prefix is passed to the layers in the key/value cache
 REFUSED = {**{method: "passes its prefix to the layers in their key/value cache" for method in PREFIXED},
-           "lora_moe": "lora_moe cannot use it: every forward records its load-balancing loss"}
+           "lora_moe": "lora_moe cannot use it: every forward records its load-balancing loss",
+           "lst": "lst cannot use it: its backbone runs without gradients"}
 CHECKPOINTED = [(method, chat) for method, chat in CASES if method not in REFUSED]
 
 

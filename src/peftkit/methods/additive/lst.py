@@ -53,6 +53,9 @@ class LST(AdapterConfig):
     """Ladder side-tuning config: the reduction factor of the side network and the gates' temperature."""
 
     method: ClassVar[str] = "lst"
+    not_checkpointable: ClassVar[str | None] = (
+        "its backbone runs without gradients, so there is nothing to recompute, and a recomputed backbone layer would "
+        "feed its ladder a second time")
     targets: TargetSpec = Field(r".*(encoder\.layer|layers)\.\d+", description="the backbone layers the ladders "
                                 "read: consecutive, ending with the last layer (default: all of them)")
     reduction: int = Field(8, gt=1, description="r: the side network's widths are the backbone's ÷ r")
