@@ -71,9 +71,12 @@ def test_mixed_sizes_placements_scales_and_activations_equal_rows_alone(tiny, id
     assert not down[p0, 3:].any() and not down_bias[p0, 3:].any() and not up[p0, 3:].any()
     delta = tiny.ffn[2].peftkit.p0
     torch.testing.assert_close(up_bias[p0], delta.up.bias * 4.0)  # s folded into the up-projection
-    before = serial.stacks[0]
+    stacks, rows = serial.stacks, serial._rows[2]
+    _assert_rows(tiny, ids, ROWS)
+    assert serial.stacks is stacks and serial._rows[2] is rows  # the same rows again: nothing stacked or gathered again
+    _assert_rows(tiny, ids, [*ROWS[:-2], None, "p1"])  # one s0 row fewer
+    assert serial.stacks is stacks and serial._rows[2] is not rows  # other rows: gathered again from the same stacks
     _assert_rows(tiny, ids, list(reversed(ROWS)))
-    assert serial.stacks[0] is before  # kept across passes, not stacked again
 
 
 def test_padded_units_add_nothing_where_f_of_zero_is_not_zero(tiny, ids) -> None:

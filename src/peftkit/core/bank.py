@@ -3,7 +3,8 @@
 Each stack is [1 + n, ...]: entry 0 is all zeros (rows of no adapter here), entry i holds one adapter's tensor in the
 layout its batched kernel reads, with the adapter's inner width (LoRA's rank, a bottleneck's size) zero-padded to the
 widest along the dimension the bank names. A method's `add_routed_batch_` gathers each row's entry by the row's
-position and runs one batched matmul for the whole batch (`Delta.new_bank` makes the bank, the slot keeps it).
+position and runs one batched matmul for the whole batch (`Delta.new_bank` makes the bank, the slot keeps it); `rows`
+keeps that gather for the latest rows, which a decoding batch keeps for many steps.
 
 An adapter is copied in when first routed to the host and stays; its entry is rewritten when its delta or tensors
 change (another object, new storage, an in-place change, another scalar setting), so stale weights are never served;
@@ -66,6 +67,7 @@ class StackedBank(DeltaBank):
         self._entries: dict[str, _Entry] = {}
         self._free: list[int] = []  # positions of removed adapters and spare capacity
         self._positions: dict[tuple[str, ...], torch.Tensor] = {}  # the last set of names: their positions, then 0
+        self._rows: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]] | None = None  # (positions, which, rows)
 
     @classmethod
     def stacked(cls, deltas: Sequence[Delta]) -> tuple[torch.Tensor, ...]:
@@ -90,6 +92,17 @@ class StackedBank(DeltaBank):
         if entry is not None:
             self._free.append(entry.position)
             self._positions.clear()
+            self._rows = None
+
+    def rows(self, positions: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each stack's entries for rows whose adapters are `which` (indices into `positions`, from `lookup`), kept
+        for the latest rows: a decoding batch keeps its rows for many steps, and gathering wide entries every step
+        costs more than the batched matmuls save."""
+        kept = self._rows
+        if kept is None or kept[0] is not positions or not torch.equal(kept[1], which):
+            index = positions.index_select(0, which.to(positions.device))
+            kept = self._rows = (positions, which, tuple(stack.index_select(0, index) for stack in self.stacks))
+        return kept[2]
 
     @torch.no_grad()
     def lookup(self, deltas: dict[str, Delta]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -114,9 +127,10 @@ class StackedBank(DeltaBank):
         """Empty stacks (the zero entry only, inner width 0) for tensors like `like`'s."""
         self.stacks = tuple(t.new_zeros(1, *(0 if d == dim else size for d, size in enumerate(t.shape)))
                             for t, dim in zip(self.entry(like), self.padded_dims))
-        self._entries, self._free, self._positions = {}, [], {}
+        self._entries, self._free, self._positions, self._rows = {}, [], {}, None
 
     def _copy_in(self, name: str, delta: Delta) -> None:
+        self._rows = None
         tensors = self.entry(delta)
         width = max(self._width(tensors), self._width(tuple(stack[0] for stack in self.stacks)))
         self.stacks = tuple(padded(stack, None if dim is None else dim + 1, width)

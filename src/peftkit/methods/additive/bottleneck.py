@@ -117,8 +117,9 @@ class BottleneckDelta(Delta):
                           out: torch.Tensor, bank: DeltaBank | None) -> tuple[str, ...]:
         """Many adapters in one batch without gradients: per group of one placement and one f, the group's rows each
         take their adapter's weights from the group's `BottleneckBank` and two batched matmuls (`baddbmm`) compute all
-        of them, added back with one `index_add_`. Only the group's rows are computed: a bottleneck's weights are wide,
-        and gathering them for every row of the batch costs more than it saves. With gradients the group loop runs."""
+        of them, added back with one `index_add_`. Only the group's rows are computed, on weights gathered once for the
+        latest rows (`StackedBank.rows`): a bottleneck's weights are wide, and gathering them for every row of every
+        step costs as much as the per-adapter loop it replaces. With gradients the group loop runs."""
         if torch.is_grad_enabled() or not out.is_contiguous():
             return ()
         like = next(iter(deltas.values())).down.weight
@@ -128,10 +129,9 @@ class BottleneckDelta(Delta):
                 groups.setdefault((delta.additive, delta.act), {})[name] = delta
         rows_out = out.view(out.shape[0], -1, out.shape[-1])
         for (parallel, act), group in groups.items():
-            stacks, positions = bank.group(parallel, act).lookup(group)
+            stacked = bank.group(parallel, act)
             rows, which = plan.routed_rows(tuple(group))
-            index = positions.index_select(0, which.to(positions.device))
-            down, down_bias, up, up_bias = (stack.index_select(0, index) for stack in stacks)
+            down, down_bias, up, up_bias = stacked.rows(stacked.lookup(group)[1], which)
             rows = rows.to(out.device)
             h = (x.reshape(x.shape[0], -1, x.shape[-1]) if parallel else rows_out).index_select(0, rows).to(down.dtype)
             hidden = act(torch.baddbmm(down_bias.unsqueeze(1), h, down.transpose(1, 2)))  # [rows, T, M]
