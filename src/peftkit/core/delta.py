@@ -123,7 +123,7 @@ class Delta(nn.Module):
 
     @classmethod
     def new_bank(cls) -> "DeltaBank | None":
-        """Optional: per-host state for `add_routed_batch_` (LoRA's stacked factors), made on its first use."""
+        """Optional: per-host state for `add_routed_batch_` (`core.bank`'s stacks), made on its first use."""
         return None
 
     @classmethod

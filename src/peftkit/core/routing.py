@@ -34,6 +34,7 @@ class RoutingPlan:
         self._layouts: dict[tuple[str, ...], tuple[torch.Tensor | None, list[Segment]]] = {}
         self._gathered: tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor] | None = None
         self._row_index: dict[tuple[str, ...], torch.Tensor] = {}
+        self._routed_rows: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._expanded: dict[int, RoutingPlan] = {}
 
     def layout(self, present: tuple[str, ...]) -> tuple[torch.Tensor | None, list[Segment]]:
@@ -67,6 +68,15 @@ class RoutingPlan:
             position = {name: i for i, name in enumerate(present)}
             cached = torch.tensor([position.get(name, len(present)) for name in self.row_adapters], dtype=torch.long)
             self._row_index[present] = cached
+        return cached
+
+    def routed_rows(self, present: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows whose adapter is in `present` (ascending), and for each its adapter's position there. Cached."""
+        cached = self._routed_rows.get(present)
+        if cached is None:
+            index = self.row_index(present)
+            rows = (index < len(present)).nonzero().flatten()
+            cached = self._routed_rows[present] = (rows, index[rows])
         return cached
 
     def gather(self, x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:

@@ -18,9 +18,11 @@ increment lands on the FFN output but it reads the FFN's inner activation (the p
 `Bottleneck.preset("adaptformer")` is AdaptFormer: parallel to the whole MLP block (`mlp` in Dinov2 and ViT), 64
 units, ReLU, s = 0.1: MLP(x) + s · W_up ReLU(W_down x), x the MLP's input (the normed tokens). On DINOv2 the
 layer's frozen layer scale multiplies the block's output, the adapter's term included.
+In a routed batch without gradients, many adapters on one host run from stacked weights (`BottleneckBank`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -28,12 +30,15 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ...core.bank import StackedBank
 from ...core.config import AdapterConfig, register_method
-from ...core.delta import Delta
+from ...core.delta import Delta, DeltaBank
+from ...core.routing import RoutingPlan
 from ...core.targets import io_widths
 from ...efficient.adapter_options import DropAndPrune
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+Activation = Callable[[torch.Tensor], torch.Tensor]
+ACTIVATIONS: dict[str, Activation] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
 # Sublayer output projections, by module structure (no model-name list):
 # BERT/RoBERTa `attention.output.dense` and `layer.N.output.dense`, Llama/Mistral `self_attn.o_proj`
@@ -115,3 +120,72 @@ class BottleneckDelta(Delta):
 
     def transform(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + self._adapter(out).to(out.dtype)
+
+    @classmethod
+    def add_routed_batch_(cls, deltas: dict[str, "BottleneckDelta"], plan: RoutingPlan, x: torch.Tensor,
+                          out: torch.Tensor, bank: DeltaBank | None) -> tuple[str, ...]:
+        """Many adapters in one batch without gradients: per group of one placement and one f, the group's rows each
+        take their adapter's weights from the group's `BottleneckBank` and two batched matmuls (`baddbmm`) compute all
+        of them, added back with one `index_add_`. Only the group's rows are computed, on weights gathered once for the
+        latest rows (`StackedBank.rows`): a bottleneck's weights are wide, and gathering them for every row of every
+        step costs as much as the per-adapter loop it replaces. With gradients the group loop runs."""
+        if torch.is_grad_enabled() or not out.is_contiguous():
+            return ()
+        like = next(iter(deltas.values())).down.weight
+        groups: dict[tuple[bool, Activation], dict[str, BottleneckDelta]] = {}
+        for name, delta in deltas.items():
+            if delta.down.weight.dtype == like.dtype and delta.down.weight.device == like.device:
+                groups.setdefault((delta.additive, delta.act), {})[name] = delta
+        rows_out = out.view(out.shape[0], -1, out.shape[-1])
+        for (parallel, act), group in groups.items():
+            stacked = bank.group(parallel, act)
+            rows, which = plan.routed_rows(tuple(group))
+            down, down_bias, up, up_bias = stacked.rows(stacked.lookup(group)[1], which)
+            rows = rows.to(out.device)
+            h = (x.reshape(x.shape[0], -1, x.shape[-1]) if parallel else rows_out).index_select(0, rows).to(down.dtype)
+            hidden = act(torch.baddbmm(down_bias.unsqueeze(1), h, down.transpose(1, 2)))  # [rows, T, M]
+            increment = torch.baddbmm(up_bias.unsqueeze(1), hidden, up)  # s·(W_up f(…) + b_up): [rows, T, out]
+            rows_out.index_add_(0, rows, increment.to(out.dtype))
+        return tuple(name for group in groups.values() for name in group)
+
+    @classmethod
+    def new_bank(cls) -> "BottleneckBanks":
+        return BottleneckBanks()
+
+
+class BottleneckBank(StackedBank):
+    """The adapters of one placement and one f on one host (`core.bank`): W_down [1 + n, M, in] and b_down [1 + n, M],
+    (s·W_up)ᵀ [1 + n, M, out] and s·b_up [1 + n, out], every width zero-padded to the largest, M. Exact: a padded unit
+    reads zero weights and a zero bias, and whatever f(0) is, it meets a zero row of (s·W_up)ᵀ."""
+
+    padded_dims = (0, 0, 0, None)
+
+    @staticmethod
+    def entry(delta: BottleneckDelta) -> tuple[torch.Tensor, ...]:
+        down, up = delta.down, delta.up
+        return down.weight, down.bias, up.weight.t() * delta.scale, up.bias * delta.scale
+
+    @staticmethod
+    def sources(delta: BottleneckDelta) -> tuple[torch.Tensor, ...]:
+        return delta.down.weight, delta.down.bias, delta.up.weight, delta.up.bias
+
+    @staticmethod
+    def settings(delta: BottleneckDelta) -> tuple[float]:
+        return (delta.scale,)
+
+
+class BottleneckBanks(DeltaBank):
+    """A host's bottleneck banks, one per group of adapters that read the same input (placement) through the same f."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[bool, Activation], BottleneckBank] = {}
+
+    def group(self, parallel: bool, act: Activation) -> BottleneckBank:
+        bank = self.groups.get((parallel, act))
+        if bank is None:
+            bank = self.groups[(parallel, act)] = BottleneckBank()
+        return bank
+
+    def discard(self, name: str) -> None:
+        for bank in self.groups.values():
+            bank.discard(name)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -25,8 +24,9 @@ from torch import nn
 
 from ...core.config import AdapterConfig, register_method
 from ...core.hf_peft import PEFT_RAW, PeftKeys
+from ...core.bank import StackedBank
 from ...core.delta import Delta, DeltaBank
-from ...core.routing import RoutingPlan, tensor_version
+from ...core.routing import RoutingPlan
 from ...core.hosts import WEIGHT_HOST_TYPES, edited_weight, host_shape, read_weight, to_host_layout
 from ...core.targets import TargetError, match_targets, module_names
 from ...efficient.adapter_options import DropAndPrune
@@ -401,10 +401,10 @@ class LoRADelta(Delta):
             return ()
         names = tuple(batched)
         if torch.is_grad_enabled():
-            a, b = _stacked(list(batched.values()))
+            a, b = LoRABank.stacked(list(batched.values()))
             positions = torch.tensor([*range(1, len(names) + 1), 0], device=a.device)
         else:
-            a, b, positions = bank.lookup(batched)
+            (a, b), positions = bank.lookup(batched)
         index = positions[plan.row_index(names).to(a.device)]  # rows of other adapters: the all-zero entry 0
         rows = x.shape[0]
         down = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(a.dtype), a.index_select(0, index).transpose(1, 2))
@@ -432,108 +432,32 @@ class LoRADelta(Delta):
         return (b @ a) * self.scaling  # [out, in]
 
 
-def _stacked(deltas: list[LoRADelta]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A's [1 + n, R, in] and (s·B)ᵀ's [1 + n, R, out] of `deltas` (B rank-major: the up-projection reads each row's
-    factor contiguously), entry 0 all zeros (rows of no adapter here), every rank zero-padded to the largest, R
-    (exact: the padded rows of A meet the padded rows of Bᵀ)."""
-    rank = max(d.lora_A.shape[0] for d in deltas)
-    a, b = deltas[0].lora_A, deltas[0].lora_B
-    return (torch.stack([a.new_zeros(rank, a.shape[1]), *(_padded_a(d, rank) for d in deltas)]),
-            torch.stack([b.new_zeros(rank, b.shape[0]), *(_padded_b(d, rank) for d in deltas)]))
+class LoRABank(StackedBank):
+    """The LoRA factors of one host's adapters (`core.bank`): A [1 + n, R, in] and (s·B)ᵀ [1 + n, R, out], B rank-major
+    so the up-projection reads each row's factor contiguously, every rank zero-padded to the largest, R (exact: the
+    padded rows of A meet the padded rows of Bᵀ). Rewritten on another scaling too."""
 
+    padded_dims = (0, 0)
 
-def _padded_a(delta: LoRADelta, rank: int) -> torch.Tensor:
-    return F.pad(delta.lora_A, (0, 0, 0, rank - delta.lora_A.shape[0]))
+    @staticmethod
+    def entry(delta: LoRADelta) -> tuple[torch.Tensor, torch.Tensor]:
+        return delta.lora_A, delta.lora_B.t() * delta.scaling
 
+    @staticmethod
+    def sources(delta: LoRADelta) -> tuple[torch.Tensor, torch.Tensor]:
+        return delta.lora_A, delta.lora_B
 
-def _padded_b(delta: LoRADelta, rank: int) -> torch.Tensor:
-    return F.pad(delta.lora_B.t() * delta.scaling, (0, 0, 0, rank - delta.lora_B.shape[1]))
+    @staticmethod
+    def settings(delta: LoRADelta) -> tuple[float]:
+        return (delta.scaling,)
 
+    @property
+    def a(self) -> torch.Tensor | None:
+        return None if self.stacks is None else self.stacks[0]
 
-def _stamp(delta: LoRADelta) -> tuple[int, int, int, int, float]:
-    """What changes when a delta's factors do: their storage (`.data =`, a moved model), their in-place version
-    counters (optimizer steps, loads), and the scaling."""
-    a, b = delta.lora_A, delta.lora_B
-    return a.data_ptr(), tensor_version(a), b.data_ptr(), tensor_version(b), delta.scaling
-
-
-@dataclass(eq=False)
-class _Banked:
-    """A bank entry: where a delta's factors sit, and their stamp when copied there."""
-
-    position: int
-    delta: LoRADelta
-    stamp: tuple[int, int, int, int, float]
-    storage: tuple[torch.Tensor, torch.Tensor]  # keeps the copied factors' memory from being reused at the same address
-
-    def fresh(self, delta: LoRADelta) -> bool:
-        return self.delta is delta and self.stamp == _stamp(delta)
-
-
-class LoRABank(DeltaBank):
-    """The LoRA factors of one host's adapters, stacked for routed batches without gradients: A [1 + n, R, in] and
-    (s·B)ᵀ [1 + n, R, out] (`_stacked`'s layout). An adapter is copied in when first routed here and stays; its entry is
-    rewritten when its delta or factors change (another object, an in-place change, another scaling), so stale
-    weights are never served; a removed adapter's place is reused. The stack grows by doubling."""
-
-    def __init__(self) -> None:
-        self.a: torch.Tensor | None = None
-        self.b: torch.Tensor | None = None
-        self._entries: dict[str, _Banked] = {}
-        self._free: list[int] = []  # positions of removed adapters and spare capacity
-        self._positions: dict[tuple[str, ...], torch.Tensor] = {}  # the last set of names: their positions, then 0
-
-    def _start(self, like: LoRADelta) -> None:
-        """An empty stack (the zero entry only) for factors like `like`'s."""
-        a, b = like.lora_A, like.lora_B
-        self.a, self.b = a.new_zeros(1, 0, a.shape[1]), b.new_zeros(1, 0, b.shape[0])
-        self._entries, self._free, self._positions = {}, [], {}
-
-    def discard(self, name: str) -> None:
-        entry = self._entries.pop(name, None)
-        if entry is not None:
-            self._free.append(entry.position)
-            self._positions.clear()
-
-    @torch.no_grad()
-    def lookup(self, deltas: dict[str, LoRADelta]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A stack, (s·B)ᵀ stack, the positions of `deltas` then 0), first bringing their entries up to date."""
-        like = next(iter(deltas.values()))
-        if (self.a is None or self.a.device != like.lora_A.device or self.a.dtype != like.lora_A.dtype
-                or (self.a.is_inference() and not torch.is_inference_mode_enabled())):
-            self._start(like)  # first use, a moved model, or a stack only inference mode may write to
-        for name, delta in deltas.items():
-            entry = self._entries.get(name)
-            if entry is None or not entry.fresh(delta):
-                self._copy_in(name, delta)
-        key = tuple(deltas)
-        positions = self._positions.get(key)
-        if positions is None:
-            places = [self._entries[name].position for name in key]
-            positions = torch.tensor([*places, 0], device=self.a.device)
-            self._positions = {key: positions}  # the latest set only: a serving batch's set changes as rows come and go
-        return self.a, self.b, positions
-
-    def _copy_in(self, name: str, delta: LoRADelta) -> None:
-        rank = delta.lora_A.shape[0]
-        if rank > self.a.shape[1]:
-            self.a = F.pad(self.a, (0, 0, 0, rank - self.a.shape[1]))
-            self.b = F.pad(self.b, (0, 0, 0, rank - self.b.shape[1]))
-        entry = self._entries.pop(name, None)
-        if entry is None:
-            if not self._free:
-                self._grow()
-            self._positions.clear()
-        position = self._free.pop() if entry is None else entry.position
-        self.a[position] = _padded_a(delta, self.a.shape[1])
-        self.b[position] = _padded_b(delta, self.b.shape[1])
-        self._entries[name] = _Banked(position, delta, _stamp(delta), (delta.lora_A.detach(), delta.lora_B.detach()))
-
-    def _grow(self) -> None:
-        size = self.a.shape[0]
-        self.a = torch.cat([self.a, self.a.new_zeros(size, *self.a.shape[1:])])
-        self.b = torch.cat([self.b, self.b.new_zeros(size, *self.b.shape[1:])])
-        self._free.extend(range(2 * size - 1, size - 1, -1))
+    @property
+    def b(self) -> torch.Tensor | None:
+        return None if self.stacks is None else self.stacks[1]
 
 
 def _plain_lora(cls: type) -> bool:
