@@ -127,3 +127,38 @@ def test_gradients_take_the_group_loop(tiny, ids) -> None:
     grads = assert_routed_grads_match_rows(tiny, ids, ROWS)
     assert _banks(tiny, "ffn.2").groups == {}
     assert all(grads[f"ffn.2.peftkit.{name}.up.weight"].abs().sum() > 0 for name in ADAPTERS)
+
+
+
+class BlockNet(nn.Module):
+    """Token embeddings, then a residual MLP block (fc1, GELU, fc2) with its own forward, as a ViT's `mlp`."""
+
+    def __init__(self, vocab: int = 50, d: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.mlp.forward = lambda h: self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(h)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return h + self.mlp(h)
+
+
+def test_adapters_beside_a_whole_block_run_from_the_bank(ids) -> None:
+    """AdaptFormer's placement: parallel adapters on a block of linear layers read the block's input and add to its
+    output; in the bank as on Linear hosts."""
+    model = BlockNet().eval()
+    names = [f"b{i}" for i in range(BATCHED_MIN_GROUPS + 1)]
+    for i, name in enumerate(names):
+        peftkit.attach(model, Bottleneck(bottleneck=3 + i, placement="parallel", scale=0.1 * (i + 1),
+                                         activation="relu", targets=["mlp"]), name)
+    randomize(model)
+    rows = [None if row is None else names[index % len(names)] for index, row in enumerate(ROWS)]
+    _assert_rows(model, ids, rows)
+    assert set(_group(model, "mlp", "parallel")._entries) == set(names)
+
+
+def test_a_sequential_block_is_refused_by_name(tiny) -> None:
+    with pytest.raises(ValueError, match="cannot sit on module 'ffn': an nn.Sequential calls every child"):
+        peftkit.attach(tiny, Bottleneck(bottleneck=3, placement="parallel", targets=["ffn"]))

@@ -280,6 +280,9 @@ def _installed_folding(module: nn.Module) -> bool:
 def add_delta(module: nn.Module, registry: AdapterRegistry, module_name: str, name: str, delta: Delta) -> None:
     """Put `delta` into the module's slot (made on first use), folding it into the module's call where it can."""
     refusal = refusal_to_train(module) if delta.trains_host_parameters else None
+    if isinstance(module, nn.Sequential):
+        refusal = ("an nn.Sequential calls every child as a layer, the adapter slot too; target a layer inside it or "
+                   "a block module with its own forward")
     if refusal is not None:
         raise ValueError(f"{type(delta).__name__} cannot sit on module '{module_name}': {refusal}")
     slot = getattr(module, SLOT_ATTR, None)
