@@ -71,7 +71,7 @@ def _lst(attention_dropout: float | None) -> Any:
 CONTENDERS: dict[str, Callable[[], Any]] = {
     "LoRA": lambda: _lora(0), f"LoRA, drop {DROPPED}": lambda: _lora(DROPPED),
     "bottleneck": lambda: _bottleneck(0), f"bottleneck, drop {DROPPED}": lambda: _bottleneck(DROPPED),
-    "LST": lambda: _lst(None), "LST, side attention dropout 0": lambda: _lst(0.0),
+    "LST": lambda: _lst(0.0), "LST, backbone's attention dropout": lambda: _lst(None),
 }
 PAIRS = [("LoRA", f"LoRA, drop {DROPPED}"), ("bottleneck", f"bottleneck, drop {DROPPED}")]
 

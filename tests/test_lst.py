@@ -75,13 +75,13 @@ def test_side_layers_start_from_the_backbone_pruned_by_l1_norm() -> None:
     torch.testing.assert_close(side.output.LayerNorm.weight, norm[norm.abs().topk(4).indices.sort().values])
 
 
-@pytest.mark.parametrize("dropout, expected", [(None, 0.1), (0.0, 0.0)])
-def test_side_attention_dropout_is_the_backbones_unless_set(dropout, expected) -> None:
+@pytest.mark.parametrize("dropout, expected", [("default", 0.0), (None, 0.1), (0.2, 0.2)])
+def test_side_attention_dropout_is_zero_by_default_or_the_backbones_on_request(dropout, expected) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
                                                      num_attention_heads=2, intermediate_size=32))
-    peftkit.attach(model, LST(reduction=4, attention_dropout=dropout))
+    peftkit.attach(model, LST(reduction=4) if dropout == "default" else LST(reduction=4, attention_dropout=dropout))
     assert model.bert.encoder.layer[1].peftkit["default"].side.attention.self.dropout.p == expected
     assert model.bert.encoder.layer[1].attention.self.dropout.p == 0.1
 
