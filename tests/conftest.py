@@ -42,6 +42,19 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(SkipsFailCI(), "skips-fail-ci")
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist, each worker (and what it starts: bench cells, torchrun) gets its share of the cores; torch's
+    default, every core in every process, would oversubscribe them with spinning OpenMP threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

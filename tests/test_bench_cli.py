@@ -35,7 +35,7 @@ def quick(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench-quick")
     budget = [word for key, value in CUT.items() for word in ("--budget", f"{key}={value}")]
     done = subprocess.run([sys.executable, "-m", "peftkit", "bench", "--quick", *budget, "--output", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
 
