@@ -159,6 +159,17 @@ def test_adapters_beside_a_whole_block_run_from_the_bank(ids) -> None:
     assert set(_group(model, "mlp", "parallel")._entries) == set(names)
 
 
-def test_a_sequential_block_is_refused_by_name(tiny) -> None:
-    with pytest.raises(ValueError, match="cannot sit on module 'ffn': an nn.Sequential calls every child"):
-        peftkit.attach(tiny, Bottleneck(bottleneck=3, placement="parallel", targets=["ffn"]))
+def test_adapters_beside_an_nn_sequential_block(tiny, ids) -> None:
+    """The slot is the Sequential's last child and passes its output through; the hooks add the adapters."""
+    names = [f"b{i}" for i in range(BATCHED_MIN_GROUPS + 1)]
+    for i, name in enumerate(names):
+        peftkit.attach(tiny, Bottleneck(bottleneck=3 + i, placement="parallel", scale=0.1 * (i + 1), targets=["ffn"]),
+                       name)
+    randomize(tiny)
+    rows = [None if row is None else names[index % len(names)] for index, row in enumerate(ROWS)]
+    _assert_rows(tiny, ids, rows)
+    x = tiny.embed(ids)
+    delta = tiny.ffn.peftkit["b1"]  # ffn: Linear, GELU, Linear, then the slot
+    peftkit.activate(tiny, "b1")
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.ffn(x), tiny.ffn[2](tiny.ffn[1](tiny.ffn[0](x))) + delta.increment(x))

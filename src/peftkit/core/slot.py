@@ -51,6 +51,11 @@ class DeltaSlot(nn.ModuleDict):
         self._folded: str | None = None  # the delta folded into the running call, which the output hook skips
         self._banks: dict[type[Delta], DeltaBank | None] = {}  # per delta type: its batched path's kept state
 
+    def forward(self, out: Any) -> Any:
+        """The identity: a host that calls its children in order (nn.Sequential) passes its output through its slot
+        unchanged; the slot acts through the host's hooks."""
+        return out
+
     def __setitem__(self, name: str, delta: Delta) -> None:
         reader = type(delta).read_input
         if len(self) and reader is not self._read_input:
@@ -280,9 +285,6 @@ def _installed_folding(module: nn.Module) -> bool:
 def add_delta(module: nn.Module, registry: AdapterRegistry, module_name: str, name: str, delta: Delta) -> None:
     """Put `delta` into the module's slot (made on first use), folding it into the module's call where it can."""
     refusal = refusal_to_train(module) if delta.trains_host_parameters else None
-    if isinstance(module, nn.Sequential):
-        refusal = ("an nn.Sequential calls every child as a layer, the adapter slot too; target a layer inside it or "
-                   "a block module with its own forward")
     if refusal is not None:
         raise ValueError(f"{type(delta).__name__} cannot sit on module '{module_name}': {refusal}")
     slot = getattr(module, SLOT_ATTR, None)
