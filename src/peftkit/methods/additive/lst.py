@@ -62,8 +62,8 @@ class LST(AdapterConfig):
     gate_temperature: float = Field(0.1, gt=0, description="T in the ladder gates μ_i = σ(α_i / T)")
     attention_dropout: float | None = Field(0.0, ge=0, lt=1, description="dropout on the side layers' attention "
                                             "probabilities; None: the backbone's. At 0 (the default), fused "
-                                            "attention keeps no attention map for the backward pass: half the "
-                                            "peak memory on MiniLM, and better accuracy in docs/memory.md's run")
+                                            "attention keeps no attention map for the backward pass: half the step's "
+                                            "peak tensors on MiniLM, and better accuracy in docs/memory.md's run")
     _backbone: Any = PrivateAttr(None)  # (hidden size, layer family, side config): set by choose_hosts
 
     def host_types(self) -> tuple[type[nn.Module], ...]:
