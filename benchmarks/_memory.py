@@ -44,6 +44,28 @@ def in_fresh_process(script: str | os.PathLike, request: dict[str, Any]) -> Any:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def results_by_model(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each model's cells in the order they ran."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        grouped.setdefault(result["model"], []).append(result)
+    return grouped
+
+
+def by_contender(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The cells that ran (no error), by contender."""
+    return {r["contender"]: r for r in rows if "error" not in r}
+
+
+def failed_row(row: dict[str, Any], empty_cells: int) -> str:
+    """A table row for a cell that failed: model, contender, its error, then `empty_cells` empty cells."""
+    return f"| {row['model']} | {row['contender']} | failed: {row['error']} |" + " |" * empty_cells
+
+
+def verdict(ratio: float, goal: float) -> str:
+    return "met" if ratio <= goal else "missed"
+
+
 def report(table: str, verdicts: list[str], env: dict[str, Any], results: list[dict[str, Any]],
            json_path: Path | None) -> None:
     """Print the table, the verdicts and the environment (the load average now added); with `json_path`, also

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from _memory import in_fresh_process, release_freed_memory, report, reset_peak, rss_bytes
+from _memory import (by_contender, failed_row, in_fresh_process, release_freed_memory, report, reset_peak,
+                     results_by_model, rss_bytes, verdict)
 from bench_quantized import JOBS as QUANTIZED_JOBS, Job, _checkpointed, _data, _load, _quality, _tokenizer
 
 SEED = 0
@@ -182,12 +183,11 @@ def measure(name: str, job: Job, budget: float, threads: int) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| model | contender | trainable | peak MiB | × inference | process peak MiB | step s | steps | quality |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for model in dict.fromkeys(r["model"] for r in results):
-        rows = [r for r in results if r["model"] == model]
-        ref = next((r for r in rows if r["contender"] == "inference" and "error" not in r), None)
+    for model, rows in results_by_model(results).items():
+        ref = by_contender(rows).get("inference")
         for r in rows:
             if "error" in r:
-                lines.append(f"| {model} | {r['contender']} | failed: {r['error']} |" + " |" * 6)
+                lines.append(failed_row(r, 6))
                 continue
             ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" if ref else "–"
             lines.append(f"| {model} | {r['contender']} | {r['trainable']:,} | {r['peak_bytes'] / 2**20:.0f} | {ratio} "
@@ -198,16 +198,15 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def verdicts(results: list[dict[str, Any]]) -> list[str]:
     out = []
-    for model in dict.fromkeys(r["model"] for r in results):
-        by = {r["contender"]: r for r in results if r["model"] == model and "error" not in r}
+    for model, rows in results_by_model(results).items():
+        by = by_contender(rows)
         for name in [n for n in by if n.startswith("MeZO") and "inference" in by]:
             ratio = by[name]["peak_bytes"] / by["inference"]["peak_bytes"]
             out.append(f"{model}: {name} peak {ratio:.2f}× the inference peak (target ≤ {TARGET}): "
-                       f"{'met' if ratio <= TARGET else 'missed'}")
+                       f"{verdict(ratio, TARGET)}")
         if "LST" in by and "LoRA" in by:
             ratio = by["LST"]["peak_bytes"] / by["LoRA"]["peak_bytes"]
-            out.append(f"{model}: LST peak {ratio:.2f}× LoRA's (target ≤ {LST_TARGET}): "
-                       f"{'met' if ratio <= LST_TARGET else 'missed'}")
+            out.append(f"{model}: LST peak {ratio:.2f}× LoRA's (target ≤ {LST_TARGET}): {verdict(ratio, LST_TARGET)}")
     return out
 
 

@@ -45,7 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from _memory import in_fresh_process, release_freed_memory, report, reset_peak, rss_bytes
+from _memory import (by_contender, failed_row, in_fresh_process, release_freed_memory, report, reset_peak,
+                     results_by_model, rss_bytes, verdict)
 
 THREADS = 2
 SEED = 0
@@ -369,12 +370,11 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| model | contender | resident base MiB | × fp32 | kept MiB | step peak MiB | peak train MiB | "
              "× fp32 LoRA | peak RSS MiB | step s | interleaved step s | quality |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for model in dict.fromkeys(r["model"] for r in results):
-        rows = [r for r in results if r["model"] == model]
-        ref = next((r for r in rows if r["contender"] == "fp32 LoRA" and "error" not in r), None)
+    for model, rows in results_by_model(results).items():
+        ref = by_contender(rows).get("fp32 LoRA")
         for r in rows:
             if "error" in r:
-                lines.append(f"| {model} | {r['contender']} | failed: {r['error']} |" + " |" * 10)
+                lines.append(failed_row(r, 10))
                 continue
             ratio = lambda key: f"{r[key] / ref[key]:.3f}" if ref else "–"  # noqa: E731
             interleaved = f"{r['interleaved_step_s']:.3f}" if "interleaved_step_s" in r else "–"
@@ -387,8 +387,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def verdicts(results: list[dict[str, Any]]) -> list[str]:
     out = []
-    for model in dict.fromkeys(r["model"] for r in results):
-        by = {r["contender"]: r for r in results if r["model"] == model and "error" not in r}
+    for model, rows in results_by_model(results).items():
+        by = by_contender(rows)
         ref, peft = by.get("fp32 LoRA"), by.get("peft+bnb QLoRA")
         for name in [n for n in by if n.startswith("peftkit")]:
             q = by[name]
@@ -396,7 +396,7 @@ def verdicts(results: list[dict[str, Any]]) -> list[str]:
                 for key, goal in (("resident_bytes", TARGETS["resident"]), ("peak_bytes", TARGETS["peak"])):
                     ratio = q[key] / ref[key]
                     out.append(f"{model}: {name} {key.split('_')[0]} {ratio:.3f}× fp32 (target ≤ {goal}): "
-                               f"{'met' if ratio <= goal else 'missed'}")
+                               f"{verdict(ratio, goal)}")
                 if q["metric"] == "accuracy":
                     out.append(f"{model}: {name} accuracy {100 * (q['quality'] - ref['quality']):+.1f} points "
                                "against fp32 LoRA (target: within 2)")
@@ -404,7 +404,7 @@ def verdicts(results: list[dict[str, Any]]) -> list[str]:
                 key = "interleaved_step_s" if "interleaved_step_s" in q and "interleaved_step_s" in peft else "step_s"
                 ratio = q[key] / peft[key]
                 out.append(f"{model}: {name} {key.replace('_', ' ')} {ratio:.3f}× peft's QLoRA (target ≤ 1): "
-                           f"{'met' if ratio <= 1 else 'missed'}")
+                           f"{verdict(ratio, 1)}")
     return out
 
 
