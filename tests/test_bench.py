@@ -263,6 +263,30 @@ def test_the_sweep_picks_the_best_validation_lr_and_reports_every_seed(tiny_task
     assert row.sweep == {"0.003": 0.6, "0.001": 0.9, "0.01": 0.7}
 
 
+def test_the_lr_count_takes_a_best_first_prefix_of_each_list(tiny_task, tmp_path) -> None:
+    """`--standard` tries each method's first two lrs, `--lrs N` overrides any profile; 0 is refused."""
+    def cells(profile: str, lrs: int | None) -> list[float]:
+        runs: list[float] = []
+
+        def fake(spec, seed):
+            runs.append(spec["lr"])
+            return {"status": "ok", "val": {"accuracy": 0.5, "loss": 0.5}, "test": {"accuracy": 0.5, "loss": 0.5},
+                    "trainable": 10, "total": 100, "saved_bytes": 1, "peak_bytes": 1, "samples_per_s": 1.0,
+                    "unmerged": 1.1, "merged": 1.0}
+
+        plan = plan_bench(profile, tasks=[tiny_task.name], methods=["lora"], output=tmp_path / f"{profile}{lrs}",
+                          extra_tasks=[tiny_task], isolate=False, seeds=1, lrs=lrs)
+        run_bench(plan, run=fake, progress=_quiet())
+        return runs
+
+    lora_lrs = list(bench_method("lora").lrs)
+    assert cells("standard", None) == lora_lrs[:2] and cells("quick", None) == lora_lrs[:1]
+    assert cells("full", 2) == lora_lrs[:2] and cells("quick", 3) == lora_lrs[:3]
+    assert "the first 2 lrs" in plan_bench("standard", output=tmp_path).describe()
+    with pytest.raises(ValueError, match="lrs must be >= 1, got 0"):
+        plan_bench("standard", output=tmp_path, lrs=0)
+
+
 def test_compare_peft_runs_the_same_method_through_peft(tiny_task, tmp_path) -> None:
     reports, _ = run_bench(_plan(tiny_task, tmp_path, ["lora", "ssf"], compare_peft=True), progress=_quiet())
     rows = [(row.method, row.backend, row.status) for row in reports[0].rows]

@@ -18,7 +18,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
                               "the reference rows, 1 seed, each method's first lr (the default)")
     profile.add_argument("--standard", dest="profile", action="store_const", const="standard",
                          help="about an hour on 2 CPU cores: every registered method on a larger BBC News subset, "
-                              "1 seed, the lr sweep")
+                              "1 seed, the first two lrs of each method's best-first list")
     profile.add_argument("--full", dest="profile", action="store_const", const="full",
                          help="every registered method on every task, 3 seeds, the lr sweep (hours on a CPU)")
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help="rows to run (registry names, full-finetune, "
@@ -28,6 +28,8 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--task-file", action="append", default=[], metavar="YAML",
                        help="add a task from local data (see peftkit.bench.tasks.load_task_file); repeatable")
     bench.add_argument("--seeds", type=int, help="seeds per cell (default: the profile's)")
+    bench.add_argument("--lrs", type=int, metavar="N", help="how many of each method's learning rates to try, "
+                       "best-first (default: the profile's: 1 quick, 2 standard, all full)")
     bench.add_argument("--metric", help="the metric that picks the lr and is plotted (default: the task's)")
     bench.add_argument("--output", default="runs/bench", help="report and cache folder (default: runs/bench)")
     bench.add_argument("--compare-peft", action="store_true",
@@ -58,7 +60,7 @@ def _command_line(args: argparse.Namespace) -> str:
             words += [flag, *values]
     for path in args.task_file:
         words += ["--task-file", path]
-    for flag, value in (("--seeds", args.seeds), ("--metric", args.metric)):
+    for flag, value in (("--seeds", args.seeds), ("--lrs", args.lrs), ("--metric", args.metric)):
         if value is not None:
             words += [flag, str(value)]
     for pair in args.budget:
@@ -75,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_bench(args.profile, tasks=args.tasks, methods=args.methods, seeds=args.seeds, output=args.output,
                       metric=args.metric, compare_peft=args.compare_peft,
                       extra_tasks=[load_task_file(path) for path in args.task_file], command=_command_line(args),
-                      budget=budget_changes(args.budget))
-    print(f"{plan.command}\n{plan.profile.describe()}; tasks: {', '.join(t.name for t in plan.tasks)}; "
+                      budget=budget_changes(args.budget), lrs=args.lrs)
+    print(f"{plan.command}\n{plan.describe()}; tasks: {', '.join(t.name for t in plan.tasks)}; "
           f"rows: {', '.join(plan.methods)}", flush=True)
     reports, paths = run_bench(plan)
     for task in reports:

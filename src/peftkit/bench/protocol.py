@@ -4,7 +4,8 @@ For every (task, method) the protocol trains one cell per learning rate in the m
 first seed, picks the rate with the best *validation* score (a split held out of the training rows,
 never the test set), then trains the remaining seeds at that rate and reports the test metric's mean
 ± std over seeds. Every method gets the same steps, batch, data and seeds on a task; only the lr list
-is per method. `--quick` uses each method's first lr (no sweep) and one seed.
+is per method. `--quick` uses each method's first lr (no sweep) and one seed; `--standard` the first two (the
+lists are ordered best-first); `--full` all of them.
 
 Each cell is cached (see `cache`): a rerun computes only new cells, an interrupted run resumes.
 """
@@ -35,15 +36,10 @@ PEFT_BACKEND = "peft"
 class Profile:
     name: str
     seeds: int
-    sweep: bool  # False: each method's first learning rate only
+    lrs: int | None  # how many of each method's learning rates (its list is best-first) to try; None: all
     timing_rounds: int  # interleaved rounds for the inference-overhead medians
     tasks: tuple[str, ...]  # the default tasks
     methods: Callable[[], list[str]]  # the default rows (evaluated late: methods register on import)
-
-    def describe(self) -> str:
-        lrs = "each method's lr list swept at seed 0 (best validation score kept)" if self.sweep else \
-            "each method's first lr only (no sweep)"
-        return f"profile {self.name}: {self.seeds} seed(s); {lrs}; {self.timing_rounds} timing rounds"
 
 
 def _quick_methods() -> list[str]:
@@ -51,9 +47,9 @@ def _quick_methods() -> list[str]:
 
 
 PROFILES = {
-    "quick": Profile("quick", seeds=1, sweep=False, timing_rounds=5, tasks=("bbc-news",), methods=_quick_methods),
-    "standard": Profile("standard", seeds=1, sweep=True, timing_rounds=5, tasks=("bbc-news",), methods=all_rows),
-    "full": Profile("full", seeds=3, sweep=True, timing_rounds=11, tasks=tuple(BENCH_TASKS), methods=all_rows),
+    "quick": Profile("quick", seeds=1, lrs=1, timing_rounds=5, tasks=("bbc-news",), methods=_quick_methods),
+    "standard": Profile("standard", seeds=1, lrs=2, timing_rounds=5, tasks=("bbc-news",), methods=all_rows),
+    "full": Profile("full", seeds=3, lrs=None, timing_rounds=11, tasks=tuple(BENCH_TASKS), methods=all_rows),
 }
 
 
@@ -69,12 +65,22 @@ class BenchPlan:
     compare_peft: bool = False
     command: str = ""
     isolate: bool = True  # one fresh worker process per cell (peak memory per cell; see measure)
+    lrs: int | None = None  # how many of each method's lrs to try (the profile's, or --lrs)
+
+    def describe(self) -> str:
+        if self.lrs == 1:
+            lrs = "each method's first lr only (no sweep)"
+        else:
+            which = "every lr" if self.lrs is None else f"the first {self.lrs} lrs"
+            lrs = f"{which} of each method's best-first list swept at seed 0 (best validation score kept)"
+        return f"profile {self.profile.name}: {self.seeds} seed(s); {lrs}; {self.profile.timing_rounds} timing rounds"
 
 
 def plan_bench(profile: str = "quick", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                seeds: int | None = None, output: str | os.PathLike = "runs/bench", metric: str | None = None,
                compare_peft: bool = False, extra_tasks: Sequence[BenchTask] = (), command: str = "",
-               isolate: bool = True, budget: Mapping[str, int | None] | None = None) -> BenchPlan:
+               isolate: bool = True, budget: Mapping[str, int | None] | None = None,
+               lrs: int | None = None) -> BenchPlan:
     """Check a request and return its plan; every bad name is a `BenchConfigError` before anything runs.
 
     `budget` replaces fields of the profile's budget on every task (a cheaper run: CI's, a smoke test)."""
@@ -107,10 +113,11 @@ def plan_bench(profile: str = "quick", tasks: Sequence[str] | None = None, metho
     for name in rows:
         if name not in known:
             raise UnknownMethodError(unknown("method", name, known))
-    if seeds is not None and seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    for name, value in (("seeds", seeds), ("lrs", lrs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     return BenchPlan(chosen, selected, rows, seeds or chosen.seeds, _writable(Path(output)), compare_peft,
-                     command, isolate)
+                     command, isolate, lrs or chosen.lrs)
 
 
 def _writable(folder: Path) -> Path:
@@ -174,7 +181,7 @@ def run_row(task: BenchTask, method: str, backend: str, budget: Budget, plan: Be
     if reason is not None:
         return Row(method, backend, status="skipped", reason=reason)
     before = (progress.computed, progress.cached)
-    lrs = entry.lrs if plan.profile.sweep else entry.lrs[:1]
+    lrs = entry.lrs[:plan.lrs]
     first = {lr: _cell(cache, run, cell_spec(task, method, backend, budget, lr, plan.profile.timing_rounds), 0,
                        progress) for lr in lrs}
     if (failed := _failed(method, backend, list(first.values()))) is not None:
@@ -231,7 +238,7 @@ def run_bench(plan: BenchPlan, run: CellRunner | None = None,
             if plan.compare_peft and bench_method(method).peft:
                 rows.append(run_row(task, method, PEFT_BACKEND, budget, plan, cache, run, progress))
         reports.append(TaskReport(task.name, task.title, task.metric, list(task.metrics), rows,
-                                  budget.describe()))
+                                  budget.describe(images=task.task == "classify-image")))
     return reports, write_report(plan.output, header(plan, progress), reports)
 
 
@@ -243,7 +250,7 @@ def header(plan: BenchPlan, progress: Progress) -> list[str]:
 
     return [
         f"Command: `{plan.command}`" if plan.command else "",
-        f"Protocol: {plan.profile.describe()}; seeds used: {plan.seeds} (0..{plan.seeds - 1}). Each method's "
+        f"Protocol: {plan.describe()}; seeds used: {plan.seeds} (0..{plan.seeds - 1}). Each method's "
         "learning rate is chosen on a validation split held out of the training rows; the table reports the test "
         "metric at that rate, mean ± sample std over seeds. All methods on a task share its budget (below).",
         f"Rows: {', '.join(plan.methods)}" + (" (and Hugging Face PEFT's version where it has the method)"

@@ -64,11 +64,12 @@ class Budget:
     max_length: int = 128  # text tasks: tokens per example
     image_size: int = 224  # image tasks: pixels per side
 
-    def describe(self) -> str:
+    def describe(self, images: bool) -> str:
         rows = "all" if self.train_rows is None else str(self.train_rows)
         test = "all" if self.test_rows is None else str(self.test_rows)
+        size = f"image size {self.image_size}" if images else f"max length {self.max_length}"
         return (f"{self.steps} steps × batch {self.batch_size}; train rows {rows} minus {self.val_rows} for "
-                f"validation; test rows {test}; max length {self.max_length}; image size {self.image_size}")
+                f"validation; test rows {test}; {size}")
 
 
 @dataclass(frozen=True)
