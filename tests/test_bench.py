@@ -242,6 +242,25 @@ def test_a_changed_setting_is_a_new_cell(tiny_task) -> None:
     assert base != config_hash(cell_spec(tiny_task, "lora", "peftkit", replace(budget, steps=5), 1e-2, 1))
 
 
+def test_a_changed_default_is_a_new_cell(tiny_task) -> None:
+    """The bench leaves LoRA's dropout unset; when its default changes, cached cells no longer match."""
+    from peftkit.bench.cache import config_hash
+    from peftkit.methods import LoRA
+
+    budget = tiny_task.budgets["quick"]
+    before = config_hash(cell_spec(tiny_task, "lora", "peftkit", budget, 1e-2, 1))
+    field = LoRA.model_fields["dropout"]
+    original = field.default
+    try:
+        field.default = 0.25
+        LoRA.model_rebuild(force=True)
+        assert config_hash(cell_spec(tiny_task, "lora", "peftkit", budget, 1e-2, 1)) != before
+    finally:
+        field.default = original
+        LoRA.model_rebuild(force=True)
+    assert config_hash(cell_spec(tiny_task, "lora", "peftkit", budget, 1e-2, 1)) == before
+
+
 def test_the_sweep_picks_the_best_validation_lr_and_reports_every_seed(tiny_task, tmp_path) -> None:
     """Fake cells: validation accuracy peaks at lr 1e-3; the test score varies by seed."""
     runs: list[tuple[float, int]] = []
@@ -282,7 +301,7 @@ def test_the_lr_count_takes_a_best_first_prefix_of_each_list(tiny_task, tmp_path
     lora_lrs = list(bench_method("lora").lrs)
     assert cells("standard", None) == lora_lrs[:2] and cells("quick", None) == lora_lrs[:1]
     assert cells("full", 2) == lora_lrs[:2] and cells("quick", 3) == lora_lrs[:3]
-    assert "the first 2 lrs" in plan_bench("standard", output=tmp_path).describe()
+    assert "up to the first 2 lrs" in plan_bench("standard", output=tmp_path).describe()
     with pytest.raises(ValueError, match="lrs must be >= 1, got 0"):
         plan_bench("standard", output=tmp_path, lrs=0)
 

@@ -124,6 +124,16 @@ def test_compare_peft_adds_peft_rows(tiny_run) -> None:
     assert rows == [("lora", "peftkit", 10), ("lora", "peft", 11)]
 
 
+def test_lrs_sets_how_many_rates_each_row_tries(tmp_path) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("peftkit.bench.worker.isolated_runner", lambda: _fake_cell)
+        assert main(["bench", "--full", "--task-file", str(write_task(tmp_path)), "--tasks", "tiny-topics",
+                     "--methods", "lora", "--seeds", "1", "--lrs", "2", "--output", str(tmp_path / "out")]) == 0
+    [row] = _results(tmp_path / "out")["tasks"][0]["rows"]
+    assert list(row["sweep"]) == [f"{lr:g}" for lr in LORA_LRS[:2]]  # --full alone tries all three
+    assert "--lrs 2" in (tmp_path / "out" / "report.md").read_text()  # in the reproduction command
+
+
 def test_a_bad_budget_is_a_named_error_before_any_cell(tmp_path, capsys) -> None:
     assert main(["bench", "--quick", "--budget", "stepz=3", "--output", str(tmp_path)]) == 2
     assert "unknown budget field 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err

@@ -57,16 +57,34 @@ def test_full_reset_zeroes_the_factors_state_and_leaves_the_head_alone(tiny, ids
         assert torch.equal(optimizer.state[head][key], value)
 
 
-def test_default_prune_keeps_the_largest_one_percent(tiny, ids) -> None:
+def test_default_prune_keeps_the_one_percent_with_the_largest_second_moment(tiny, ids) -> None:
     optimizer = _trained(tiny, ids)
     a = tiny.ffn[0].peftkit["default"].lora_A  # [3, 16]: 48 entries, so 1% keeps the single largest
     old = _state(optimizer, a)
     relora_restart(tiny, "default", optimizer)
-    for key in ("exp_avg", "exp_avg_sq"):
-        new = optimizer.state[a][key]
-        assert new.count_nonzero() == 1
-        top = old[key].abs().flatten().argmax()
-        assert new.flatten()[top] == old[key].flatten()[top]
+    top = old["exp_avg_sq"].flatten().argmax()
+    for key in ("exp_avg", "exp_avg_sq"):  # one mask: a first moment never outlives its second
+        new = optimizer.state[a][key].flatten()
+        assert new.count_nonzero() == 1 and new[top] == old[key].flatten()[top]
+
+
+def test_the_step_after_a_restart_stays_the_size_of_the_learning_rate() -> None:
+    """Moments whose magnitudes disagree (the largest |m| is not at the largest v): pruned apart, the kept m over a
+    zeroed v with A's zero gradient after a restart would step by lr · m / eps."""
+    from peftkit.methods.reparameterized.relora import _prune_state
+
+    factor = nn.Parameter(torch.zeros(10, 10))
+    optimizer = torch.optim.AdamW([factor], lr=1e-3, weight_decay=0.0)
+    factor.grad = torch.ones_like(factor)
+    optimizer.step()
+    state = optimizer.state[factor]
+    state["exp_avg"].copy_(torch.arange(100.0).view(10, 10))  # |m| largest at the last entry
+    state["exp_avg_sq"].copy_(torch.arange(100.0).flip(0).view(10, 10) ** 2)  # v largest at the first
+    _prune_state(state, factor, 0.99)
+    factor.grad = torch.zeros_like(factor)  # A's gradient while B = 0
+    before = factor.detach().clone()
+    optimizer.step()
+    assert (factor.detach() - before).abs().max() < 1e-2
 
 
 def test_remove_after_restart_keeps_the_restarts_in_the_base(tiny, ids) -> None:

@@ -24,12 +24,12 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help="rows to run (registry names, full-finetune, "
                        "linear-probe); default: the profile's")
     bench.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (bbc-news, chatterbot, "
-                       "fashion-mnist, or a --task-file's name); default: the profile's")
+                       "fashion-mnist, fashion-mnist-vit, or a --task-file's name); default: the profile's")
     bench.add_argument("--task-file", action="append", default=[], metavar="YAML",
                        help="add a task from local data (see peftkit.bench.tasks.load_task_file); repeatable")
     bench.add_argument("--seeds", type=int, help="seeds per cell (default: the profile's)")
-    bench.add_argument("--lrs", type=int, metavar="N", help="how many of each method's learning rates to try, "
-                       "best-first (default: the profile's: 1 quick, 2 standard, all full)")
+    bench.add_argument("--lrs", type=int, metavar="N", help="try (up to) the first N of each method's best-first "
+                       "learning rates (default: the profile's: 1 quick, 2 standard, all full)")
     bench.add_argument("--metric", help="the metric that picks the lr and is plotted (default: the task's)")
     bench.add_argument("--output", default="runs/bench", help="report and cache folder (default: runs/bench)")
     bench.add_argument("--compare-peft", action="store_true",

@@ -41,7 +41,7 @@ class BenchMethod:
 
     name: str
     defaults: dict[str, dict[str, Any]]  # family -> config fields (targets, rank, ...)
-    lrs: tuple[float, ...]  # the learning-rate sweep, best first (`--quick` uses only the first)
+    lrs: tuple[float, ...]  # the learning-rate sweep, best first (a profile or `--lrs N` tries the first N)
     skips: dict[str, str] = field(default_factory=dict)  # family -> why the method does not apply
     schedule: Callable[[int], dict[str, Any]] | None = None  # config fields that follow the step budget
     method: str | None = None  # a named variant's registered method (None: the row's name is the method)
@@ -104,7 +104,7 @@ PROMPT_LRS = (3e-2, 1e-2, 1e-1)  # soft prompts need large steps (Lester et al. 
 SPARSE_LRS = (1e-2, 3e-3, 1e-3)  # a few selected entries (biases, 0.5% masks) need large steps, like vectors
 BLOCK_LRS = (1e-3, 3e-4, 3e-3)  # whole blocks or large shares of base weights: fine-tuning-sized steps
 VECTOR_LRS = (1e-2, 3e-3, 3e-2)  # methods that train only scaling vectors need larger steps
-VPT_LRS = (1e-2, 3e-3, 3e-2, 1e-1)  # ViT prompts: 3e-2 and above lost most of their accuracy in 60 steps
+VPT_LRS = (1e-2, 3e-3, 3e-2, 1e-1, 1e-3)  # ViT prompts: VPT-deep fell to near chance at 3e-2 in 60 steps
 
 BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
     BenchMethod("lora", _lora_like(r=8, alpha=16), LORA_LRS, quick=True, peft=True),
@@ -193,9 +193,10 @@ BENCH_METHODS: dict[str, BenchMethod] = {m.name: m for m in [
         [{"method": "lora", "r": 8, "alpha": 16, "targets": QV[family]},
          {"method": "bottleneck", "preset": "parallel", "bottleneck": 64}]]} for family in TRANSFORMERS},
                 LORA_LRS, skips={"cnn": f"layer groups: {HYBRID_CNN}"}),
-    # 1e-5 comes last: the ViT's full fine-tuning chose the low end (3e-5) of the first three
+    # 1e-5 comes last: the ViT's full fine-tuning chose the low end (3e-5) of the first three (`--full` runs it on
+    # every task)
     BenchMethod(FULL, {family: {} for family in FAMILIES}, (1e-4, 3e-5, 3e-4, 1e-5), quick=True),
-    BenchMethod(PROBE, {"bert": {}, "cnn": {}, "vit": {}}, (1e-2, 3e-3, 3e-2),
+    BenchMethod(PROBE, {"bert": {}, "cnn": {}, "vit": {}}, (1e-2, 3e-3, 3e-2, 1e-1),  # 1e-1: the ViT's chose 3e-2
                 skips={"llama": "a causal LM has no separate head to probe (SmolLM2 ties it to the input embeddings)"},
                 quick=True),
 ]}

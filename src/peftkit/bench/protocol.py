@@ -5,7 +5,7 @@ first seed, picks the rate with the best *validation* score (a split held out of
 never the test set), then trains the remaining seeds at that rate and reports the test metric's mean
 ± std over seeds. Every method gets the same steps, batch, data and seeds on a task; only the lr list
 is per method. `--quick` uses each method's first lr (no sweep) and one seed; `--standard` the first two (the
-lists are ordered best-first); `--full` all of them.
+lists are ordered best-first); `--full` all of them; `--lrs N` replaces the profile's count.
 
 Each cell is cached (see `cache`): a rerun computes only new cells, an interrupted run resumes.
 """
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..core.config import METHODS, config_from_dict
 from ..models import require_extra
 from .cache import ResultCache, config_hash
 from .methods import BENCH_METHODS, REFERENCE, REFERENCES, all_rows, bench_method
@@ -65,13 +66,13 @@ class BenchPlan:
     compare_peft: bool = False
     command: str = ""
     isolate: bool = True  # one fresh worker process per cell (peak memory per cell; see measure)
-    lrs: int | None = None  # how many of each method's lrs to try (the profile's, or --lrs)
+    lrs: int | None = None  # how many of each method's lrs to try (None: all); plan_bench sets the profile's or --lrs
 
     def describe(self) -> str:
         if self.lrs == 1:
             lrs = "each method's first lr only (no sweep)"
         else:
-            which = "every lr" if self.lrs is None else f"the first {self.lrs} lrs"
+            which = "every lr" if self.lrs is None else f"up to the first {self.lrs} lrs"
             lrs = f"{which} of each method's best-first list swept at seed 0 (best validation score kept)"
         return f"profile {self.profile.name}: {self.seeds} seed(s); {lrs}; {self.profile.timing_rounds} timing rounds"
 
@@ -134,11 +135,16 @@ def _writable(folder: Path) -> Path:
 # --- cells ---------------------------------------------------------------------------------------
 
 def cell_spec(task: BenchTask, method: str, backend: str, budget: Budget, lr: float, timing_rounds: int) -> dict[str, Any]:
-    """Everything that determines a cell's numbers except the seed, as JSON (hashed for the cache key)."""
+    """Everything that determines a cell's numbers except the seed, as JSON (hashed for the cache key).
+
+    `defaults` is the config with every field the bench leaves unset filled in, so a changed default is a new cell.
+    A change to a method's code is not seen: delete its folder under OUTPUT/cache (or use a new OUTPUT)."""
     entry = bench_method(method)
+    fields = entry.config_fields(task.family, budget.steps)
+    defaults = config_from_dict(fields).to_dict() if fields["method"] in METHODS else None
     return {"task": {"name": task.name, "task": task.task, "model": task.model, "data": task.data,
                      "family": task.family, "metrics": list(task.metrics), "imports": list(task.imports)},
-            "method": method, "backend": backend, "config": entry.config_fields(task.family, budget.steps),
+            "method": method, "backend": backend, "config": fields, "defaults": defaults,
             "budget": vars(budget), "lr": lr, "timing_rounds": timing_rounds}
 
 
@@ -238,7 +244,7 @@ def run_bench(plan: BenchPlan, run: CellRunner | None = None,
             if plan.compare_peft and bench_method(method).peft:
                 rows.append(run_row(task, method, PEFT_BACKEND, budget, plan, cache, run, progress))
         reports.append(TaskReport(task.name, task.title, task.metric, list(task.metrics), rows,
-                                  budget.describe(images=task.task == "classify-image")))
+                                  budget.describe(images=task.images)))
     return reports, write_report(plan.output, header(plan, progress), reports)
 
 

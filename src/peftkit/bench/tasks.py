@@ -89,6 +89,11 @@ class BenchTask:
         if not self.metrics:
             object.__setattr__(self, "metrics", METRICS.get(self.task, (self.metric,)))
 
+    @property
+    def images(self) -> bool:
+        """Whether the inputs are images (the budget's image size applies, not its max length)."""
+        return self.family in ("cnn", "vit")
+
     def with_metric(self, metric: str) -> "BenchTask":
         if metric not in self.metrics:
             raise UnknownMetricError(f"task {self.name}: " + unknown("metric", metric, list(self.metrics)))

@@ -5,8 +5,8 @@
 Training a LoRA adapter and periodically folding it into the base ("merge-and-reinit")
 sums rank-r updates, so the total update can be high rank. A restart leaves the outputs
 unchanged (ΔW moves into W0 and the fresh B A is 0); the optimizer state of the factors is
-reset by magnitude pruning (the paper prunes 99%), so the next cycle is not steered by
-the last one. The paper also re-warms the learning rate after each restart (a jagged
+reset by magnitude pruning (the paper prunes 99%; here one mask per factor, so no first moment
+outlives its second), so the next cycle is not steered by the last one. The paper also re-warms the learning rate after each restart (a jagged
 schedule): that is the caller's scheduler.
 
 Restarts change the base weights for good; that is the training. Removing the adapter
@@ -66,7 +66,8 @@ class Restarts(TrainingStep):
 def relora_restart(model: nn.Module, name: str, optimizer: torch.optim.Optimizer, prune_ratio: float = 0.99) -> None:
     """Merge LoRA adapter `name` into the base, re-initialise it and prune its factors' optimizer state.
 
-    `prune_ratio` is the share of each moment tensor zeroed, smallest magnitudes first (1.0: full reset).
+    `prune_ratio` is the share of each factor's entries whose moments are zeroed, smallest second moments first
+    (1.0: full reset).
     """
     if not 0.0 <= prune_ratio <= 1.0:
         raise ValueError(f"prune_ratio must be in [0, 1], got {prune_ratio}")
@@ -89,13 +90,22 @@ def relora_restart(model: nn.Module, name: str, optimizer: torch.optim.Optimizer
 
 
 def _prune_state(state: dict, param: torch.Tensor, ratio: float) -> None:
-    """Zero the smallest `ratio` of each per-element moment (exp_avg, exp_avg_sq, momentum...) by magnitude."""
-    for value in state.values():
-        if not torch.is_tensor(value) or value.shape != param.shape:  # e.g. Adam's scalar step count
-            continue
-        count = int(ratio * value.numel())
-        if count >= value.numel():
-            value.zero_()
-        elif count > 0:
-            threshold = value.abs().flatten().kthvalue(count).values
-            value.masked_fill_(value.abs() <= threshold, 0.0)
+    """Zero the same smallest `ratio` of entries in every per-element moment (exp_avg, exp_avg_sq, momentum...).
+
+    One mask, ranked by Adam's second moment where there is one: pruning each moment by its own magnitudes keeps
+    first moments whose second moment is gone, and A's gradient is zero right after a restart (B = 0), so Adam's
+    next step there is m / (0 + eps): a 1e8-fold step that wrecked training (BBC accuracy at chance).
+    """
+    moments = [value for value in state.values() if torch.is_tensor(value) and value.shape == param.shape]
+    if not moments:  # e.g. no step taken yet; Adam's scalar step count is not a per-element moment
+        return
+    count = int(ratio * param.numel())
+    if count >= param.numel():
+        drop = torch.ones_like(param, dtype=torch.bool)
+    elif count > 0:
+        ranking = state.get("exp_avg_sq", moments[0]).abs()
+        drop = ranking <= ranking.flatten().kthvalue(count).values
+    else:
+        return
+    for moment in moments:
+        moment.masked_fill_(drop, 0.0)
