@@ -80,6 +80,9 @@ class ReadyStore:
     def prepare(self, wanted: set[str], in_use: set[str]) -> None:
         return None
 
+    def release(self, wanted: set[str], in_use: set[str]) -> None:
+        return None
+
     def state(self, name: str) -> str:
         return "ready"
 

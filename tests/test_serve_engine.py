@@ -243,6 +243,33 @@ def test_adapters_load_evict_and_unload_while_requests_run(model, tmp_path):
         assert finish.tokens == solo(source, request.prompt_ids, request.adapter, request.params.max_tokens), request
 
 
+class SlowPrepare(AdapterStore):
+    """A store whose between-iterations bookkeeping lags (as on a loaded machine): 0.2 s before each `prepare`."""
+
+    def prepare(self, wanted, in_use) -> None:
+        time.sleep(0.2)
+        super().prepare(wanted, in_use)
+
+
+def test_an_adapter_can_be_unregistered_as_soon_as_its_last_request_finishes(tmp_path):
+    """The engine tells the store a row is gone before its client gets the final event, not at the next iteration
+    (the full suite on a busy machine once unregistered in between: 'in use by running or queued requests')."""
+    source = with_adapters(tiny_llama(), ["lora"])
+    peftkit.save(source, tmp_path / "lora", name="lora")
+    base = tiny_llama()
+    store = SlowPrepare(base, root=tmp_path)
+    store.register("lora", tmp_path / "lora")
+    tokenizer = smollm2_tokenizer()
+    engine = Engine(base, tokenizer, store).start()
+    try:
+        list(engine.submit(GenerationRequest(tokenizer(PROMPTS[0])["input_ids"], "lora", greedy(2))))
+        store.unregister("lora")
+    finally:
+        engine.stop()
+        store.close()
+    assert "lora" not in store.names()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Adapters saved to disk, the model they were made on, and a fresh copy of its base (same seed)."""

@@ -238,9 +238,7 @@ class Engine:
         """One scheduler iteration (module docstring); public so a test can drive the engine without its thread."""
         self._drop_cancelled()
         if self.store is not None:
-            in_use = {row.adapter for row in self._rows} - {None}
-            wanted = in_use | {h.request.adapter for h in self._waiting} - {None}
-            self.store.prepare(wanted, in_use)
+            self.store.prepare(*self._adapter_uses())
         self._prefill()
         if self._decoding():
             self._decode()
@@ -456,16 +454,23 @@ class Engine:
         elif len(row.output) >= row.params.max_tokens:
             self._finish(index, "length")
 
+    def _adapter_uses(self) -> tuple[set[str], set[str]]:
+        """(adapters of running and queued requests, adapters of running requests)."""
+        in_use = {row.adapter for row in self._rows} - {None}
+        return in_use | {h.request.adapter for h in self._waiting} - {None}, in_use
+
     def _finish(self, index: int, reason: FinishReason, error: str | None = None) -> None:
         row = self._rows[index]
         rest = row.text.finish() if reason in ("length", "stop") else ""
+        self._remove_row(index)
+        if self.store is not None:  # before the client hears of it: it may unregister the adapter right away
+            self.store.release(*self._adapter_uses())
         if rest:
             row.handle.deliver(TokenEvent(rest, row.output[-1]))
         row.handle.deliver(FinishEvent(reason, len(row.handle.request.prompt_ids), len(row.output), row.text.text,
                                        error, row.output))
         if self.metrics is not None:
             self.metrics.finished(reason)
-        self._remove_row(index)
 
     def _remove_row(self, index: int) -> None:
         """Free cache row `index`, keeping decoding rows first: the last decoding row fills the hole, and a

@@ -181,6 +181,13 @@ class AdapterStore:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # --- the thread that runs the model -------------------------------------------------------------------------
+    def release(self, wanted: Iterable[str], in_use: Iterable[str]) -> None:
+        """Drop adapters no request uses any more from the in-use sets, at once (a request's client may unregister
+        its adapter as soon as it has the final event); loading and eviction wait for the next `prepare`."""
+        with self._lock:
+            self._in_use &= set(in_use)
+            self._wanted &= set(wanted) | self._pinned
+
     def prepare(self, wanted: Iterable[str], in_use: Iterable[str]) -> None:
         """Start reads of the wanted adapters not loaded, attach finished reads that fit, and evict least recently
         used adapters outside `in_use` and not pinned until the limits hold. Never waits for a read.
