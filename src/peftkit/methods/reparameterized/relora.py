@@ -5,9 +5,9 @@
 Training a LoRA adapter and periodically folding it into the base ("merge-and-reinit")
 sums rank-r updates, so the total update can be high rank. A restart leaves the outputs
 unchanged (ΔW moves into W0 and the fresh B A is 0); the optimizer state of the factors is
-reset by magnitude pruning (the paper prunes 99%; here one mask per factor, so no first moment
-outlives its second), so the next cycle is not steered by the last one. The paper also re-warms the learning rate after each restart (a jagged
-schedule): that is the caller's scheduler.
+reset by magnitude pruning (the paper prunes 99%; here one mask per factor, so no first
+moment outlives its second), so the next cycle is not steered by the last one. The paper also
+re-warms the learning rate after each restart (a jagged schedule): that is the caller's scheduler.
 
 Restarts change the base weights for good; that is the training. Removing the adapter
 afterwards drops only the part trained since the last restart, and every row sees the
@@ -96,16 +96,12 @@ def _prune_state(state: dict, param: torch.Tensor, ratio: float) -> None:
     first moments whose second moment is gone, and A's gradient is zero right after a restart (B = 0), so Adam's
     next step there is m / (0 + eps): a 1e8-fold step that wrecked training (BBC accuracy at chance).
     """
+    # Adam's scalar step count is not a per-element moment; no moments at all: no step taken yet
     moments = [value for value in state.values() if torch.is_tensor(value) and value.shape == param.shape]
-    if not moments:  # e.g. no step taken yet; Adam's scalar step count is not a per-element moment
-        return
     count = int(ratio * param.numel())
-    if count >= param.numel():
-        drop = torch.ones_like(param, dtype=torch.bool)
-    elif count > 0:
-        ranking = state.get("exp_avg_sq", moments[0]).abs()
-        drop = ranking <= ranking.flatten().kthvalue(count).values
-    else:
+    if not moments or count == 0:
         return
+    ranking = state.get("exp_avg_sq", moments[0]).abs()
+    drop = ranking <= ranking.flatten().kthvalue(count).values  # count = numel: the largest, so every entry
     for moment in moments:
         moment.masked_fill_(drop, 0.0)
